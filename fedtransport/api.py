@@ -1,0 +1,344 @@
+"""The public face: a federation session for one job, as seen by one party."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .codec import Compressor, PayloadCodec, Sealer, UnpicklePolicy
+from .errors import BackendError, ConfigError, DuplicateTransfer, FederationError, TransferTimeout
+from .framing import FrameWriter, PayloadTransform, job_fingerprint, transfer_id
+from .inbox import Inbox, Incoming
+from .options import CommonOptions, max_chunk, split_options
+from .party import Party, as_party, check_job_id
+from .routing import RouteTable
+from .transfer import Outgoing, decode_transfer
+from .transport import JobContext, Transport, get_backend
+
+__all__ = ["Federation"]
+
+log = logging.getLogger("fedtransport")
+
+RouteSource = str | Path | Mapping[str, Any] | RouteTable | None
+_WAIT_TICK = 1.0  # how often a waiting get checks for stalled transfers
+
+
+def _as_parties(parties: Party | Sequence[Any]) -> list[Party]:
+    if isinstance(parties, Party):
+        return [parties]
+    if isinstance(parties, (str, bytes)) or not isinstance(parties, Sequence):
+        raise ConfigError(f"parties must be a Party or a list of them, got {parties!r}")
+    out = [as_party(p) for p in parties]
+    if not out:
+        raise ConfigError("parties is empty")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"parties lists a party twice: {[str(p) for p in out]}")
+    return out
+
+
+def _key_part(what: str, value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(f"{what} must be a str, got {value!r}")
+    return str(value)
+
+
+class Federation:
+    """A job session: ``remote``/``get`` values between parties, then ``close``/``cleanup``.
+
+    Create it with :meth:`connect`. Thread-safe: ``remote`` and ``get`` may be
+    called from several threads, and their asyncio forms from one event loop.
+    """
+
+    def __init__(self, transport: Transport, options: CommonOptions) -> None:
+        ctx = transport.ctx
+        self.job_id = ctx.job_id
+        self.party = ctx.party
+        self.backend = transport.name
+        self._transport = transport
+        self._opts = options
+        self._job = job_fingerprint(ctx.job_id)
+        self._compressor = Compressor(options.compression == "lz4")
+        self._sealer = Sealer(options.secret, ctx.job_id) if options.secret else None
+        self._policy = UnpicklePolicy(options.allow, options.trust_remote_code, options.allow_mode)
+        self._lock = threading.Lock()
+        self._sent: set[tuple[str, str, Party]] = set()
+        self._got: set[tuple[str, str, Party]] = set()
+        self._pool = concurrent.futures.ThreadPoolExecutor(options.send_workers, thread_name_prefix="ft-send")
+        self._inbox = Inbox(transport, self._job, lambda src: self._transform(src, self.party), options.lanes)
+        self._closed = False
+        self._stats = {"bytes_sent": 0, "messages_sent": 0, "bytes_received": 0, "messages_received": 0}
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    @classmethod
+    def connect(
+        cls,
+        backend: str = "memory",
+        job_id: str = "",
+        party: Party | tuple[str, str | int] | None = None,
+        route_table: RouteSource = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Federation:
+        """Open a session of ``job_id`` as ``party`` on ``backend``.
+
+        ``options`` holds the common keys (``max_message_size``, ``compression``,
+        ``allow``, ``trust_remote_code``, ``secret``, ...) and the backend's own;
+        an unknown key is an error. See docs/backends.md.
+        """
+        if party is None:
+            raise ConfigError("connect() needs party=Party(role, party_id)")
+        job_id = check_job_id(job_id)
+        me = as_party(party)
+        if not isinstance(backend, str):
+            raise ConfigError(f"backend must be a name, got {backend!r}")
+        transport_cls = get_backend(backend)
+        common, backend_opts = split_options(options, backend, transport_cls.option_defaults)
+        kind = backend if backend in ("pulsar", "rabbitmq") else None
+        routes = RouteTable.load(route_table, kind=kind) if route_table is not None else None
+        ctx = JobContext(job_id, me, routes, backend_opts, common.max_message_size, common.lanes)
+        transport = transport_cls(ctx)
+        transport.open()
+        log.debug("job %s: %s connected to %s", job_id, me, transport.describe())
+        return cls(transport, common)
+
+    def close(self) -> None:
+        """Release connections and threads; idempotent. Broker resources stay (see cleanup)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        self._transport.close()
+
+    def cleanup(self) -> None:
+        """Delete every broker resource of this job; idempotent, also after ``close``."""
+        self._transport.cleanup()
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Federation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
+
+    def __repr__(self) -> str:
+        return f"Federation(job_id={self.job_id!r}, party={self.party}, backend={self.backend!r})"
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Bytes and messages moved by this session so far."""
+        return dict(self._stats)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FederationError(f"the federation session of job {self.job_id} is closed")
+
+    def _transform(self, src: Party, dst: Party) -> PayloadTransform:
+        aead = self._sealer.for_pair(str(src), str(dst)) if self._sealer else None
+        return PayloadCodec(self._compressor, aead)
+
+    # sending -----------------------------------------------------------------------------------
+
+    def remote(self, obj: Any, name: str, tag: str, parties: Party | Sequence[Party]) -> None:
+        """Send ``obj`` (any allowed object, or a :class:`Table`) to each of ``parties``.
+
+        Returns once the broker has accepted every message. Sending the same
+        ``(name, tag)`` to the same party twice raises :class:`DuplicateTransfer`.
+        """
+        self._check_open()
+        name, tag = _key_part("name", name), _key_part("tag", tag)
+        dsts = _as_parties(parties)
+        keys = [(name, tag, p) for p in dsts]
+        with self._lock:
+            dup = [str(p) for (_, _, p) in keys if (name, tag, p) in self._sent]
+            if dup:
+                raise DuplicateTransfer(f"remote(name={name!r}, tag={tag!r}) was already sent to {', '.join(dup)}")
+            self._sent.update(keys)
+        try:
+            self._send(obj, name, tag, dsts)
+        except BaseException:
+            with self._lock:  # nothing was handed over for sure: a retry must be allowed
+                self._sent.difference_update(keys)
+            raise
+
+    def _send(self, obj: Any, name: str, tag: str, dsts: list[Party]) -> None:
+        started = time.perf_counter()
+        out = Outgoing(obj, fanout=len(dsts), cloudpickle_fallback=self._opts.trust_remote_code)
+        jobs: list[tuple[Party, int, concurrent.futures.Future[int]]] = []
+        counted: list[int] = []
+        for dst in dsts:
+            transform = self._transform(self.party, dst)
+            tid = transfer_id(self.job_id, name, tag, str(self.party), str(dst))
+            writer = FrameWriter(self._job, tid, out.nstreams, transform)
+            limit = max_chunk(self._opts, transform.overhead)
+            for lane, messages in out.lane_messages(writer, self._opts.lanes, limit).items():
+                sized = _Counting(messages, counted)
+                jobs.append((dst, lane, self._pool.submit(self._transport.send, dst, lane, sized)))
+        errors = []
+        for dst, lane, fut in jobs:
+            try:
+                fut.result()
+            except FederationError as exc:
+                errors.append((dst, lane, exc))
+            except Exception as exc:  # a backend bug or a value that cannot be encoded
+                errors.append((dst, lane, exc))
+        if errors:
+            dst, lane, exc = errors[0]
+            if isinstance(exc, FederationError):
+                raise exc
+            raise BackendError(f"sending {name!r}/{tag!r} to {dst} on lane {lane} failed: {exc}") from exc
+        nbytes, nmsgs = sum(counted), len(counted)
+        self._stats["bytes_sent"] += nbytes
+        self._stats["messages_sent"] += nmsgs
+        elapsed = time.perf_counter() - started
+        log.info(
+            "sent %s/%s to %s: %d bytes in %d messages, %.3f s, %.1f MB/s",
+            name, tag, ",".join(map(str, dsts)), nbytes, nmsgs, elapsed, nbytes / 1e6 / max(elapsed, 1e-9),
+        )  # fmt: skip
+
+    async def remote_async(self, obj: Any, name: str, tag: str, parties: Party | Sequence[Party]) -> None:
+        """``remote`` for asyncio: the event loop is not blocked while the broker accepts."""
+        await asyncio.to_thread(self.remote, obj, name, tag, parties)
+
+    # receiving ---------------------------------------------------------------------------------
+
+    def get(self, name: str, tag: str, parties: Party | Sequence[Party], timeout: float | None = None) -> list[Any]:
+        """Receive ``(name, tag)`` from each of ``parties``; values in party order.
+
+        ``timeout`` (seconds, ``None`` = wait as long as it takes) bounds the
+        whole call; :class:`TransferTimeout` names who was not heard from.
+        """
+        started = time.perf_counter()
+        claims = self._claim(name, tag, parties)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            for inc in claims:
+                while True:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise self._timeout(name, tag, claims, timeout)
+                    try:
+                        inc.done.result(timeout=_WAIT_TICK if left is None else min(_WAIT_TICK, left))
+                        break
+                    except concurrent.futures.TimeoutError:
+                        self._watch(claims)
+                    except FederationError:
+                        break  # surfaced by _finish, after the handover
+        except BaseException:
+            self._unclaim(name, tag, claims)
+            raise
+        return self._finish(name, tag, claims, started)
+
+    async def get_async(
+        self, name: str, tag: str, parties: Party | Sequence[Party], timeout: float | None = None
+    ) -> list[Any]:
+        """``get`` for asyncio: waits on the event loop, decodes on a worker thread."""
+        started = time.perf_counter()
+        claims = self._claim(name, tag, parties)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            futures = [asyncio.wrap_future(inc.done) for inc in claims]
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise self._timeout(name, tag, claims, timeout)
+                _, pending = await asyncio.wait(futures, timeout=_WAIT_TICK if left is None else min(_WAIT_TICK, left))
+                if not pending:
+                    break
+                self._watch(claims)
+        except BaseException:
+            self._unclaim(name, tag, claims)
+            raise
+        return await asyncio.to_thread(self._finish, name, tag, claims, started)
+
+    def _claim(self, name: str, tag: str, parties: Party | Sequence[Party]) -> list[Incoming]:
+        self._check_open()
+        name, tag = _key_part("name", name), _key_part("tag", tag)
+        srcs = _as_parties(parties)
+        keys = [(name, tag, p) for p in srcs]
+        with self._lock:
+            dup = [str(p) for (_, _, p) in keys if (name, tag, p) in self._got]
+            if dup:
+                raise DuplicateTransfer(f"get(name={name!r}, tag={tag!r}) from {', '.join(dup)} was already done")
+            self._got.update(keys)
+        claims = []
+        for src in srcs:
+            self._inbox.listen(src)
+            tid = transfer_id(self.job_id, name, tag, str(src), str(self.party))
+            claims.append(self._inbox.claim(tid, src))
+        return claims
+
+    def _unclaim(self, name: str, tag: str, claims: list[Incoming]) -> None:
+        # Nothing was handed over: the get may be tried again; what already arrived stays.
+        with self._lock:
+            self._got.difference_update((name, tag, inc.src) for inc in claims)
+
+    def _watch(self, claims: list[Incoming]) -> None:
+        after = self._opts.redelivery_after
+        for src in {inc.src for inc in claims if self._inbox.stalled(inc, after)}:
+            self._inbox.redeliver(src)
+
+    def _timeout(self, name: str, tag: str, claims: list[Incoming], timeout: float | None) -> TransferTimeout:
+        missing = {
+            str(inc.src): ("nothing" if inc.assembly.messages == 0 else inc.assembly.describe())
+            for inc in claims
+            if not inc.done.done()
+        }
+        parts = "; ".join(f"from {p}: {what}" for p, what in missing.items())
+        return TransferTimeout(
+            f"get(name={name!r}, tag={tag!r}) in job {self.job_id} timed out after {timeout} s; not complete: {parts}",
+            missing,
+        )
+
+    def _finish(self, name: str, tag: str, claims: list[Incoming], started: float) -> list[Any]:
+        values: list[Any] = []
+        first_error: FederationError | None = None
+        for inc in claims:
+            self._inbox.hand_over(inc)
+            error = inc.done.exception()
+            if error is None:
+                try:
+                    values.append(decode_transfer(inc.assembly, self._policy, str(inc.src)))
+                except FederationError as exc:
+                    error = exc
+            if error is not None:
+                first_error = first_error or error
+                values.append(None)
+            self._stats["bytes_received"] += inc.assembly.bytes
+            self._stats["messages_received"] += inc.assembly.messages
+        if first_error is not None:
+            raise first_error
+        nbytes = sum(inc.assembly.bytes for inc in claims)
+        elapsed = time.perf_counter() - started
+        log.info(
+            "got %s/%s from %s: %d bytes in %d messages, %.3f s, %.1f MB/s",
+            name, tag, ",".join(str(i.src) for i in claims), nbytes, sum(i.assembly.messages for i in claims),
+            elapsed, nbytes / 1e6 / max(elapsed, 1e-9),
+        )  # fmt: skip
+        return values
+
+
+class _Counting:
+    """Wraps a message iterator to count what was handed to the transport."""
+
+    def __init__(self, messages: Any, sizes: list[int]) -> None:
+        self._it = iter(messages)
+        self._sizes = sizes
+
+    def __iter__(self) -> _Counting:
+        return self
+
+    def __next__(self) -> bytes:
+        msg = next(self._it)
+        self._sizes.append(len(msg))
+        return msg

@@ -1,0 +1,76 @@
+"""The one error hierarchy the library raises on purpose.
+
+Every class here is importable from :mod:`fedtransport`. Messages are written for
+the person reading a scheduler's log: they name the party, the transfer, the file
+or the option involved, so the fix is obvious without reading our source.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "ConfigError",
+    "DuplicateTransfer",
+    "FederationError",
+    "IntegrityError",
+    "RouteError",
+    "SerializationError",
+    "TransferTimeout",
+    "UnsafePayload",
+]
+
+
+class FederationError(Exception):
+    """Base of everything fedtransport raises on purpose."""
+
+
+class ConfigError(FederationError, ValueError):
+    """A bad argument or option: unknown key, wrong type, malformed job id."""
+
+
+class TransferTimeout(FederationError, TimeoutError):
+    """A ``get`` did not complete in time.
+
+    ``missing`` maps each party not fully heard from to a short description of
+    what did arrive (``"nothing"`` or ``"12 of 64 messages"``).
+    """
+
+    def __init__(self, message: str, missing: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.missing = dict(missing or {})
+
+
+class SerializationError(FederationError, TypeError):
+    """A value given to ``remote`` cannot be encoded (unpicklable, or a table record that is not a pair)."""
+
+
+class RouteError(FederationError):
+    """Unknown party or malformed route table (names the file and the key)."""
+
+
+class IntegrityError(FederationError):
+    """Checksum or AEAD failure, a frame from another job, a malformed frame."""
+
+
+class UnsafePayload(FederationError):
+    """Deserialisation refused: names ``module:qualname`` and the option that admits it."""
+
+    def __init__(self, message: str, global_name: str = "") -> None:
+        super().__init__(message)
+        self.global_name = global_name
+
+
+class DuplicateTransfer(FederationError):
+    """The same ``(name, tag, party)`` was sent or got twice in one session."""
+
+
+class BackendError(FederationError):
+    """The broker refused or could not be reached; carries the broker's own message.
+
+    ``status`` is the HTTP status of a control-plane call when there was one.
+    """
+
+    def __init__(self, message: str, *, broker_message: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.broker_message = broker_message
+        self.status = status

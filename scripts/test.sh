@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Quickstart 2: install what the tests need (RabbitMQ and haproxy from apt, Python packages
+# into .venv) and run the whole suite against real brokers. Extra arguments go to pytest.
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+apt_install rabbitmq-server haproxy
+# the Debian package starts a system node on 5672; the tests start their own nodes and do not need it
+setup_venv test
+ruff check fedtransport tests benchmarks
+exec python -m pytest -q -p no:cacheprovider "$@"

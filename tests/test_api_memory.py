@@ -1,0 +1,359 @@
+"""The public API end to end on the in-process backend: every layer above the transport."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from conftest import ARBITER, GUEST, HOST
+
+import fedtransport as ft
+from fedtransport.transport.base import Delivery
+from fedtransport.transport.memory import MemoryTransport, hub
+
+
+def connect(job_id, party, **options):
+    return ft.Federation.connect("memory", job_id=job_id, party=party, options=options or None)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [b"bytes", "str", {"nested": [1, (2, {3})]}, 2**10000, np.arange(10.0), np.array(3), None],
+    ids=["bytes", "str", "nested", "bigint", "array", "0d", "none"],
+)
+def test_object_roundtrip(memory_pair, obj):
+    g, h = memory_pair
+    g.remote(obj, name="x", tag="0", parties=[HOST])
+    [back] = h.get(name="x", tag="0", parties=[GUEST], timeout=10)
+    if isinstance(obj, np.ndarray):
+        np.testing.assert_array_equal(back, obj)
+    else:
+        assert back == obj
+
+
+def test_64mib_array_roundtrip_over_many_messages(job_id):
+    with connect(job_id, GUEST) as g, connect(job_id, HOST) as h:
+        a = np.random.default_rng(1).random(8 << 20)
+        g.remote(a, "big", "0", [HOST])
+        [b] = h.get("big", "0", [GUEST], timeout=60)
+        assert np.array_equal(a, b)
+        assert g.stats["messages_sent"] >= 16 and h.stats["messages_received"] == g.stats["messages_sent"]
+
+
+def test_messages_never_exceed_max_message_size(job_id):
+    seen = []
+
+    class Spy(MemoryTransport):
+        name = "memory-spy"
+
+        def send(self, dst, lane, messages):
+            return super().send(dst, lane, (seen.append(len(m)) or m for m in messages))
+
+    ft.register("memory-spy", Spy)
+    opts = {"max_message_size": 65536}
+    g = ft.Federation.connect("memory-spy", job_id=job_id, party=GUEST, options=opts)
+    h = ft.Federation.connect("memory-spy", job_id=job_id, party=HOST, options=opts)
+    with g, h:
+        g.remote(np.random.default_rng(2).random(100_000), "a", "0", [HOST])
+        g.remote(ft.Table.from_partitions([[(i, "v" * 100) for i in range(5000)]]), "t", "0", [HOST])
+        h.get("a", "0", [GUEST], timeout=10)
+        h.get("t", "0", [GUEST], timeout=10)
+    assert len(seen) > 10 and max(seen) <= 65536
+
+
+def test_tables_empty_and_eight_partitions(memory_pair):
+    g, h = memory_pair
+    empty = ft.Table.from_partitions([])
+    eight = ft.Table.from_partitions([[(f"k{p}-{i}", np.full(3, i)) for i in range(p * 10)] for p in range(8)])
+    g.remote(empty, "t", "empty", [HOST])
+    g.remote(eight, "t", "eight", [HOST])
+    [e] = h.get("t", "empty", [GUEST], timeout=10)
+    [t] = h.get("t", "eight", [GUEST], timeout=10)
+    assert isinstance(e, ft.Table) and e.num_partitions == 0 and e.collect() == []
+    assert t.num_partitions == 8
+    for got, sent in zip(t.partitions, eight.partitions, strict=True):
+        assert [k for k, _ in got] == [k for k, _ in sent]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, sent, strict=True))
+    assert len(t.collect()) == sum(p * 10 for p in range(8))
+
+
+def test_generator_partitions_are_streamed(memory_pair):
+    g, h = memory_pair
+    consumed = []
+
+    def part(n):
+        for i in range(n):
+            consumed.append(i)
+            yield (i, i * i)
+
+    g.remote(ft.Table.from_partitions([part(100), part(0), part(7)]), "gen", "0", [HOST])
+    [t] = h.get("gen", "0", [GUEST], timeout=10)
+    assert [len(p) for p in t.partitions] == [100, 0, 7] and t.partitions[2][6] == (6, 36)
+
+
+def test_get_before_remote(memory_pair):
+    g, h = memory_pair
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(v=h.get("late", "0", [GUEST], timeout=10)))
+    waiter.start()
+    threading.Event().wait(0.2)
+    g.remote({"a": 1}, "late", "0", [HOST])
+    waiter.join(10)
+    assert result["v"] == [{"a": 1}]
+
+
+def test_200_interleaved_transfers_got_in_random_order(memory_pair):
+    g, h = memory_pair
+    rng = random.Random(7)
+    sent = {}
+    for i in range(200):
+        value = np.full(rng.randint(0, 5000), i) if i % 3 else {"i": i, "pad": b"x" * rng.randint(0, 10000)}
+        name, tag = f"var{i % 13}", f"iter-{i}"
+        sent[(name, tag)] = value
+        g.remote(value, name, tag, [HOST])
+    order = list(sent)
+    rng.shuffle(order)
+    for name, tag in order:
+        [v] = h.get(name, tag, [GUEST], timeout=10)
+        expected = sent[(name, tag)]
+        assert np.array_equal(v, expected) if isinstance(expected, np.ndarray) else v == expected
+
+
+def test_three_parties_remote_to_two_at_once(job_id):
+    with connect(job_id, GUEST) as g, connect(job_id, HOST) as h, connect(job_id, ARBITER) as a:
+        a.remote("pubkey", "key", "0", [GUEST, HOST])
+        assert g.get("key", "0", [ARBITER], timeout=5) == ["pubkey"]
+        assert h.get("key", "0", [ARBITER], timeout=5) == ["pubkey"]
+        g.remote(1, "grad", "0", [ARBITER])
+        h.remote(2, "grad", "0", [ARBITER])
+        assert a.get("grad", "0", [HOST, GUEST], timeout=5) == [2, 1]  # in the order asked
+
+
+def test_duplicate_remote_and_get(memory_pair):
+    g, h = memory_pair
+    g.remote(1, "d", "0", [HOST])
+    with pytest.raises(ft.DuplicateTransfer, match="host:10000"):
+        g.remote(1, "d", "0", [HOST])
+    assert h.get("d", "0", [GUEST], timeout=5) == [1]
+    with pytest.raises(ft.DuplicateTransfer):
+        h.get("d", "0", [GUEST], timeout=5)
+    g.remote(2, "d", "1", [HOST])  # another tag is another transfer
+    assert h.get("d", "1", [GUEST], timeout=5) == [2]
+
+
+def test_timeout_names_the_missing_party_and_can_be_retried(job_id):
+    with connect(job_id, GUEST) as g, connect(job_id, HOST) as h, connect(job_id, ARBITER) as a:
+        h.remote("from-host", "v", "0", [GUEST])
+        with pytest.raises(ft.TransferTimeout) as err:
+            g.get("v", "0", [HOST, ARBITER], timeout=0.5)
+        assert isinstance(err.value, TimeoutError)
+        assert "arbiter:10001" in str(err.value) and "host:10000" not in err.value.missing
+        a.remote("from-arbiter", "v", "0", [GUEST])
+        assert g.get("v", "0", [HOST, ARBITER], timeout=5) == ["from-host", "from-arbiter"]
+
+
+class Lossy(MemoryTransport):
+    """Drops every message after the first ``keep`` of each send: a sender that died mid-remote."""
+
+    name = "memory-lossy"
+    keep = 3
+
+    def send(self, dst, lane, messages):
+        return super().send(dst, lane, (m for i, m in enumerate(messages) if i < self.keep))
+
+
+def test_timeout_on_partial_transfer_says_how_much_arrived(job_id):
+    ft.register("memory-lossy", Lossy)
+    opts = {"max_message_size": 65536, "lanes": 1}
+    g = ft.Federation.connect("memory-lossy", job_id=job_id, party=GUEST, options=opts)
+    h = ft.Federation.connect("memory", job_id=job_id, party=HOST, options=opts)
+    with g, h:
+        g.remote(bytes(np.random.default_rng(0).bytes(1 << 20)), "big", "0", [HOST])
+        with pytest.raises(ft.TransferTimeout) as err:
+            h.get("big", "0", [GUEST], timeout=1)
+        assert err.value.missing == {"guest:9999": "3 messages so far"}
+
+
+class Forgetful(MemoryTransport):
+    """Loses the first delivery of every lane (kept unacked, like a stalled broker)."""
+
+    name = "memory-forgetful"
+    redelivered: ClassVar[list] = []
+
+    def listen(self, src, lane, deliver):
+        first = []
+
+        def lossy(d: Delivery):
+            if not first:
+                first.append(d)
+                return
+            deliver(d)
+
+        super().listen(src, lane, lossy)
+
+    def redeliver(self, src, lane):
+        self.redelivered.append((src, lane))
+        super().redeliver(src, lane)
+
+
+def test_stalled_transfer_is_redelivered_by_the_watchdog(job_id):
+    ft.register("memory-forgetful", Forgetful)
+    g = connect(job_id, GUEST)
+    h = ft.Federation.connect("memory-forgetful", job_id=job_id, party=HOST, options={"redelivery_after": 0.3})
+    with g, h:
+        g.remote("hello", "s", "0", [HOST])
+        assert h.get("s", "0", [GUEST], timeout=10) == ["hello"]
+    assert Forgetful.redelivered
+
+
+class Prefetch(MemoryTransport):
+    """Stops delivering a lane while it holds ``max_unacked_per_lane`` unacked messages (RabbitMQ prefetch)."""
+
+    name = "memory-prefetch"
+    max_unacked_per_lane = 4
+
+    def _pump(self, src, lane_no, deliver):
+        q = self._hub.lane(self._key(src, self.ctx.party, lane_no))
+        while not self._closed.is_set():
+            with q.cond:
+                while (not q.ready or len(q.unacked) >= self.max_unacked_per_lane) and not self._closed.is_set():
+                    q.cond.wait(0.1)
+                if self._closed.is_set():
+                    return
+                msg_id, data = q.ready.popleft()
+                q.unacked[msg_id] = data
+            deliver(Delivery(src, lane_no, data, msg_id))
+
+    def ack(self, deliveries):
+        super().ack(deliveries)
+        for lane_no, src, _ in deliveries:
+            q = self._hub.lane(self._key(src, self.ctx.party, lane_no))
+            with q.cond:
+                q.cond.notify_all()
+
+
+def test_out_of_order_gets_do_not_deadlock_behind_a_prefetch_limit(job_id):
+    ft.register("memory-prefetch", Prefetch)
+    g = connect(job_id, GUEST, lanes=1)
+    h = ft.Federation.connect("memory-prefetch", job_id=job_id, party=HOST, options={"lanes": 1})
+    with g, h:
+        for i in range(40):
+            g.remote(i, "p", str(i), [HOST])
+        for i in reversed(range(40)):
+            assert h.get("p", str(i), [GUEST], timeout=10) == [i]
+
+
+def test_receiver_that_closes_mid_transfer_gets_everything_in_a_new_session(job_id):
+    g = connect(job_id, GUEST, lanes=1, max_message_size=65536)
+    h1 = connect(job_id, HOST, lanes=1, max_message_size=65536)
+    data = np.random.default_rng(3).random(200_000)
+    with pytest.raises(ft.TransferTimeout):
+        h1.get("w", "0", [GUEST], timeout=0.2)  # starts listening
+    g.remote(data, "w", "0", [HOST])
+    h1.close()  # nothing acked: the messages go back to the lane
+    with connect(job_id, HOST, lanes=1, max_message_size=65536) as h2:
+        [back] = h2.get("w", "0", [GUEST], timeout=10)
+    assert np.array_equal(back, data)
+    g.close()
+
+
+def test_sealed_session_roundtrip_and_mismatched_secret(job_id):
+    secret = b"0123456789abcdef0123456789abcdef"
+    with connect(job_id, GUEST, secret=secret) as g, connect(job_id, HOST, secret=secret) as h:
+        g.remote({"w": np.arange(5)}, "w", "0", [HOST])
+        assert np.array_equal(h.get("w", "0", [GUEST], timeout=5)[0]["w"], np.arange(5))
+    with connect(job_id + "b", GUEST, secret=secret) as g, connect(job_id + "b", HOST, secret=b"x" * 32) as h:
+        g.remote(1, "w", "0", [HOST])
+        with pytest.raises(ft.IntegrityError):
+            h.get("w", "0", [GUEST], timeout=5)
+
+
+def test_unsafe_payload_at_get_and_allow_option(job_id):
+    import collections
+
+    with connect(job_id, GUEST) as g, connect(job_id, HOST) as h:
+        g.remote(collections.ChainMap({"a": 1}), "c", "0", [HOST])
+        with pytest.raises(ft.UnsafePayload, match="collections:ChainMap"):
+            h.get("c", "0", [GUEST], timeout=5)
+    with connect(job_id + "b", GUEST) as g, connect(job_id + "b", HOST, allow=["collections:ChainMap"]) as h:
+        g.remote(collections.ChainMap({"a": 1}), "c", "0", [HOST])
+        assert h.get("c", "0", [GUEST], timeout=5) == [collections.ChainMap({"a": 1})]
+
+
+async def test_async_forms(memory_pair):
+    g, h = memory_pair
+    getter = asyncio.create_task(h.get_async(name="a", tag="0", parties=[GUEST], timeout=10))
+    await asyncio.sleep(0)
+    await g.remote_async({"v": 1}, name="a", tag="0", parties=[HOST])
+    assert await getter == [{"v": 1}]
+    with pytest.raises(ft.TransferTimeout):
+        await h.get_async(name="never", tag="0", parties=[GUEST], timeout=0.3)
+    with pytest.raises(ft.DuplicateTransfer):
+        await g.remote_async({"v": 1}, name="a", tag="0", parties=[HOST])
+
+
+async def test_many_concurrent_async_gets(memory_pair):
+    g, h = memory_pair
+    gets = [h.get_async(f"n{i}", "0", [GUEST], timeout=20) for i in range(100)]
+    for i in range(100):
+        await g.remote_async(i, f"n{i}", "0", [HOST])
+    assert await asyncio.gather(*gets) == [[i] for i in range(100)]
+
+
+def test_hubs_isolate(job_id):
+    a = ft.Federation.connect("memory", job_id=job_id, party=GUEST, options={"hub": "a"})
+    b = ft.Federation.connect("memory", job_id=job_id, party=HOST, options={"hub": "b"})
+    with a, b:
+        a.remote(1, "x", "0", [HOST])
+        with pytest.raises(ft.TransferTimeout):
+            b.get("x", "0", [GUEST], timeout=0.3)
+
+
+def test_cleanup_deletes_the_job_lanes_and_is_idempotent(job_id):
+    g, h = connect(job_id, GUEST), connect(job_id, HOST)
+    g.remote(1, "x", "0", [HOST])
+    assert hub().job_lanes(job_id)
+    g.close()
+    h.close()
+    g.cleanup()
+    g.cleanup()
+    assert not hub().job_lanes(job_id)
+
+
+def test_bad_input_gets_clear_errors(job_id):
+    with pytest.raises(ft.FederationError, match=r"known backends: .*memory"):
+        ft.Federation.connect("carrier-pigeon", job_id=job_id, party=GUEST)
+    with pytest.raises(ft.ConfigError, match="max_mesage_size"):
+        ft.Federation.connect("memory", job_id=job_id, party=GUEST, options={"max_mesage_size": 1})
+    with pytest.raises(ft.ConfigError, match="job_id"):
+        ft.Federation.connect("memory", job_id="bad job/id", party=GUEST)
+    with pytest.raises(ft.ConfigError):
+        ft.Federation.connect("memory", job_id=job_id, party=GUEST, options={"compression": "zstd"})
+    with pytest.raises(ft.ConfigError, match="secret"):
+        ft.Federation.connect("memory", job_id=job_id, party=GUEST, options={"secret": "short"})
+    with connect(job_id, GUEST) as g:
+        with pytest.raises(ft.ConfigError):
+            g.remote(1, "x", "0", parties=[])
+        with pytest.raises(ft.ConfigError):
+            g.remote(1, "x", "0", parties="host")
+        with pytest.raises(ft.SerializationError, match="pairs"):
+            g.remote(ft.Table.from_partitions([[(1, 2, 3)]]), "bad", "0", [HOST])
+        with pytest.raises(ft.SerializationError):
+            g.remote(threading.Lock(), "bad", "0", [HOST])
+        g.remote(1, "bad", "0", [HOST])  # the failed remote did not consume the name
+    with pytest.raises(ft.FederationError, match="closed"):
+        g.remote(1, "x", "1", [HOST])
+
+
+def test_party_normalises_and_validates():
+    assert ft.Party("host", 10000) == ft.Party("host", "10000")
+    assert ft.Party("host", 10000).party_id == "10000"
+    with pytest.raises(ft.ConfigError):
+        ft.Party("ho st", "1")
+    p = ft.Party("guest", "9999")
+    with pytest.raises(AttributeError):
+        p.role = "x"  # frozen

@@ -1,0 +1,236 @@
+"""Codec layer: pickle 5 with out-of-band buffers, the safe unpickler, lz4, sealing."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import decimal
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import fedtransport as ft
+from fedtransport.codec import (
+    Compressor,
+    Sealer,
+    UnpicklePolicy,
+    decode_object,
+    decode_records,
+    decompress,
+    encode_object,
+    encode_records,
+)
+from fedtransport.errors import IntegrityError, UnsafePayload
+
+SAFE = UnpicklePolicy()
+
+
+def roundtrip(obj, policy=SAFE):
+    unit = encode_object(obj)
+    return decode_object(unit.tobytes(), policy, "test")
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        b"",
+        b"\x00\xff" * 1000,
+        "héllo wörld",
+        2**4096 + 1,
+        -(2**521),
+        3.5,
+        complex(1, -2),
+        None,
+        True,
+        {"a": [1, (2, 3), {4, 5}], "b": frozenset({"x"}), "c": bytearray(b"ba")},
+        [[[[]]]],
+        collections.OrderedDict(a=1, b=2),
+        collections.defaultdict(list, a=[1]),
+        collections.Counter("abracadabra"),
+        collections.deque([1, 2, 3]),
+        datetime.datetime(2026, 11, 23, 5, 28, tzinfo=datetime.timezone.utc),
+        datetime.date(2026, 1, 1),
+        datetime.timedelta(seconds=5),
+        decimal.Decimal("3.14159"),
+        range(3, 10, 2),
+        slice(1, 5, 2),
+    ],
+    ids=lambda o: type(o).__name__,
+)
+def test_roundtrip_builtins(obj):
+    assert roundtrip(obj) == obj
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array(7.5),  # 0-d
+        np.arange(24, dtype=np.int64).reshape(4, 6)[:, ::2],  # non-contiguous
+        np.arange(10, dtype=">f8"),  # big-endian
+        np.zeros((0, 3), dtype=np.float32),  # empty
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        np.array([(1, 2.0), (3, 4.0)], dtype=[("a", "i4"), ("b", "f8")]),
+        np.array([1, "x", None], dtype=object),
+        np.array(["a", "bc"]),
+    ],
+    ids=["0d", "noncontig", "bigendian", "empty", "fortran", "structured", "object", "unicode"],
+)
+def test_roundtrip_numpy(array):
+    back = roundtrip(array)
+    assert back.dtype == array.dtype and back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
+
+
+def test_numpy_scalars_and_dtypes():
+    for obj in (np.float64(1.5), np.int32(-3), np.bool_(True), np.dtype("f4"), np.datetime64("2020-01-01")):
+        assert roundtrip(obj) == obj
+
+
+def test_large_array_is_out_of_band_and_aligned():
+    a = np.random.default_rng(0).random(8 << 20)  # 64 MiB
+    unit = encode_object(a)
+    # the array's memory is one of the unit's parts: nothing was copied into the pickle stream
+    assert any(p.obj is not None and p.nbytes == a.nbytes for p in unit.parts)
+    assert unit.size < a.nbytes + 4096
+    back = decode_object(unit.tobytes(), SAFE, "test")
+    assert back.flags.aligned and np.array_equal(back, a)
+
+
+def test_decoded_array_uses_receive_buffer_in_place():
+    a = np.arange(1000, dtype=np.float64)
+    buf = bytearray(encode_object(a).tobytes())
+    back = decode_object(memoryview(buf), SAFE, "test")
+    assert np.shares_memory(back, np.frombuffer(buf, dtype=np.uint8))
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/fedtransport-pwned",))
+
+
+def test_os_system_payload_is_refused(tmp_path):
+    data = encode_object(Evil()).tobytes()
+    with pytest.raises(UnsafePayload) as err:
+        decode_object(data, SAFE, "host:10000")
+    msg = str(err.value)
+    assert "posix:system" in msg or "os:system" in msg
+    assert "allow" in msg and "trust_remote_code" in msg and "host:10000" in msg
+    assert not os.path.exists("/tmp/fedtransport-pwned")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"cbuiltins\neval\n(S'1+1'\ntR.",
+        b"cbuiltins\nexec\n(S'import os'\ntR.",
+        b"cbuiltins\ngetattr\n(cbuiltins\nobject\nS'__subclasses__'\ntR.",
+        b"csubprocess\nPopen\n((S'true'\nltR.",
+        b"cimportlib\nimport_module\n(S'os'\ntR.",
+        b"cbuiltins\n__import__\n(S'os'\ntR.",
+        b"cnumpy.testing._private.utils\nrunstring\n(S'1'\n(dtR.",
+        b"cbuiltins\ntype\n(S'X'\n(t(dtR.",
+    ],
+    ids=["eval", "exec", "getattr", "subprocess", "importlib", "__import__", "numpy-runstring", "type"],
+)
+def test_known_gadgets_refused(payload):
+    with pytest.raises(UnsafePayload):
+        decode_records(payload, SAFE, "peer")
+
+
+def test_allow_option_admits_a_class():
+    unit = encode_object(collections.ChainMap({"a": 1}))
+    with pytest.raises(UnsafePayload, match="collections:ChainMap"):
+        decode_object(unit.tobytes(), SAFE, "peer")
+    policy = UnpicklePolicy(allow=frozenset({"collections:ChainMap"}))
+    assert decode_object(unit.tobytes(), policy, "peer") == collections.ChainMap({"a": 1})
+
+
+def test_trust_remote_code_admits_anything_and_cloudpickle_sends_lambdas():
+    unit = encode_object(lambda x: x + 1, cloudpickle_fallback=True)
+    with pytest.raises(UnsafePayload):
+        decode_object(unit.tobytes(), SAFE, "peer")
+    f = decode_object(unit.tobytes(), UnpicklePolicy(trust_remote_code=True), "peer")
+    assert f(1) == 2
+
+
+def test_report_mode_logs_and_still_refuses(caplog):
+    policy = UnpicklePolicy(mode="report")
+    with pytest.raises(UnsafePayload):
+        decode_object(encode_object(collections.ChainMap()).tobytes(), policy, "peer")
+    assert "collections:ChainMap" in caplog.text
+    assert policy.refused == ["collections:ChainMap"]
+
+
+def test_table_nested_in_object():
+    t = ft.Table.from_partitions([[(1, "a")], [(2, np.arange(3))]])
+    back = roundtrip({"t": t})["t"]
+    assert back.num_partitions == 2 and back.partitions[0] == [(1, "a")]
+
+
+@pytest.mark.parametrize("data", [b"", b"\x80", b"\x80\x05\x95", os.urandom(64), b"garbage that is not a pickle"])
+def test_malformed_object_payload_is_integrity_error(data):
+    with pytest.raises(IntegrityError):
+        decode_object(data, SAFE, "peer")
+
+
+def test_records_batches_respect_target_and_roundtrip():
+    records = [(i, "v" * (i % 50)) for i in range(5000)]
+    batches = list(encode_records(iter(records), 4096))
+    assert sum(n for _, n in batches) == len(records)
+    assert all(len(b) <= 4096 for b, n in batches if n > 1)
+    back = [r for b, _ in batches for r in decode_records(b, SAFE, "p")]
+    assert back == records
+
+
+def test_records_must_be_pairs():
+    with pytest.raises(ft.SerializationError):
+        list(encode_records([(1, 2, 3)], 100))
+
+
+def test_oversized_record_gets_its_own_unit():
+    big = (1, b"x" * 10000)
+    batches = list(encode_records([(0, 0), big, (2, 2)], 1000))
+    assert [n for _, n in batches] == [1, 1, 1]
+
+
+def test_compressor_backs_off_on_random_data_and_compresses_zeros():
+    c = Compressor(True)
+    assert c.compress(os.urandom(1 << 20)) is None
+    z = bytes(1 << 20)
+    packed = c.compress(z)
+    assert packed is not None and len(packed) < 10000
+    assert decompress(packed, len(z)) == z
+    assert Compressor(False).compress(z) is None
+
+
+def test_decompress_refuses_a_bomb_and_garbage():
+    packed = Compressor(True).compress(bytes(1 << 20))
+    with pytest.raises(IntegrityError):
+        decompress(packed, 1000)  # the header promised far less than it inflates to
+    with pytest.raises(IntegrityError):
+        decompress(b"\x04\x22\x4d\x18garbage", 100)
+
+
+def test_sealing_keys_are_per_direction_and_detect_tampering():
+    s = Sealer(b"k" * 32, "job")
+    ab, ba = s.for_pair("a", "b"), s.for_pair("b", "a")
+    sealed = Sealer.seal(ab, b"secret data", b"aad")
+    assert b"secret data" not in sealed
+    assert Sealer.open(ab, sealed, b"aad") == b"secret data"
+    for aead, data, aad in [
+        (ba, sealed, b"aad"),
+        (ab, sealed, b"other"),
+        (ab, sealed[:-1] + bytes([sealed[-1] ^ 1]), b"aad"),
+        (Sealer(b"k" * 32, "job2").for_pair("a", "b"), sealed, b"aad"),
+        (ab, sealed[:10], b"aad"),
+    ]:
+        with pytest.raises(IntegrityError):
+            Sealer.open(aead, data, aad)
+
+
+def test_pickle_protocol_is_5():
+    unit = encode_object({"a": 1})
+    raw = unit.tobytes()
+    assert pickle.PROTO[0] in raw and b"\x80\x05" in raw

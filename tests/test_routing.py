@@ -1,0 +1,100 @@
+"""Route tables: FATE's Pulsar and RabbitMQ formats, the SNI star, errors that name file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import fedtransport as ft
+
+TABLES = Path(__file__).resolve().parent.parent / "route_tables"
+
+
+def test_point_to_point_table():
+    rt = ft.RouteTable.load(TABLES / "pulsar_route_table.yaml")
+    ep = rt.resolve(9999)
+    assert (ep.host, ep.port, ep.ssl_port, ep.proxy) == ("192.168.0.4", 6650, 6651, None)
+    assert rt.resolve("10000") == rt.resolve(ft.Party("host", 10000))
+    cluster = rt.pulsar_cluster(10000)
+    assert cluster["brokerServiceUrl"] == "pulsar://192.168.0.3:6650"
+    assert cluster["brokerServiceUrlTls"] == "pulsar+ssl://192.168.0.3:6651"
+    assert cluster["proxyServiceUrl"] == "" and cluster["proxyProtocol"] is None
+
+
+def test_star_table_matches_the_reference_deployment():
+    # ../shared/reference/fate-on-spark-with-pulsar.txt: the cluster used to sync with party 9999
+    rt = ft.RouteTable.load(TABLES / "pulsar_star_route_table.yaml")
+    assert rt.pulsar_cluster("9999") == {
+        "serviceUrl": "",
+        "serviceUrlTls": "",
+        "brokerServiceUrl": "pulsar://9999.fate.org:6650",
+        "brokerServiceUrlTls": "pulsar+ssl://9999.fate.org:6651",
+        "proxyServiceUrl": "pulsar+ssl://proxy.fate.org:443",
+        "proxyProtocol": "SNI",
+        "peerClusterNames": [],
+    }
+    ep = rt.resolve(8888)
+    assert (ep.host, ep.sni, ep.proxy_host, ep.proxy_port, ep.listed) == (
+        "8888.fate.org", "8888.fate.org", "proxy.fate.org", 443, False,
+    )  # fmt: skip
+    own = rt.resolve(10000)
+    assert own.listed and own.proxy is None and own.sni == "10000.fate.org"  # an IP host: SNI from the domain
+
+
+def test_star_table_without_ports_uses_pulsar_defaults():
+    rt = ft.RouteTable.load({10000: {"host": "10.0.0.1", "port": 6650}, "default": {"proxy": "p.x:443", "domain": "x"}})
+    assert rt.pulsar_cluster(9999)["brokerServiceUrlTls"] == "pulsar+ssl://9999.x:6651"
+
+
+def test_rabbitmq_table():
+    rt = ft.RouteTable.load(TABLES / "rabbitmq_route_table.yaml")
+    assert rt.kind == "rabbitmq"
+    a, b = rt.resolve(9999), rt.resolve(10000)
+    assert (a.host, a.port, a.mng_port, a.ssl_port) == ("192.168.0.4", 5672, 15672, None)
+    assert (b.port, b.ssl_port) == (5672, 5671)
+    with pytest.raises(ft.RouteError, match="8888"):
+        rt.resolve(8888)
+
+
+def test_mapping_and_routetable_sources():
+    rt = ft.RouteTable.load({"9999": {"host": "h", "port": "6650"}})
+    assert ft.RouteTable.load(rt) is rt
+    assert rt.resolve(9999).port == 6650
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("9999: {host: h, port: abc}\n", "9999.port"),
+        ("9999: {host: h, port: 70000}\n", "9999.port"),
+        ("9999: {port: 6650}\n", "9999.host"),
+        ("9999: {host: h, proxy: nocolon}\n", "9999.proxy"),
+        ("9999: [1, 2]\n", "9999"),
+        ("default: 5\n", "default"),
+    ],
+)
+def test_malformed_tables_name_file_and_key(tmp_path, text, key):
+    path = tmp_path / "routes.yaml"
+    path.write_text(text)
+    with pytest.raises(ft.RouteError) as err:
+        ft.RouteTable.load(path)
+    assert str(path) in str(err.value) and repr(key) in str(err.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("9999: {host: [unclosed\n")
+    with pytest.raises(ft.RouteError, match="not valid YAML"):
+        ft.RouteTable.load(path)
+    with pytest.raises(ft.RouteError, match="cannot read"):
+        ft.RouteTable.load(tmp_path / "absent.yaml")
+    path.write_text("- just a list\n")
+    with pytest.raises(ft.RouteError, match="top level"):
+        ft.RouteTable.load(path)
+
+
+def test_unlisted_party_without_default():
+    rt = ft.RouteTable.load({9999: {"host": "h", "port": 1}})
+    with pytest.raises(ft.RouteError, match="not listed"):
+        rt.resolve(10000)
