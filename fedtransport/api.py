@@ -174,7 +174,7 @@ class Federation:
     def _send(self, obj: Any, name: str, tag: str, dsts: list[Party]) -> None:
         started = time.perf_counter()
         out = Outgoing(obj, fanout=len(dsts), cloudpickle_fallback=self._opts.trust_remote_code)
-        jobs: list[tuple[Party, int, concurrent.futures.Future[int]]] = []
+        plan: list[tuple[Party, int, _Counting]] = []
         counted: list[int] = []
         for dst in dsts:
             transform = self._transform(self.party, dst)
@@ -182,16 +182,23 @@ class Federation:
             writer = FrameWriter(self._job, tid, out.nstreams, transform)
             limit = max_chunk(self._opts, transform.overhead)
             for lane, messages in out.lane_messages(writer, self._opts.lanes, limit).items():
-                sized = _Counting(messages, counted)
-                jobs.append((dst, lane, self._pool.submit(self._transport.send, dst, lane, sized)))
-        errors = []
-        for dst, lane, fut in jobs:
+                plan.append((dst, lane, _Counting(messages, counted)))
+        errors: list[tuple[Party, int, BaseException]] = []
+        if len(plan) == 1:  # one lane to one party: no thread hand-off for the common small object
+            dst, lane, messages = plan[0]
             try:
-                fut.result()
-            except FederationError as exc:
+                self._transport.send(dst, lane, messages)
+            except Exception as exc:
                 errors.append((dst, lane, exc))
-            except Exception as exc:  # a backend bug or a value that cannot be encoded
-                errors.append((dst, lane, exc))
+        else:
+            futures = [
+                (dst, lane, self._pool.submit(self._transport.send, dst, lane, msgs)) for dst, lane, msgs in plan
+            ]
+            for dst, lane, fut in futures:
+                try:
+                    fut.result()
+                except Exception as exc:  # FederationError, or a backend bug / a value that cannot be encoded
+                    errors.append((dst, lane, exc))
         if errors:
             dst, lane, exc = errors[0]
             if isinstance(exc, FederationError):

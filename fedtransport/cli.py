@@ -10,8 +10,8 @@ from . import __version__
 
 EXAMPLES = """\
 examples:
-  fedtransport demo                      two parties on an embedded Pulsar broker
-  fedtransport demo --backend memory     the same, in one process, no broker
+  fedtransport demo                      two parties, two processes, an embedded Pulsar broker
+  fedtransport demo --backend memory     the same in one process, no broker
   fedtransport demo --backend rabbitmq   on a throw-away local RabbitMQ node
 """
 
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--backend", choices=["memory", "pulsar", "rabbitmq"], default="memory",
-                      help="default: memory (in-process)")  # fmt: skip
+    demo.add_argument("--backend", choices=["memory", "pulsar", "rabbitmq"], default="pulsar",
+                      help="default: pulsar, on an embedded broker")  # fmt: skip
 
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

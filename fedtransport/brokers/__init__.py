@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["EmbeddedPulsar", "RabbitNode"]
+__all__ = ["EmbeddedPulsar", "HAProxy", "RabbitNode"]
 
 if TYPE_CHECKING:
+    from .proxy import HAProxy
     from .pulsar import EmbeddedPulsar
     from .rabbitmq import RabbitNode
 
@@ -22,6 +23,10 @@ def __getattr__(name: str) -> Any:
         from .pulsar import EmbeddedPulsar
 
         return EmbeddedPulsar
+    if name == "HAProxy":
+        from .proxy import HAProxy
+
+        return HAProxy
     if name == "RabbitNode":
         from .rabbitmq import RabbitNode
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
 
 from ..errors import BackendError
 
@@ -28,6 +34,45 @@ def port_open(port: int, host: str = LOOPBACK) -> bool:
             return True
     except OSError:
         return False
+
+
+def port_free(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` can be bound right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def pid_listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself listens on 127.0.0.1:``port`` (Linux /proc; else a TCP probe).
+
+    A bare connect would also succeed against whoever else holds the port, and our child would
+    then die of "address in use" right after we declared it ready.
+    """
+    table = Path("/proc/net/tcp")
+    fd_dir = Path(f"/proc/{pid}/fd")
+    if not table.is_file() or not fd_dir.is_dir():
+        return port_open(port)
+    want = f"0100007F:{port:04X}"
+    try:
+        listening = {
+            f"socket:[{cols[9]}]"
+            # cols: sl, local_address, rem_address, st (0A = LISTEN), ..., inode (index 9)
+            for cols in (line.split() for line in table.read_text().splitlines()[1:])
+            if len(cols) > 9 and cols[1] == want and cols[3] == "0A"
+        }
+        if not listening:
+            return False
+        for fd in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in listening:
+                    return True
+    except OSError:
+        return False
+    return False
 
 
 def wait_until(
@@ -92,3 +137,116 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+
+
+def stopped_at_exit() -> set[Any]:
+    """A set whose members still there at interpreter exit get their ``stop()`` called.
+
+    Strong references on purpose: a running child dropped by its owner must still be stopped,
+    so no orphan keeps a port or disk space.
+    """
+    live: set[Any] = set()
+
+    def stop_all() -> None:
+        for item in list(live):
+            # Best effort at exit: there is nobody left to report a failure to.
+            with contextlib.suppress(Exception):
+                item.stop()
+
+    atexit.register(stop_all)
+    return live
+
+
+_C = TypeVar("_C", bound="ChildProcess")
+
+
+class ChildProcess:
+    """Base of the launchers that own one child process and a private run directory.
+
+    Subclasses implement ``start()`` (which returns ``self``) and ``stop()``; the context
+    manager calls them.
+    """
+
+    def __init__(self) -> None:
+        self._run_dir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        # Start/stop/restart may come from several threads (shared instance, atexit).
+        self._lock = threading.RLock()
+
+    def start(self: _C) -> _C:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def host(self) -> str:
+        return LOOPBACK
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self._run_dir
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __enter__(self: _C) -> _C:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _in_run_dir(self, name: str) -> Path | None:
+        return self._run_dir / name if self._run_dir is not None else None
+
+    def _spawn(
+        self,
+        cmd: list[str],
+        log: Path,
+        *,
+        ports: Iterable[int],
+        timeout: float,
+        what: str,
+        append: bool = False,
+    ) -> None:
+        """Run ``cmd`` in the run dir as ``self._proc`` (stdin closed, stdout and stderr to ``log``)
+        and wait until that very process listens on each of ``ports`` on 127.0.0.1."""
+        with open(log, "ab" if append else "wb") as log_file:
+            # The child keeps its own copy of the descriptor; ours closes right away.
+            self._proc = proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=str(self._run_dir),
+            )
+        wanted = tuple(ports)
+        wait_until(
+            # Another process may hold a port (then ours exits): only our own listener counts.
+            lambda: proc.poll() is None and all(pid_listens(proc.pid, port) for port in wanted),
+            timeout=timeout,
+            what=what,
+            alive=lambda: proc.poll() is None,
+            log=log,
+        )
+
+    def _stop_child(self, timeout: float = 15.0) -> None:
+        """SIGTERM the child (SIGKILL after ``timeout`` s) and forget it."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            stop_process(proc, timeout)
+
+    def _remove_run_dir(self) -> None:
+        run_dir, self._run_dir = self._run_dir, None
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,454 @@
+"""Apache Pulsar backend: pulsar-client data plane, Pulsar admin REST v2 control plane.
+
+Features
+    * Topics ``persistent://{tenant}/{job_id}/{src_role}-{src_id}-{dst_role}-{dst_id}-{lane}``:
+      parties x lanes per job, never one per variable or partition.
+    * One ``pulsar.Client`` per broker the session talks to; producers and consumers are
+      cached per lane. ``send_async`` with a bounded in-flight window (``send_window``);
+      ``remote`` returns once every receipt is in.
+    * A durable Shared subscription per receiving party, from the earliest message, so
+      what was sent before the receiver subscribed is delivered too. That needs the
+      namespace to retain messages nobody is subscribed to yet: the control plane sets
+      retention when ``admin_url`` is given (pulsar-lite retains by itself); without it,
+      configure retention on the broker. Messages are acknowledged only once their
+      transfer is handed to the caller: a receiver that dies mid-transfer gets
+      everything again.
+    * Small receiver queues (``receiver_queue_size`` 1): big messages are not hoarded,
+      and brokers that stall or duplicate with deeper queues (pulsar-lite, see
+      docs/backends.md) stay correct; the framing layer drops duplicates and the
+      inbox's watchdog asks for redelivery when a transfer stops making progress.
+    * Modes: ``shared`` (every party on one broker), ``direct`` (produce to the
+      destination's broker from the route table, consume from our own),
+      ``replication`` (produce to our own cluster with ``replication_clusters=[the
+      destination's cluster]`` on every message; clusters registered from the route table).
+    * Control plane (whenever ``admin_url`` is given; required in replication mode):
+      tenant, cluster registrations (PUT, then POST when they exist), the job namespace
+      with its replication clusters, retention and message TTL as a safety net, an
+      optional publish-rate limit; ``cleanup()`` deletes the job's topics and namespace.
+      Without ``admin_url``, ``cleanup()`` drops this party's subscriptions.
+    * TLS (``pulsar+ssl://``, trust certs, hostname validation) and JWT tokens, for the
+      data plane and the admin calls alike.
+
+Connection options (``options=`` of ``Federation.connect``) and defaults
+    ``service_url``               ``None``: an embedded pulsar-lite broker for the process
+    ``admin_url``                 ``None``: no control-plane calls
+    ``mode``                      ``"shared"`` | ``"direct"`` | ``"replication"``
+    ``tenant``                    ``"fl-tenant"``
+    ``cluster``                   this party's cluster; default: its route-table name
+                                  (``fl-pulsar-{party_id}`` unless listed otherwise), else
+                                  ``"standalone"`` without a route table
+    ``token``                     ``None``; a JWT (also ``"token:..."`` / ``"file:///path"``)
+    ``tls_trust_certs_file_path`` ``None``
+    ``tls_validate_hostname``     ``True``
+    ``send_window``               ``16`` messages in flight per lane
+    ``send_timeout``              ``30.0`` seconds for the broker to confirm a message
+    ``receiver_queue_size``       ``1``
+    ``subscribe_timeout``         ``180.0`` seconds of retrying a refused subscription
+    ``ttl_seconds``               ``172800``: message TTL and retention of the job namespace
+    ``publish_rate``              ``None``, or ``{"messages": N, "bytes": M}`` per second
+    ``producer`` / ``consumer``   ``{}``: extra keyword arguments for pulsar-client's
+                                  ``create_producer`` / ``subscribe``
+    ``client``                    ``{}``: extra keyword arguments for ``pulsar.Client``
+
+Errors
+    ``BackendError`` carrying pulsar-client's result or the admin API's reason;
+    ``ConfigError`` for inconsistent options; ``RouteError`` for a party the route table
+    cannot resolve.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
+
+import pulsar
+
+from ..errors import BackendError, ConfigError, RouteError
+from ..party import Party
+from .base import DeliverFn, Delivery, JobContext, Transport
+from .pulsar_admin import PulsarAdmin, read_token
+
+__all__ = ["PulsarTransport"]
+
+log = logging.getLogger("fedtransport.pulsar")
+_client_log = logging.getLogger("fedtransport.pulsar.client")
+if _client_log.level == logging.NOTSET:  # pulsar-client's C++ INFO lines drown everything else
+    _client_log.setLevel(logging.WARNING)
+
+_MODES = ("shared", "direct", "replication")
+# Shared: the only type on which pulsar-lite honours redelivery requests, and a restarted
+# receiver may attach before a real broker has noticed that the old one is gone.
+_CONSUMER_TYPE = pulsar.ConsumerType.Shared
+_RECEIVE_POLL_MS = 200  # how often a receive loop looks up to notice close()
+
+
+class PulsarTransport(Transport):
+    name: ClassVar[str] = "pulsar"
+    option_defaults: ClassVar[dict[str, Any]] = {
+        "service_url": None,
+        "admin_url": None,
+        "mode": "shared",
+        "tenant": "fl-tenant",
+        "cluster": None,
+        "token": None,
+        "tls_trust_certs_file_path": None,
+        "tls_validate_hostname": True,
+        "send_window": 16,
+        "send_timeout": 30.0,
+        "receiver_queue_size": 1,
+        "subscribe_timeout": 180.0,
+        "ttl_seconds": 172800,
+        "publish_rate": None,
+        "producer": {},
+        "consumer": {},
+        "client": {},
+    }
+
+    def __init__(self, ctx: JobContext) -> None:
+        super().__init__(ctx)
+        o = ctx.options
+        self.mode = o["mode"]
+        if self.mode not in _MODES:
+            raise ConfigError(f"option 'mode' must be one of {_MODES}, got {self.mode!r}")
+        if self.mode != "shared" and ctx.route_table is None:
+            raise ConfigError(f"Pulsar mode {self.mode!r} needs a route_table to find the other parties")
+        if self.mode == "replication" and not o["admin_url"]:
+            raise ConfigError("Pulsar replication mode needs 'admin_url' to register clusters and the namespace")
+        if self.mode != "shared" and not o["service_url"]:
+            raise ConfigError(f"Pulsar mode {self.mode!r} needs 'service_url' (this party's own broker)")
+        for key in ("send_window", "receiver_queue_size", "ttl_seconds"):
+            if isinstance(o[key], bool) or not isinstance(o[key], int) or o[key] < 1:
+                raise ConfigError(f"option {key!r} must be a positive integer, got {o[key]!r}")
+        self.tenant = str(o["tenant"])
+        self.namespace = ctx.job_id
+        self.cluster = o["cluster"] or (ctx.route_table.cluster_name(ctx.party) if ctx.route_table else "standalone")
+        self._lock = threading.Lock()
+        self._clients: dict[str, pulsar.Client] = {}
+        self._producers: dict[tuple[Party, int], pulsar.Producer] = {}
+        self._consumers: dict[tuple[Party, int], pulsar.Consumer] = {}
+        self._receivers: list[threading.Thread] = []
+        self._peers: set[str] = set()
+        self._listened: set[tuple[Party, int]] = set()
+        self._closed = threading.Event()
+        self._admin: PulsarAdmin | None = None
+        self._service_url = o["service_url"]
+
+    # naming --------------------------------------------------------------------------------
+
+    def topic(self, src: Party, dst: Party, lane: int) -> str:
+        name = f"{src.role}-{src.party_id}-{dst.role}-{dst.party_id}-{lane}"
+        return f"persistent://{self.tenant}/{self.namespace}/{name}"
+
+    @staticmethod
+    def subscription(party: Party) -> str:
+        return f"fedtransport-{party.role}-{party.party_id}"
+
+    # lifecycle -----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        if self._service_url is None:
+            from ..brokers.pulsar import shared_embedded_pulsar
+
+            self._service_url = shared_embedded_pulsar().service_url
+            log.info("no service_url: using the embedded broker at %s", self._service_url)
+        if self.ctx.options["admin_url"]:
+            self._admin = self._make_admin()
+            self._setup_namespace()
+        # One round trip now, so a wrong URL, certificate or token fails connect(), not the first send.
+        own = self.topic(self.ctx.party, self.ctx.party, 0)
+        self._pulsar_call(
+            f"reaching {self._service_url}", lambda: self._client(self._service_url).get_topic_partitions(own)
+        )
+
+    def _make_admin(self) -> PulsarAdmin:
+        o = self.ctx.options
+        return PulsarAdmin(
+            o["admin_url"],
+            token=o["token"],
+            tls_trust_certs_file_path=o["tls_trust_certs_file_path"],
+            tls_validate_hostname=o["tls_validate_hostname"],
+        )
+
+    def _setup_namespace(self) -> None:
+        assert self._admin is not None
+        a, o = self._admin, self.ctx.options
+        a.ensure_tenant(self.tenant, [self.cluster])
+        a.create_namespace(self.tenant, self.namespace)
+        if self.mode == "replication":
+            a.set_replication_clusters(self.tenant, self.namespace, [self.cluster])
+        # The safety net for a scheduler that never calls cleanup: data expires on the broker.
+        ttl = int(o["ttl_seconds"])
+        a.set_message_ttl(self.tenant, self.namespace, ttl)
+        a.set_retention(self.tenant, self.namespace, max(1, ttl // 60), -1)
+        rate = o["publish_rate"]
+        if rate:
+            if not isinstance(rate, dict) or not set(rate) <= {"messages", "bytes"}:
+                raise ConfigError("option 'publish_rate' is {'messages': N, 'bytes': M} (per second)")
+            a.set_publish_rate(self.tenant, self.namespace, int(rate.get("messages", -1)), int(rate.get("bytes", -1)))
+
+    def _ensure_peer(self, dst: Party) -> str | None:
+        """Replication mode: register ``dst``'s cluster and add it to the namespace, once."""
+        if self.mode != "replication":
+            return None
+        assert self._admin is not None and self.ctx.route_table is not None
+        rt = self.ctx.route_table
+        cluster = rt.cluster_name(dst)
+        with self._lock:
+            if cluster in self._peers or cluster == self.cluster:
+                return cluster
+            self._admin.ensure_cluster(cluster, rt.pulsar_cluster(dst))
+            self._admin.ensure_tenant(self.tenant, [self.cluster, *sorted(self._peers | {cluster})])
+            self._admin.set_replication_clusters(
+                self.tenant, self.namespace, [self.cluster, *sorted(self._peers | {cluster})]
+            )
+            self._peers.add(cluster)
+        return cluster
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        o = self.ctx.options
+        kwargs: dict[str, Any] = {
+            "operation_timeout_seconds": 30,
+            "io_threads": 2,
+            "tls_validate_hostname": bool(o["tls_validate_hostname"]),
+            **dict(o["client"]),
+        }
+        if o["token"]:
+            kwargs["authentication"] = pulsar.AuthenticationToken(read_token(o["token"]))
+        if o["tls_trust_certs_file_path"]:
+            kwargs["tls_trust_certs_file_path"] = o["tls_trust_certs_file_path"]
+        return kwargs
+
+    def _client(self, url: str) -> pulsar.Client:
+        with self._lock:
+            client = self._clients.get(url)
+            if client is None:
+                try:
+                    client = pulsar.Client(url, logger=_client_log, **self._client_kwargs())
+                except Exception as exc:  # pulsar raises its own exception types
+                    raise BackendError(
+                        f"cannot create a Pulsar client for {url}: {exc}", broker_message=str(exc)
+                    ) from exc
+                self._clients[url] = client
+            return client
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for t in self._receivers:
+            t.join(timeout=5)
+        with self._lock:
+            clients = list(self._clients.values())
+            self._clients.clear()
+            self._producers.clear()
+            self._consumers.clear()
+        for client in clients:  # closes its producers and consumers too
+            try:
+                client.close()
+            except Exception as exc:
+                log.debug("closing a Pulsar client: %s", exc)
+
+    def cleanup(self) -> None:
+        admin = self._admin or (self._make_admin() if self.ctx.options["admin_url"] else None)
+        if admin is not None:
+            try:
+                topics = admin.list_topics(self.tenant, self.namespace)
+            except BackendError as exc:
+                if exc.status != 404:
+                    raise
+                topics = []  # the namespace is gone already: cleanup is idempotent
+            for topic in topics:
+                admin.delete_topic(topic)
+            admin.delete_namespace(self.tenant, self.namespace)
+        # Without the admin API only subscriptions can be dropped; do it with or without one,
+        # so a broker that keeps topics keeps no backlog for them.
+        self._unsubscribe_all()
+
+    def _unsubscribe_all(self) -> None:
+        """Drop this party's durable subscriptions on every lane it received on."""
+        with self._lock:
+            lanes = sorted(self._listened)
+            open_consumers = dict(self._consumers)
+            self._consumers.clear()
+            self._listened.clear()
+        if not lanes:
+            return
+        client = None
+        try:
+            for src, lane in lanes:
+                topic = self.topic(src, self.ctx.party, lane)
+                consumer = open_consumers.get((src, lane))
+                try:
+                    if consumer is None:  # the session is closed: attach once more to drop it
+                        if client is None:
+                            client = pulsar.Client(self._service_url, logger=_client_log, **self._client_kwargs())
+                        consumer = client.subscribe(
+                            topic, self.subscription(self.ctx.party), consumer_type=_CONSUMER_TYPE
+                        )
+                    consumer.unsubscribe()
+                except Exception as exc:
+                    log.warning("could not drop the subscription on %s: %s", topic, exc)
+        finally:
+            if client is not None:
+                client.close()
+
+    # data plane ----------------------------------------------------------------------------
+
+    def _produce_url(self, dst: Party) -> str:
+        if self.mode != "direct":
+            return self._service_url
+        assert self.ctx.route_table is not None
+        ep = self.ctx.route_table.resolve(dst)
+        secure = str(self._service_url).startswith("pulsar+ssl://")
+        if secure:
+            if ep.ssl_port is None:
+                raise RouteError(f"route table {self.ctx.route_table.source}: party {dst.party_id} has no sslPort")
+            return f"pulsar+ssl://{ep.host}:{ep.ssl_port}"
+        return f"pulsar://{ep.host}:{ep.port}"
+
+    def _producer(self, dst: Party, lane: int) -> pulsar.Producer:
+        key = (dst, lane)
+        producer = self._producers.get(key)
+        if producer is not None:
+            return producer
+        client = self._client(self._produce_url(dst))
+        topic = self.topic(self.ctx.party, dst, lane)
+        o = self.ctx.options
+        kwargs = {
+            "send_timeout_millis": int(float(o["send_timeout"]) * 1000),
+            "max_pending_messages": int(o["send_window"]),
+            "block_if_queue_full": True,
+            "batching_enabled": False,  # messages are already up to 4 MiB; batching would only add latency
+            **dict(o["producer"]),
+        }
+        producer = self._pulsar_call(f"creating a producer on {topic}", lambda: client.create_producer(topic, **kwargs))
+        with self._lock:
+            self._producers.setdefault(key, producer)
+            return self._producers[key]
+
+    def send(self, dst: Party, lane: int, messages: Iterable[bytes]) -> int:
+        if self._closed.is_set():
+            raise BackendError("the Pulsar transport is closed")
+        producer = self._producer(dst, lane)
+        clusters = self._ensure_peer(dst)
+        window = threading.BoundedSemaphore(int(self.ctx.options["send_window"]))
+        failures: list[str] = []
+        pending = [0]
+        done = threading.Condition()
+
+        def receipt(result: pulsar.Result, _msg_id: Any) -> None:
+            with done:
+                if result != pulsar.Result.Ok:
+                    failures.append(str(result))
+                pending[0] -= 1
+                done.notify_all()
+            window.release()
+
+        extra = {"replication_clusters": [clusters]} if clusters else {}
+        count = 0
+        for msg in messages:
+            window.acquire()
+            if failures:
+                window.release()
+                break
+            with done:
+                pending[0] += 1
+            try:
+                producer.send_async(msg, receipt, **extra)
+            except Exception as exc:
+                with done:
+                    pending[0] -= 1
+                window.release()
+                failures.append(str(exc))
+                break
+            count += 1
+        with done:
+            while pending[0]:
+                done.wait()
+        if failures:
+            topic = self.topic(self.ctx.party, dst, lane)
+            raise BackendError(f"Pulsar refused a message on {topic}: {failures[0]}", broker_message=failures[0])
+        return count
+
+    def listen(self, src: Party, lane: int, deliver: DeliverFn) -> None:
+        key = (src, lane)
+        with self._lock:
+            if key in self._consumers:
+                return
+        client = self._client(self._service_url)
+        topic = self.topic(src, self.ctx.party, lane)
+        o = self.ctx.options
+        kwargs = {
+            "consumer_type": _CONSUMER_TYPE,
+            "initial_position": pulsar.InitialPosition.Earliest,
+            "receiver_queue_size": int(o["receiver_queue_size"]),
+            **dict(o["consumer"]),
+        }
+        consumer = self._subscribe(client, topic, kwargs)
+        with self._lock:
+            self._consumers[key] = consumer
+            self._listened.add(key)
+        t = threading.Thread(target=self._receive_loop, args=(consumer, src, lane, deliver),
+                             name=f"ft-pulsar-{src}-{lane}", daemon=True)  # fmt: skip
+        self._receivers.append(t)
+        t.start()
+
+    def _subscribe(self, client: pulsar.Client, topic: str, kwargs: dict[str, Any]) -> pulsar.Consumer:
+        """Subscribe, retrying for up to ``subscribe_timeout`` seconds.
+
+        Brokers refuse a subscription for a while after a consumer of it died: a real
+        Pulsar while a topic is being unloaded ("temporarily unavailable"), pulsar-lite
+        until it notices the dead connection (it then rejects our consumer id as taken).
+        """
+        deadline = time.monotonic() + float(self.ctx.options["subscribe_timeout"])
+        delay = 0.2
+        while True:
+            try:
+                return client.subscribe(topic, self.subscription(self.ctx.party), **kwargs)
+            except Exception as exc:
+                if self._closed.is_set() or time.monotonic() + delay > deadline:
+                    raise BackendError(
+                        f"Pulsar: subscribing to {topic} failed: {exc}", broker_message=str(exc)
+                    ) from exc
+                log.warning("subscribing to %s failed (%s); retrying in %.1f s", topic, exc, delay)
+                self._closed.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _receive_loop(self, consumer: pulsar.Consumer, src: Party, lane: int, deliver: DeliverFn) -> None:
+        while not self._closed.is_set():
+            try:
+                msg = consumer.receive(timeout_millis=_RECEIVE_POLL_MS)
+            except pulsar.Timeout:
+                continue
+            except Exception as exc:  # closed consumer or client: the loop ends with the session
+                if not self._closed.is_set():
+                    log.warning("receiving from %s lane %d stopped: %s", src, lane, exc)
+                return
+            deliver(Delivery(src, lane, msg.data(), msg.message_id()))
+
+    def ack(self, deliveries: Sequence[tuple[int, Party, Any]]) -> None:
+        for lane, src, msg_id in deliveries:
+            consumer = self._consumers.get((src, lane))
+            if consumer is None:
+                continue
+            try:
+                consumer.acknowledge(msg_id)
+            except Exception as exc:
+                raise BackendError(f"acknowledging on lane {lane} from {src} failed: {exc}") from exc
+
+    def redeliver(self, src: Party, lane: int) -> None:
+        consumer = self._consumers.get((src, lane))
+        if consumer is not None:
+            consumer.redeliver_unacknowledged_messages()
+
+    def _pulsar_call(self, what: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except Exception as exc:
+            raise BackendError(f"Pulsar: {what} failed: {exc}", broker_message=str(exc)) from exc
+
+    def describe(self) -> str:
+        return f"pulsar {self.mode} via {self._service_url}"

@@ -1,0 +1,326 @@
+"""A small Pulsar admin REST v2 client: the control plane of the Pulsar backend.
+
+What it does
+------------
+- Clusters: ``get_clusters()``, ``get_cluster()``, ``ensure_cluster()`` (PUT
+  ``/admin/v2/clusters/{cluster}``; when the cluster exists (409) its data is replaced with POST),
+  ``delete_cluster()``.
+- Tenants: ``get_tenant()``, ``ensure_tenant()`` (PUT ``/admin/v2/tenants/{tenant}`` with
+  ``{"adminRoles", "allowedClusters"}``; an existing tenant gets missing clusters added with POST),
+  ``delete_tenant()``.
+- Namespaces: ``create_namespace()`` (PUT, 409 = already there = fine), ``get_namespace_policies()``,
+  ``set_replication_clusters()`` (POST ``.../replication``, a JSON list), ``set_retention()``
+  (POST ``.../retention``), ``set_message_ttl()`` (POST ``.../messageTTL``, an int of seconds),
+  ``set_publish_rate()`` (POST ``.../publishRate``), ``list_topics()`` (GET ``.../topics``),
+  ``delete_namespace()`` (DELETE ``?force=true``; 404 = already gone; when the broker refuses
+  forced deletion (405) the topics are deleted one by one first).
+- Topics: ``delete_topic()`` (DELETE ``/admin/v2/persistent/{tenant}/{ns}/{topic}?force=true``,
+  404 = already gone).
+- ``request()`` for any other endpoint.
+
+Connection options and defaults
+-------------------------------
+- ``base_url``: the broker's web service URL, e.g. ``http://127.0.0.1:8080`` (a path prefix is
+  kept, for admin endpoints behind a reverse proxy).
+- ``token``: ``None``; a JWT sent as ``Authorization: Bearer <token>``. ``"token:<jwt>"`` and
+  ``"file:///path"`` (Pulsar's own conventions) are accepted too.
+- ``tls_trust_certs_file_path``: ``None`` -> the system trust store for ``https://`` URLs.
+- ``tls_validate_hostname``: ``True``; ``False`` still verifies the certificate chain.
+- ``timeout``: ``30.0`` seconds per HTTP request.
+- Redirects (307/308, sent by a broker that does not own a namespace bundle) are followed with
+  the same method, body and credentials, at most 5 hops.
+
+Errors: any other non-success answer raises :class:`~fedtransport.errors.BackendError` naming the
+method, path and status, with ``status`` set and ``broker_message`` = Pulsar's ``{"reason": ...}``;
+an unreachable server raises ``BackendError`` naming the URL. Standard library only (urllib).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendError, ConfigError
+
+__all__ = ["PulsarAdmin"]
+
+_MAX_REDIRECTS = 5
+_REDIRECT_CODES = (301, 302, 303, 307, 308)
+_TOPIC_RE = re.compile(r"^(persistent|non-persistent)://([^/]+)/([^/]+)/(.+)$")
+_NO_BODY: Any = object()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # urllib refuses to re-send PUT/POST/DELETE on a 307; we follow redirects ourselves.
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _segment(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not value or "/" in value:
+        raise ConfigError(f"invalid Pulsar {kind} name {value!r}: a non-empty name without '/'")
+    return urllib.parse.quote(value, safe="")
+
+
+def read_token(token: str | None) -> str | None:
+    if token is None:
+        return None
+    if token.startswith("token:"):
+        return token[len("token:") :]
+    if token.startswith("file://"):
+        path = Path(urllib.parse.urlparse(token).path)
+        try:
+            return path.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read the Pulsar admin token file {path}: {e}") from e
+    return token
+
+
+class PulsarAdmin:
+    """Pulsar admin REST v2 client; see the module docstring for the calls it makes."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        tls_trust_certs_file_path: str | None = None,
+        tls_validate_hostname: bool = True,
+        timeout: float = 30.0,
+    ) -> None:
+        parsed = urllib.parse.urlparse(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ConfigError(f"Pulsar admin_url must be http(s)://host:port, got {base_url!r}")
+        if timeout <= 0:
+            raise ConfigError(f"Pulsar admin timeout must be positive, got {timeout}")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._token = read_token(token)
+        handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+        if parsed.scheme == "https":
+            try:
+                context = ssl.create_default_context(cafile=tls_trust_certs_file_path)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"cannot load tls_trust_certs_file_path {tls_trust_certs_file_path!r}: {e}") from e
+            context.check_hostname = tls_validate_hostname
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def __repr__(self) -> str:
+        return f"PulsarAdmin({self.base_url!r}, token={'set' if self._token else 'none'})"
+
+    # ------------------------------------------------------------------ HTTP
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = _NO_BODY,
+        *,
+        query: Mapping[str, str] | None = None,
+        tolerate: Iterable[int] = (),
+    ) -> tuple[int, Any]:
+        """Send one admin call; return ``(status, decoded JSON or text or None)``.
+
+        ``path`` starts with ``/admin/v2``. Statuses in ``tolerate`` are returned instead of
+        raising, so callers can treat "already exists" or "already gone" as success.
+        """
+        tolerated = set(tolerate)
+        url = self.base_url + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        data = None if body is _NO_BODY else json.dumps(body).encode()
+        for _ in range(_MAX_REDIRECTS + 1):
+            req = urllib.request.Request(url, data=data, method=method)
+            req.add_header("Accept", "application/json")
+            if data is not None or method in ("PUT", "POST"):
+                req.add_header("Content-Type", "application/json")
+            if self._token:
+                req.add_header("Authorization", f"Bearer {self._token}")
+            try:
+                with self._opener.open(req, timeout=self.timeout) as resp:
+                    return resp.status, _decode(resp.read(), resp.headers.get("Content-Type", ""))
+            except urllib.error.HTTPError as e:
+                location = e.headers.get("Location") if e.headers else None
+                if e.code in _REDIRECT_CODES and location:
+                    url = urllib.parse.urljoin(url, location)
+                    e.close()
+                    continue
+                payload = _decode(e.read(), e.headers.get("Content-Type", "") if e.headers else "")
+                e.close()
+                if e.code in tolerated:
+                    return e.code, payload
+                reason = _reason(payload) or (e.reason if isinstance(e.reason, str) else "")
+                raise BackendError(
+                    f"Pulsar admin {method} {path} failed: HTTP {e.code}" + (f": {reason}" if reason else ""),
+                    broker_message=reason,
+                    status=e.code,
+                ) from None
+            except urllib.error.URLError as e:
+                raise BackendError(
+                    f"Pulsar admin at {self.base_url} is unreachable ({method} {path}): {e.reason}"
+                ) from e
+            except (TimeoutError, ConnectionError) as e:
+                raise BackendError(
+                    f"Pulsar admin at {self.base_url} did not answer {method} {path} within {self.timeout:g} s: {e}"
+                ) from e
+        raise BackendError(f"Pulsar admin {method} {path}: more than {_MAX_REDIRECTS} redirects")
+
+    # ------------------------------------------------------------------ clusters
+    def get_clusters(self) -> list[str]:
+        _, payload = self.request("GET", "/admin/v2/clusters")
+        return sorted(payload or [])
+
+    def get_cluster(self, name: str) -> dict[str, Any] | None:
+        status, payload = self.request("GET", f"/admin/v2/clusters/{_segment('cluster', name)}", tolerate=(404,))
+        return None if status == 404 else dict(payload or {})
+
+    def ensure_cluster(self, name: str, data: Mapping[str, Any]) -> bool:
+        """Register cluster ``name`` with ``data`` (ClusterData keys such as ``serviceUrl``,
+        ``brokerServiceUrl``, ``proxyServiceUrl``, ``proxyProtocol``, ``peerClusterNames``).
+
+        Returns True when it was created, False when an existing entry was updated.
+        """
+        path = f"/admin/v2/clusters/{_segment('cluster', name)}"
+        body = {k: v for k, v in data.items() if v is not None}
+        status, _ = self.request("PUT", path, body, tolerate=(409,))
+        if status != 409:
+            return True
+        self.request("POST", path, body)
+        return False
+
+    def delete_cluster(self, name: str) -> bool:
+        """Delete a cluster entry; False when it did not exist."""
+        status, _ = self.request("DELETE", f"/admin/v2/clusters/{_segment('cluster', name)}", tolerate=(404,))
+        return status != 404
+
+    # ------------------------------------------------------------------ tenants
+    def get_tenant(self, tenant: str) -> dict[str, Any] | None:
+        status, payload = self.request("GET", f"/admin/v2/tenants/{_segment('tenant', tenant)}", tolerate=(404,))
+        return None if status == 404 else dict(payload or {})
+
+    def ensure_tenant(self, tenant: str, allowed_clusters: Sequence[str], admin_roles: Sequence[str] = ()) -> bool:
+        """Create ``tenant`` allowed on ``allowed_clusters``; True when created.
+
+        An existing tenant keeps its settings and gets any missing cluster added, so parties
+        joining later can use it.
+        """
+        path = f"/admin/v2/tenants/{_segment('tenant', tenant)}"
+        body = {"adminRoles": list(admin_roles), "allowedClusters": list(allowed_clusters)}
+        status, _ = self.request("PUT", path, body, tolerate=(409,))
+        if status != 409:
+            return True
+        current = self.get_tenant(tenant) or {}
+        have = list(current.get("allowedClusters") or [])
+        missing = [c for c in allowed_clusters if c not in have]
+        roles = list(current.get("adminRoles") or [])
+        extra_roles = [r for r in admin_roles if r not in roles]
+        if missing or extra_roles:
+            self.request("POST", path, {"adminRoles": roles + extra_roles, "allowedClusters": have + missing})
+        return False
+
+    def delete_tenant(self, tenant: str) -> bool:
+        """Delete an (empty) tenant; False when it did not exist."""
+        status, _ = self.request("DELETE", f"/admin/v2/tenants/{_segment('tenant', tenant)}", tolerate=(404,))
+        return status != 404
+
+    # ------------------------------------------------------------------ namespaces
+    def _ns_path(self, tenant: str, namespace: str) -> str:
+        return f"/admin/v2/namespaces/{_segment('tenant', tenant)}/{_segment('namespace', namespace)}"
+
+    def create_namespace(self, tenant: str, namespace: str, policies: Mapping[str, Any] | None = None) -> bool:
+        """Create ``tenant/namespace`` (optionally with initial policies); False if it existed."""
+        body = dict(policies) if policies is not None else _NO_BODY
+        status, _ = self.request("PUT", self._ns_path(tenant, namespace), body, tolerate=(409,))
+        return status != 409
+
+    def get_namespace_policies(self, tenant: str, namespace: str) -> dict[str, Any]:
+        _, payload = self.request("GET", self._ns_path(tenant, namespace))
+        return dict(payload or {})
+
+    def set_replication_clusters(self, tenant: str, namespace: str, clusters: Sequence[str]) -> None:
+        self.request("POST", self._ns_path(tenant, namespace) + "/replication", list(clusters))
+
+    def set_retention(self, tenant: str, namespace: str, time_minutes: int, size_mb: int) -> None:
+        """Retention of acknowledged messages; -1 means unlimited, 0 none."""
+        body = {"retentionTimeInMinutes": int(time_minutes), "retentionSizeInMB": int(size_mb)}
+        self.request("POST", self._ns_path(tenant, namespace) + "/retention", body)
+
+    def set_message_ttl(self, tenant: str, namespace: str, seconds: int) -> None:
+        """Unacknowledged messages older than this expire: the safety net for abandoned jobs."""
+        self.request("POST", self._ns_path(tenant, namespace) + "/messageTTL", int(seconds))
+
+    def set_publish_rate(self, tenant: str, namespace: str, msg_rate: int, byte_rate: int) -> None:
+        """Per-topic publish throttling for the namespace; -1 disables a limit."""
+        body = {"publishThrottlingRateInMsg": int(msg_rate), "publishThrottlingRateInByte": int(byte_rate)}
+        self.request("POST", self._ns_path(tenant, namespace) + "/publishRate", body)
+
+    def list_topics(self, tenant: str, namespace: str) -> list[str]:
+        """Full names (``persistent://tenant/ns/topic``) of the namespace's persistent topics."""
+        _, payload = self.request("GET", self._ns_path(tenant, namespace) + "/topics")
+        return sorted(payload or [])
+
+    def delete_namespace(self, tenant: str, namespace: str) -> bool:
+        """Delete the namespace and everything in it; False when it was already gone."""
+        path = self._ns_path(tenant, namespace)
+        status, _ = self.request("DELETE", path, query={"force": "true"}, tolerate=(404, 405))
+        if status == 404:
+            return False
+        if status == 405:
+            # The broker forbids forced namespace deletion: empty it first, then delete.
+            status_list, topics = self.request("GET", path + "/topics", tolerate=(404,))
+            if status_list == 404:
+                return False
+            for topic in topics or []:
+                self.delete_topic(topic)
+            status, _ = self.request("DELETE", path, tolerate=(404,))
+            return status != 404
+        return True
+
+    # ------------------------------------------------------------------ topics
+    def delete_topic(self, topic: str) -> bool:
+        """Delete ``persistent://tenant/ns/topic`` (or ``tenant/ns/topic``) with force.
+
+        False when it did not exist.
+        """
+        match = _TOPIC_RE.match(topic)
+        if match is None:
+            parts = topic.split("/")
+            if len(parts) != 3 or "://" in topic:
+                raise ConfigError(f"invalid Pulsar topic name {topic!r}: expected persistent://tenant/ns/topic")
+            domain, tenant, namespace, local = "persistent", *parts
+        else:
+            domain, tenant, namespace, local = match.groups()
+        path = (
+            f"/admin/v2/{domain}/{_segment('tenant', tenant)}/{_segment('namespace', namespace)}/"
+            f"{urllib.parse.quote(local, safe='')}"
+        )
+        status, _ = self.request("DELETE", path, query={"force": "true"}, tolerate=(404,))
+        return status != 404
+
+
+def _decode(raw: bytes, content_type: str) -> Any:
+    if not raw:
+        return None
+    text = raw.decode("utf-8", errors="replace")
+    if "json" in content_type or text[:1] in '[{"' or text.strip().lstrip("-").isdigit():
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+def _reason(payload: Any) -> str:
+    if isinstance(payload, Mapping):
+        reason = payload.get("reason") or payload.get("message") or payload.get("error")
+        return str(reason) if reason else json.dumps(payload)
+    if isinstance(payload, str):
+        return payload.strip()[:500]
+    return "" if payload is None else str(payload)
