@@ -68,7 +68,8 @@ class Endpoint:
         return int(self.proxy.rsplit(":", 1)[1]) if self.proxy else None
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
+    """Whether ``host`` is an IP literal (which TLS cannot present as a server name)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -227,7 +228,7 @@ class RouteTable:
         ssl_port = entry.get("ssl_port", d.get("ssl_port", defaults["ssl_port"]))
         mng_port = entry.get("mng_port", d.get("mng_port", defaults["mng_port"]))
         # the certificate names the party's DNS name; a listed IP address cannot be presented as SNI
-        sni = f"{pid}.{d['domain']}" if _is_ip(host) and d.get("domain") else host
+        sni = f"{pid}.{d['domain']}" if is_ip(host) and d.get("domain") else host
         cluster = str(entry.get("cluster") or f"fl-pulsar-{pid}")
         return Endpoint(pid, host, int(port), ssl_port, proxy, sni, mng_port, cluster, listed)
 

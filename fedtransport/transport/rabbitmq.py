@@ -94,7 +94,6 @@ import contextlib
 import functools
 import hashlib
 import hmac
-import ipaddress
 import itertools
 import logging
 import re
@@ -113,6 +112,7 @@ from pika.spec import Basic, BasicProperties
 
 from ..errors import BackendError, ConfigError, RouteError
 from ..party import Party
+from ..routing import is_ip
 from .base import DeliverFn, Delivery, JobContext, Transport
 from .rabbitmq_admin import RabbitAdmin
 
@@ -139,14 +139,6 @@ def _derive(key: bytes, label: str, name: str) -> str:
     """A password only holders of ``key`` can compute: HMAC-SHA256 over a label and a name."""
     digest = hmac.new(key, f"fedtransport/rabbitmq/{label}\0{name}".encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _reason(exc: BaseException | None) -> str:
@@ -483,7 +475,7 @@ class RabbitTransport(Transport):
                 query["certfile"] = tls["cert_file"]
                 query["keyfile"] = tls.get("key_file", tls["cert_file"])
             query["verify"] = "verify_peer"
-            if not _is_ip(ep.sni):
+            if not is_ip(ep.sni):
                 query["server_name_indication"] = ep.sni
         hostpart = f"[{host}]" if ":" in host else host
         uri = (
