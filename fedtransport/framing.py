@@ -54,9 +54,8 @@ _KNOWN_FLAGS = LAST | COMPRESSED | SEALED
 _PREFIX = struct.Struct("<2sBB8s16sIIIIIIQQQ")
 _CRC = struct.Struct("<I")
 HEADER_SIZE = _PREFIX.size + _CRC.size  # 80
-# A unit at least this big is received into huge-page backed memory: first-touch page
-# faults on fresh 4 KiB pages cost more than the copy itself on the machines we measured.
-_HUGE_UNIT = 8 << 20
+# A unit at least this big is received into a mapping populated in one kernel call (see _allocate).
+_MAPPED_UNIT = 8 << 20
 
 
 def job_fingerprint(job_id: str) -> bytes:
@@ -313,12 +312,12 @@ class _Unit:
 
 
 def _allocate(size: int) -> bytearray | mmap.mmap:
-    if size < _HUGE_UNIT:
+    if size < _MAPPED_UNIT:
         return bytearray(size)
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    return buf
+    # Populated up front in one kernel call: faulting fresh pages in one by one, on the thread
+    # that also reads the socket, cost more than the copies themselves.
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(-1, size, flags=flags)
 
 
 class _Stream:
