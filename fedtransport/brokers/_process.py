@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -160,7 +161,7 @@ def stopped_at_exit() -> set[Any]:
 _C = TypeVar("_C", bound="ChildProcess")
 
 
-class ChildProcess:
+class ChildProcess(ABC):
     """Base of the launchers that own one child process and a private run directory.
 
     Subclasses implement ``start()`` (which returns ``self``) and ``stop()``; the context
@@ -173,11 +174,13 @@ class ChildProcess:
         # Start/stop/restart may come from several threads (shared instance, atexit).
         self._lock = threading.RLock()
 
+    @abstractmethod
     def start(self: _C) -> _C:
-        raise NotImplementedError
+        """Start the child and wait until it serves; return ``self``."""
 
+    @abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop the child and remove what it left behind; idempotent."""
 
     @property
     def host(self) -> str:
