@@ -101,7 +101,7 @@ class Federation:
         common, backend_opts = split_options(options, backend, transport_cls.option_defaults)
         kind = backend if backend in ("pulsar", "rabbitmq") else None
         routes = RouteTable.load(route_table, kind=kind) if route_table is not None else None
-        ctx = JobContext(job_id, me, routes, backend_opts, common.max_message_size, common.lanes)
+        ctx = JobContext(job_id, me, routes, backend_opts, common.max_message_size, common.lanes, common.lane_offset)
         transport = transport_cls(ctx)
         transport.open()
         log.debug("job %s: %s connected to %s", job_id, me, transport.describe())

@@ -26,6 +26,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "trust_remote_code": False,
     "secret": None,
     "lanes": 4,
+    "lane_offset": 0,  # first lane number on the broker; gives a Spark task lanes of its own
     "send_workers": 4,
     "redelivery_after": 10.0,
 }
@@ -40,6 +41,7 @@ class CommonOptions:
     trust_remote_code: bool
     secret: bytes | None
     lanes: int
+    lane_offset: int
     send_workers: int
     redelivery_after: float
 
@@ -91,6 +93,7 @@ def split_options(
         trust_remote_code=merged["trust_remote_code"],
         secret=secret,
         lanes=_int("lanes", merged["lanes"], 1, 256),
+        lane_offset=_int("lane_offset", merged["lane_offset"], 0, 1 << 30),
         send_workers=_int("send_workers", merged["send_workers"], 1, 256),
         redelivery_after=float(redelivery),
     )

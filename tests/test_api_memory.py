@@ -357,3 +357,20 @@ def test_party_normalises_and_validates():
     p = ft.Party("guest", "9999")
     with pytest.raises(AttributeError):
         p.role = "x"  # frozen
+
+
+def test_lane_offset_gives_sessions_of_one_job_lanes_of_their_own(job_id):
+    """Two receivers of one job (Spark tasks) with disjoint lanes never take each other's messages."""
+    with (
+        connect(job_id, GUEST, lanes=1, lane_offset=7) as g7,
+        connect(job_id, GUEST, lanes=1, lane_offset=8) as g8,
+        connect(job_id, HOST, lanes=1, lane_offset=7) as h7,
+        connect(job_id, HOST, lanes=1, lane_offset=8) as h8,
+    ):
+        g7.remote("seven", "p", "0", [HOST])
+        g8.remote("eight", "p", "1", [HOST])
+        assert h8.get("p", "1", [GUEST], timeout=10) == ["eight"]
+        assert h7.get("p", "0", [GUEST], timeout=10) == ["seven"]
+        assert h8.stats["messages_received"] == 1 and h7.stats["messages_received"] == 1
+    with pytest.raises(ft.ConfigError, match="lane_offset"):
+        connect(job_id, GUEST, lane_offset=-1)

@@ -50,6 +50,9 @@ class JobContext:
     options: Mapping[str, Any]  # backend options, defaults applied, unknown keys refused
     max_message_size: int
     lanes: int
+    #: added to a lane's index to name its topic or queue, so sessions of one job
+    #: (Spark tasks) can own disjoint lanes; the framing above never sees it
+    lane_offset: int = 0
 
 
 class Transport(ABC):

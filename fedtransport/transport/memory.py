@@ -92,7 +92,7 @@ class MemoryTransport(Transport):
         self._lock = threading.Lock()
 
     def _key(self, src: Party, dst: Party, lane: int) -> _LaneKey:
-        return (self.ctx.job_id, src, dst, lane)
+        return (self.ctx.job_id, src, dst, lane + self.ctx.lane_offset)
 
     def open(self) -> None:
         self._closed.clear()

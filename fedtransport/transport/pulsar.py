@@ -139,7 +139,7 @@ class PulsarTransport(Transport):
     # naming --------------------------------------------------------------------------------
 
     def topic(self, src: Party, dst: Party, lane: int) -> str:
-        name = f"{src.role}-{src.party_id}-{dst.role}-{dst.party_id}-{lane}"
+        name = f"{src.role}-{src.party_id}-{dst.role}-{dst.party_id}-{lane + self.ctx.lane_offset}"
         return f"persistent://{self.tenant}/{self.namespace}/{name}"
 
     @staticmethod

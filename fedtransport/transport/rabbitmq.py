@@ -357,7 +357,7 @@ class RabbitTransport(Transport):
     # naming --------------------------------------------------------------------------------
 
     def queue(self, src: Party, dst: Party, lane: int) -> str:
-        return f"{self.ctx.job_id}:{src.role}:{src.party_id}:{dst.role}:{dst.party_id}:{lane}"
+        return f"{self.ctx.job_id}:{src.role}:{src.party_id}:{dst.role}:{dst.party_id}:{lane + self.ctx.lane_offset}"
 
     def party_user(self, party: Party) -> str:
         return f"{self.vhost}:{party.role}:{party.party_id}"
