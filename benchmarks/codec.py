@@ -83,7 +83,7 @@ def _receiver(mib: int, path: str, secret: bytes | None, out: mp.Queue) -> None:
 
     from fedtransport.codec import Compressor, PayloadCodec, Sealer, UnpicklePolicy
     from fedtransport.framing import TransferAssembly, job_fingerprint, parse_frame, transfer_id
-    from fedtransport.transfer import decode_transfer
+    from fedtransport.transfer import decode_object_transfer
 
     base = _rss_mib()
     job = job_fingerprint("bench")
@@ -121,7 +121,7 @@ def _receiver(mib: int, path: str, secret: bytes | None, out: mp.Queue) -> None:
         q.put(None)
     for t in threads:
         t.join()
-    array = decode_transfer(asm, UnpicklePolicy(), "bench")
+    array = decode_object_transfer(asm, UnpicklePolicy(), "bench")
     busy = time.perf_counter() - t0
     assert isinstance(array, np.ndarray) and array.nbytes == mib << 20
     assert array[0] == np.random.default_rng(0).random(1)[0]

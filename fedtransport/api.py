@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .codec import Compressor, PayloadCodec, Sealer, UnpicklePolicy
 from .errors import BackendError, ConfigError, DuplicateTransfer, FederationError, TransferTimeout
-from .framing import FrameWriter, PayloadTransform, job_fingerprint, transfer_id
+from .framing import FrameWriter, PayloadTransform, chunk_size, job_fingerprint, transfer_id
 from .inbox import Inbox, Incoming
 from .options import CommonOptions, max_chunk, split_options
 from .party import Party, as_party, check_job_id
 from .routing import RouteTable
-from .transfer import Outgoing, decode_transfer
+from .table import Table
+from .transfer import KIND_TABLE, Outgoing, decode_object_transfer, streamed_table, transfer_kind
 from .transport import JobContext, Transport, get_backend
 
 __all__ = ["Federation"]
@@ -26,7 +28,12 @@ __all__ = ["Federation"]
 log = logging.getLogger("fedtransport")
 
 RouteSource = str | Path | Mapping[str, Any] | RouteTable | None
+#: ``progress(bytes_done, bytes_total)``: uncompressed payload bytes; ``bytes_total`` is None
+#: while unknown (tables). Called from the library's threads: keep it quick.
+ProgressFn = Callable[[int, int | None], None]
 _WAIT_TICK = 1.0  # how often a waiting get checks for stalled transfers
+_ASYNC_SENDS = 64  # remote_async transfers in flight at once
+_WINDOW_MESSAGES = 2  # messages' worth of unread table partition bytes a lane may hold
 
 
 def _as_parties(parties: Party | Sequence[Any]) -> list[Party]:
@@ -70,7 +77,12 @@ class Federation:
         self._sent: set[tuple[str, str, Party]] = set()
         self._got: set[tuple[str, str, Party]] = set()
         self._pool = concurrent.futures.ThreadPoolExecutor(options.send_workers, thread_name_prefix="ft-send")
-        self._inbox = Inbox(transport, self._job, lambda src: self._transform(src, self.party), options.lanes)
+        # remote_async callers keep many transfers in flight; each thread mostly waits for the broker's
+        # receipt, so this pool is wider than asyncio's default executor (min(32, cores + 4) threads).
+        self._async_pool = concurrent.futures.ThreadPoolExecutor(_ASYNC_SENDS, thread_name_prefix="ft-async")
+        # Unread table partitions may hold this much per lane before the lane waits for the reader.
+        window = _WINDOW_MESSAGES * options.max_message_size
+        self._inbox = Inbox(transport, self._job, lambda src: self._transform(src, self.party), options.lanes, window)
         self._closed = False
         self._stats = {"bytes_sent": 0, "messages_sent": 0, "bytes_received": 0, "messages_received": 0}
 
@@ -113,6 +125,8 @@ class Federation:
             return
         self._closed = True
         self._pool.shutdown(wait=True)
+        self._async_pool.shutdown(wait=True)
+        self._inbox.close()  # wakes readers of streamed tables and lanes held back for them
         self._transport.close()
 
     def cleanup(self) -> None:
@@ -149,11 +163,14 @@ class Federation:
 
     # sending -----------------------------------------------------------------------------------
 
-    def remote(self, obj: Any, name: str, tag: str, parties: Party | Sequence[Party]) -> None:
+    def remote(
+        self, obj: Any, name: str, tag: str, parties: Party | Sequence[Party], *, progress: ProgressFn | None = None
+    ) -> None:
         """Send ``obj`` (any allowed object, or a :class:`Table`) to each of ``parties``.
 
         Returns once the broker has accepted every message. Sending the same
         ``(name, tag)`` to the same party twice raises :class:`DuplicateTransfer`.
+        ``progress(done, total)`` is called as messages go out (bytes over every party).
         """
         self._check_open()
         name, tag = _key_part("name", name), _key_part("tag", tag)
@@ -165,24 +182,30 @@ class Federation:
                 raise DuplicateTransfer(f"remote(name={name!r}, tag={tag!r}) was already sent to {', '.join(dup)}")
             self._sent.update(keys)
         try:
-            self._send(obj, name, tag, dsts)
+            self._send(obj, name, tag, dsts, progress)
         except BaseException:
             with self._lock:  # nothing was handed over for sure: a retry must be allowed
                 self._sent.difference_update(keys)
             raise
 
-    def _send(self, obj: Any, name: str, tag: str, dsts: list[Party]) -> None:
+    def _send(self, obj: Any, name: str, tag: str, dsts: list[Party], progress: ProgressFn | None) -> None:
         started = time.perf_counter()
         out = Outgoing(obj, fanout=len(dsts), cloudpickle_fallback=self._opts.trust_remote_code)
-        plan: list[tuple[Party, int, _Counting]] = []
-        counted: list[int] = []
+        total = None if out.unit is None else out.unit.size * len(dsts)
+        counter = _Counting(total, progress)
+        plan: list[tuple[Party, int, Iterator[bytes]]] = []
         for dst in dsts:
             transform = self._transform(self.party, dst)
             tid = transfer_id(self.job_id, name, tag, str(self.party), str(dst))
+            log.debug(
+                "sending %s/%s %s -> %s: transfer %s, %s, %d streams",
+                name, tag, self.party, dst, tid.hex(),
+                "table" if out.table is not None else f"object of {total and total // len(dsts)} bytes", out.nstreams,
+            )  # fmt: skip
             writer = FrameWriter(self._job, tid, out.nstreams, transform)
             limit = max_chunk(self._opts, transform.overhead)
             for lane, messages in out.lane_messages(writer, self._opts.lanes, limit).items():
-                plan.append((dst, lane, _Counting(messages, counted)))
+                plan.append((dst, lane, counter.count(messages)))
         errors: list[tuple[Party, int, BaseException]] = []
         if len(plan) == 1:  # one lane to one party: no thread hand-off for the common small object
             dst, lane, messages = plan[0]
@@ -204,7 +227,7 @@ class Federation:
             if isinstance(exc, FederationError):
                 raise exc
             raise BackendError(f"sending {name!r}/{tag!r} to {dst} on lane {lane} failed: {exc}") from exc
-        nbytes, nmsgs = sum(counted), len(counted)
+        nbytes, nmsgs = counter.bytes, counter.messages
         self._stats["bytes_sent"] += nbytes
         self._stats["messages_sent"] += nmsgs
         elapsed = time.perf_counter() - started
@@ -213,62 +236,88 @@ class Federation:
             name, tag, ",".join(map(str, dsts)), nbytes, nmsgs, elapsed, nbytes / 1e6 / max(elapsed, 1e-9),
         )  # fmt: skip
 
-    async def remote_async(self, obj: Any, name: str, tag: str, parties: Party | Sequence[Party]) -> None:
+    async def remote_async(
+        self, obj: Any, name: str, tag: str, parties: Party | Sequence[Party], *, progress: ProgressFn | None = None
+    ) -> None:
         """``remote`` for asyncio: the event loop is not blocked while the broker accepts."""
-        await asyncio.to_thread(self.remote, obj, name, tag, parties)
+        loop = asyncio.get_running_loop()
+        send = functools.partial(self.remote, obj, name, tag, parties, progress=progress)
+        await loop.run_in_executor(self._async_pool, send)
 
     # receiving ---------------------------------------------------------------------------------
 
-    def get(self, name: str, tag: str, parties: Party | Sequence[Party], timeout: float | None = None) -> list[Any]:
+    def get(
+        self,
+        name: str,
+        tag: str,
+        parties: Party | Sequence[Party],
+        timeout: float | None = None,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> list[Any]:
         """Receive ``(name, tag)`` from each of ``parties``; values in party order.
 
         ``timeout`` (seconds, ``None`` = wait as long as it takes) bounds the
-        whole call; :class:`TransferTimeout` names who was not heard from.
+        whole call; :class:`TransferTimeout` names who was not heard from. A table
+        is returned once its head is in, its partitions streaming in as they are
+        read. ``progress(done, total)`` is called as messages arrive (bytes over
+        every party; total None for tables).
         """
         started = time.perf_counter()
-        claims = self._claim(name, tag, parties)
+        claims = self._claim(name, tag, parties, progress)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            for inc in claims:
+            with self._inbox.waiting(claims):
+                for inc in claims:
+                    while True:
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            raise self._timeout(name, tag, claims, timeout)
+                        try:
+                            inc.head.result(timeout=_WAIT_TICK if left is None else min(_WAIT_TICK, left))
+                            break
+                        except concurrent.futures.TimeoutError:
+                            self._watch(claims)
+                        except FederationError:
+                            break  # surfaced by _finish, after the handover
+        except BaseException:
+            self._unclaim(name, tag, claims)
+            raise
+        return self._finish(name, tag, claims, started, timeout)
+
+    async def get_async(
+        self,
+        name: str,
+        tag: str,
+        parties: Party | Sequence[Party],
+        timeout: float | None = None,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> list[Any]:
+        """``get`` for asyncio: waits on the event loop, decodes on a worker thread."""
+        started = time.perf_counter()
+        claims = self._claim(name, tag, parties, progress)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with self._inbox.waiting(claims):
+                futures = [asyncio.wrap_future(inc.head) for inc in claims]
                 while True:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise self._timeout(name, tag, claims, timeout)
-                    try:
-                        inc.done.result(timeout=_WAIT_TICK if left is None else min(_WAIT_TICK, left))
+                    tick = _WAIT_TICK if left is None else min(_WAIT_TICK, left)
+                    _, pending = await asyncio.wait(futures, timeout=tick)
+                    if not pending:
                         break
-                    except concurrent.futures.TimeoutError:
-                        self._watch(claims)
-                    except FederationError:
-                        break  # surfaced by _finish, after the handover
+                    self._watch(claims)
         except BaseException:
             self._unclaim(name, tag, claims)
             raise
-        return self._finish(name, tag, claims, started)
+        return await asyncio.to_thread(self._finish, name, tag, claims, started, timeout)
 
-    async def get_async(
-        self, name: str, tag: str, parties: Party | Sequence[Party], timeout: float | None = None
-    ) -> list[Any]:
-        """``get`` for asyncio: waits on the event loop, decodes on a worker thread."""
-        started = time.perf_counter()
-        claims = self._claim(name, tag, parties)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            futures = [asyncio.wrap_future(inc.done) for inc in claims]
-            while True:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise self._timeout(name, tag, claims, timeout)
-                _, pending = await asyncio.wait(futures, timeout=_WAIT_TICK if left is None else min(_WAIT_TICK, left))
-                if not pending:
-                    break
-                self._watch(claims)
-        except BaseException:
-            self._unclaim(name, tag, claims)
-            raise
-        return await asyncio.to_thread(self._finish, name, tag, claims, started)
-
-    def _claim(self, name: str, tag: str, parties: Party | Sequence[Party]) -> list[Incoming]:
+    def _claim(
+        self, name: str, tag: str, parties: Party | Sequence[Party], progress: ProgressFn | None = None
+    ) -> list[Incoming]:
         self._check_open()
         name, tag = _key_part("name", name), _key_part("tag", tag)
         srcs = _as_parties(parties)
@@ -282,7 +331,13 @@ class Federation:
         for src in srcs:
             self._inbox.listen(src)
             tid = transfer_id(self.job_id, name, tag, str(src), str(self.party))
+            log.debug("getting %s/%s %s -> %s: transfer %s", name, tag, src, self.party, tid.hex())
             claims.append(self._inbox.claim(tid, src))
+        if progress is not None:
+            report = _progress_of(claims, progress)
+            for inc in claims:
+                inc.on_progress = report
+            report()  # what arrived before the get
         return claims
 
     def _unclaim(self, name: str, tag: str, claims: list[Incoming]) -> None:
@@ -299,7 +354,7 @@ class Federation:
         missing = {
             str(inc.src): ("nothing" if inc.assembly.messages == 0 else inc.assembly.describe())
             for inc in claims
-            if not inc.done.done()
+            if not inc.head.done()
         }
         parts = "; ".join(f"from {p}: {what}" for p, what in missing.items())
         return TransferTimeout(
@@ -307,26 +362,30 @@ class Federation:
             missing,
         )
 
-    def _finish(self, name: str, tag: str, claims: list[Incoming], started: float) -> list[Any]:
+    def _finish(self, name: str, tag: str, claims: list[Incoming], started: float, timeout: float | None) -> list[Any]:
         values: list[Any] = []
         first_error: FederationError | None = None
         for inc in claims:
-            self._inbox.hand_over(inc)
-            error = inc.done.exception()
+            source = str(inc.src)
+            error = inc.head.exception()
+            value = None
             if error is None:
                 try:
-                    values.append(decode_transfer(inc.assembly, self._policy, str(inc.src)))
+                    if transfer_kind(inc.assembly, source) == KIND_TABLE:
+                        value = self._streamed_table(name, tag, inc, timeout)
+                    else:
+                        self._handed_over(inc)
+                        value = decode_object_transfer(inc.assembly, self._policy, source)
                 except FederationError as exc:
                     error = exc
             if error is not None:
+                self._handed_over(inc)
                 first_error = first_error or error
-                values.append(None)
-            self._stats["bytes_received"] += inc.assembly.bytes
-            self._stats["messages_received"] += inc.assembly.messages
+            values.append(value)
         if first_error is not None:
             raise first_error
-        nbytes = sum(inc.assembly.bytes for inc in claims)
         elapsed = time.perf_counter() - started
+        nbytes = sum(inc.assembly.bytes for inc in claims)
         log.info(
             "got %s/%s from %s: %d bytes in %d messages, %.3f s, %.1f MB/s",
             name, tag, ",".join(str(i.src) for i in claims), nbytes, sum(i.assembly.messages for i in claims),
@@ -334,18 +393,58 @@ class Federation:
         )  # fmt: skip
         return values
 
+    def _streamed_table(self, name: str, tag: str, inc: Incoming, timeout: float | None) -> Table:
+        """The received table, its partitions read while they stream in (see transfer.py)."""
+        asm = inc.assembly
+        assert asm.nstreams is not None
+
+        def read(stream: int) -> tuple[list[memoryview], bool]:
+            return self._inbox.read_units(inc, stream, timeout, lambda i: self._watch([i]))
+
+        def finished() -> None:
+            if self._handed_over(inc):
+                log.debug("table %s/%s from %s: handed over, %d bytes", name, tag, inc.src, asm.bytes)
+
+        return streamed_table(asm.nstreams, read, asm.stream_aux, self._policy, str(inc.src), finished)
+
+    def _handed_over(self, inc: Incoming) -> bool:
+        if not self._inbox.hand_over(inc):
+            return False
+        self._stats["bytes_received"] += inc.assembly.bytes
+        self._stats["messages_received"] += inc.assembly.messages
+        return True
+
+
+def _progress_of(claims: list[Incoming], progress: ProgressFn) -> Callable[[], None]:
+    def report() -> None:
+        sizes = [inc.assembly.value_size for inc in claims]
+        total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+        progress(sum(inc.assembly.value_bytes for inc in claims), total)
+
+    return report
+
 
 class _Counting:
-    """Wraps a message iterator to count what was handed to the transport."""
+    """Counts what a remote hands to the transport, over every lane, and reports progress."""
 
-    def __init__(self, messages: Any, sizes: list[int]) -> None:
-        self._it = iter(messages)
-        self._sizes = sizes
+    def __init__(self, total: int | None, progress: ProgressFn | None) -> None:
+        self.total = total
+        self.progress = progress
+        self.bytes = 0  # as on the wire
+        self.messages = 0
+        self.done = 0  # uncompressed payload
+        self._lock = threading.Lock()
 
-    def __iter__(self) -> _Counting:
-        return self
-
-    def __next__(self) -> bytes:
-        msg = next(self._it)
-        self._sizes.append(len(msg))
-        return msg
+    def count(self, messages: Iterable[bytes]) -> Iterator[bytes]:
+        for msg in messages:
+            with self._lock:
+                self.bytes += len(msg)
+                self.messages += 1
+                self.done += chunk_size(msg)
+                done = self.done
+            yield msg
+            if self.progress is not None:  # the transport took it and asks for the next
+                try:
+                    self.progress(done, self.total)
+                except Exception:  # as for a get: a caller's callback must not fail the transfer
+                    log.exception("the progress callback of a remote failed")

@@ -13,14 +13,17 @@ with a few function calls::
     star.parties["9999"].combined   # certs/9999.fate.org/broker.pem (cert + key, for haproxy ``crt``)
     star.proxy.combined             # certs/proxy.fate.org/proxy.pem
 
-Lower level: ``make_ca`` -> ``(key, cert)``, ``issue(ca_key, ca_cert, hostname)`` ->
-``(key, cert)``, ``write_key`` / ``write_cert`` / ``write_pem`` to store them.
+Lower level: ``make_ca`` -> ``(key, cert)``, ``issue(ca_key, ca_cert, hostname, extra_sans=[...])``
+-> ``(key, cert)``, ``write_key`` / ``write_cert`` / ``write_pem`` to store them, ``san_names(cert)``
+to read back the names a certificate answers to. The command line wraps ``make_star``:
+``fedtransport certs --domain fate.org --party 9999 --party 10000 --proxy proxy --out ./certs``.
 
 Choices
   * EC P-256 keys by default (generated in microseconds, accepted by Pulsar, RabbitMQ, haproxy
     and Python's ``ssl``); ``key_type="rsa"`` gives RSA 2048.
-  * Leaf certificates carry SAN DNS = the host name (or an IP SAN for an IP literal), CN = the
-    host name, EKU serverAuth and/or clientAuth, and the key identifiers strict X.509
+  * Leaf certificates carry SAN DNS = the host name (or an IP SAN for an IP literal), plus any
+    ``extra_sans`` (more DNS names or IP addresses: ``localhost``, a broker's LAN address), CN =
+    the host name, EKU serverAuth and/or clientAuth, and the key identifiers strict X.509
     verification (Python >= 3.13's default) insists on.
   * Private keys are PKCS#8 PEM without a passphrase, created with mode 0600 (never widened and
     then narrowed), and replaced atomically so a reader never sees half a key.
@@ -35,7 +38,7 @@ import ipaddress
 import os
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeAlias
@@ -56,6 +59,7 @@ __all__ = [
     "load_ca",
     "make_ca",
     "make_star",
+    "san_names",
     "validate_hostname",
     "write_cert",
     "write_key",
@@ -183,13 +187,16 @@ def issue(
     server: bool = True,
     client: bool = True,
     key_type: KeyType = "ec",
+    extra_sans: Iterable[str] = (),
 ) -> tuple[PrivateKey, x509.Certificate]:
     """A new key and a certificate for ``hostname`` signed by the CA.
 
-    SAN = DNS ``hostname`` (IP for an IP literal), CN = ``hostname``, EKU serverAuth and/or
-    clientAuth. The certificate never outlives the CA that signs it.
+    SAN = DNS ``hostname`` (IP for an IP literal) followed by ``extra_sans`` (DNS names or IP
+    addresses, duplicates dropped), CN = ``hostname``, EKU serverAuth and/or clientAuth. The
+    certificate never outlives the CA that signs it.
     """
     name = validate_hostname(hostname, wildcard=True)
+    sans = _general_names([name, *_check_extra_sans(extra_sans)])
     _check_days(days, "certificate days")
     if not (server or client):
         raise ConfigError("issue() needs server=True or client=True: a certificate for neither is useless")
@@ -203,10 +210,6 @@ def issue(
         raise ConfigError("ca_key does not belong to ca_cert")
 
     key = _new_key(key_type)
-    try:
-        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        san = x509.DNSName(name)
     usages = []
     if server:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
@@ -242,12 +245,41 @@ def issue(
         )
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         # An empty subject makes the SAN the only identity, and then it must be critical.
-        .add_extension(x509.SubjectAlternativeName([san]), critical=not subject)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=not subject)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     return key, cert
+
+
+def _check_extra_sans(extra_sans: Iterable[str]) -> list[str]:
+    if isinstance(extra_sans, (str, bytes)):
+        # A lone string would otherwise be split into one SAN per character.
+        raise ConfigError(f"extra_sans must be a list of names, got the string {extra_sans!r}")
+    return [validate_hostname(n, what="extra SAN", wildcard=True) for n in extra_sans]
+
+
+def _general_names(names: Iterable[str]) -> list[x509.GeneralName]:
+    """DNS or IP SAN entries for already validated names, in order, without duplicates."""
+    out: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            entry: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(n))
+        except ValueError:
+            entry = x509.DNSName(n)
+        if entry not in out:
+            out.append(entry)
+    return out
+
+
+def san_names(cert: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a certificate answers to (its SAN), in order."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(n.value) for n in san if isinstance(n, (x509.DNSName, x509.IPAddress))]
 
 
 # ---------------------------------------------------------------------------- files
@@ -329,6 +361,8 @@ class CertPaths:
     cert: Path
     key: Path
     combined: Path
+    #: every name the certificate answers to: ``hostname`` first, then the extra SANs
+    sans: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -355,11 +389,13 @@ def _write_host(
     key_name: str,
     days: int,
     key_type: KeyType,
+    extra_sans: Sequence[str] = (),
 ) -> CertPaths:
     directory.mkdir(parents=True, exist_ok=True)
-    key, cert = issue(ca_key, ca_cert, hostname, days=days, key_type=key_type)
+    key, cert = issue(ca_key, ca_cert, hostname, days=days, key_type=key_type, extra_sans=extra_sans)
     return CertPaths(
         hostname=hostname,
+        sans=tuple(san_names(cert)),
         cert=write_cert(directory / f"{stem}.cert.pem", cert),
         key=write_key(directory / key_name, key),
         # haproxy's ``crt`` wants the certificate and its key in one file.
@@ -377,8 +413,12 @@ def make_star(
     days: int = 825,
     ca_days: int = 3650,
     ca_common_name: str | None = None,
+    extra_sans: Mapping[str | int, Iterable[str]] | None = None,
 ) -> StarCerts:
     """Write the certificates of an SNI-proxy star network under ``out_dir``.
+
+    ``extra_sans`` maps a party id (or the proxy name) to more names its certificate answers
+    to, e.g. ``{"9999": ["192.168.0.4"], "proxy": ["proxy.example.com"]}``.
 
     Layout (``{h}`` = ``{party_id}.{domain}``, ``{p}`` = ``{proxy}.{domain}``)::
 
@@ -400,6 +440,10 @@ def make_star(
     if proxy in ids:
         raise ConfigError(f"the proxy name {proxy!r} is also a party id")
     _check_days(days, "certificate days")
+    extra = {str(k): _check_extra_sans(v) for k, v in (extra_sans or {}).items()}
+    unknown = sorted(set(extra) - {*ids, proxy})
+    if unknown:
+        raise ConfigError(f"extra_sans names {unknown}, which are neither parties {ids} nor the proxy {proxy!r}")
 
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
@@ -418,14 +462,12 @@ def make_star(
         write_cert(ca_cert_path, ca_cert)
 
     party_paths = {
-        pid: _write_host(
-            ca_key, ca_cert, root / f"{pid}.{domain}", f"{pid}.{domain}", "broker", "broker.key-pk8.pem", days, key_type
-        )
+        pid: _write_host(ca_key, ca_cert, root / f"{pid}.{domain}", f"{pid}.{domain}", "broker",
+                         "broker.key-pk8.pem", days, key_type, extra.get(pid, ()))
         for pid in ids
-    }
-    proxy_paths = _write_host(
-        ca_key, ca_cert, root / f"{proxy}.{domain}", f"{proxy}.{domain}", "proxy", "proxy.key.pem", days, key_type
-    )
+    }  # fmt: skip
+    proxy_paths = _write_host(ca_key, ca_cert, root / f"{proxy}.{domain}", f"{proxy}.{domain}", "proxy",
+                              "proxy.key.pem", days, key_type, extra.get(proxy, ()))  # fmt: skip
     return StarCerts(
         out_dir=root, domain=domain, ca_cert=ca_cert_path, ca_key=ca_key_path, parties=party_paths, proxy=proxy_paths
     )

@@ -5,6 +5,7 @@ into two additive shares, keeps one and sends the other; each then publishes the
 sum of what it holds, and both add the two partial sums. Both results must equal
 the plain sum, which neither party could compute alone. Then guest sends a table
 of 4 partitions to host, which sends it back, and guest checks it is unchanged.
+Last, guest sends host a 96 MiB model, with a progress bar on both sides.
 
 With a broker backend the parties are two processes; with ``memory`` they are
 two threads of one process (the in-process hub cannot cross processes).
@@ -21,6 +22,7 @@ from typing import Any
 
 from .api import Federation
 from .party import Party
+from .progress import ProgressBar
 from .table import Table
 
 GUEST = Party("guest", "9999")
@@ -28,6 +30,7 @@ HOST = Party("host", "10000")
 VECTOR = 1 << 20  # float64 elements: 8 MiB per vector
 PARTITIONS = 4
 RECORDS = 25_000  # per partition
+MODEL_MIB = 96  # past the 64 MiB from which transfers show a progress bar
 
 
 def _vector(party: Party) -> Any:
@@ -69,10 +72,20 @@ def run_party(backend: str, job_id: str, me: Party, options: dict[str, Any], out
         else:
             [t] = fed.get(name="table", tag="0", parties=[GUEST], timeout=120)
             fed.remote(t, name="table-back", tag="0", parties=[GUEST])
+
+        model = np.random.default_rng(7).standard_normal(MODEL_MIB << 17)
+        if me == GUEST:
+            fed.remote(model, name="model", tag="0", parties=[HOST], progress=ProgressBar(f"  {me}: model sent    "))
+            [model_ok] = fed.get(name="model-ok", tag="0", parties=[HOST], timeout=120)
+        else:
+            [got] = fed.get(name="model", tag="0", parties=[GUEST], timeout=120,
+                            progress=ProgressBar(f"  {me}: model received"))  # fmt: skip
+            model_ok = bool(np.array_equal(got, model))
+            fed.remote(model_ok, name="model-ok", tag="0", parties=[GUEST])
         stats = fed.stats
     fed.cleanup()  # the scheduler's job at the end: each party deletes what the job left on the broker
-    out.put({"party": str(me), "sum_ok": sum_ok, "table_ok": table_ok, "seconds": time.perf_counter() - started,
-             **stats})  # fmt: skip
+    out.put({"party": str(me), "sum_ok": sum_ok, "table_ok": table_ok, "model_ok": model_ok,
+             "seconds": time.perf_counter() - started, **stats})  # fmt: skip
 
 
 def demo(backend: str = "pulsar", options: dict[str, Any] | None = None) -> bool:
@@ -83,7 +96,7 @@ def demo(backend: str = "pulsar", options: dict[str, Any] | None = None) -> bool
         where = _start_broker(backend, options, stack)
         print(f"fedtransport demo: backend {backend} ({where}), job {job_id}")
         print(f"  secure sum of two {VECTOR * 8 >> 20} MiB vectors, then a table of "
-              f"{PARTITIONS} x {RECORDS:,} records there and back")  # fmt: skip
+              f"{PARTITIONS} x {RECORDS:,} records there and back, then a {MODEL_MIB} MiB model")  # fmt: skip
         results = _run_both(backend, job_id, options)
     ok = True
     for r in sorted(results, key=lambda r: r["party"]):
@@ -92,10 +105,12 @@ def demo(backend: str = "pulsar", options: dict[str, Any] | None = None) -> bool
             f"  {r['party']:>12}: sent {r['bytes_sent'] / 1e6:7.1f} MB in {r['messages_sent']:4d} messages, "
             f"received {r['bytes_received'] / 1e6:7.1f} MB in {r['messages_received']:4d} messages, "
             f"{moved / 1e6 / r['seconds']:6.1f} MB/s over {r['seconds']:.2f} s; "
-            f"secure sum {'OK' if r['sum_ok'] else 'WRONG'}, table {'OK' if r['table_ok'] else 'WRONG'}"
+            f"secure sum {'OK' if r['sum_ok'] else 'WRONG'}, table {'OK' if r['table_ok'] else 'WRONG'}, "
+            f"model {'OK' if r['model_ok'] else 'WRONG'}"
         )
-        ok = ok and r["sum_ok"] and r["table_ok"]
-    print("  result:", "both sums match the plain sum and the table came back unchanged" if ok else "FAILED")
+        ok = ok and r["sum_ok"] and r["table_ok"] and r["model_ok"]
+    print("  result:", "both sums match the plain sum, the table came back unchanged and the model arrived intact"
+          if ok else "FAILED")  # fmt: skip
     return ok
 
 

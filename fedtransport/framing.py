@@ -39,6 +39,7 @@ __all__ = [
     "PayloadTransform",
     "TransferAssembly",
     "UnitChunker",
+    "chunk_size",
     "job_fingerprint",
     "parse_frame",
     "transfer_id",
@@ -53,6 +54,8 @@ _KNOWN_FLAGS = LAST | COMPRESSED | SEALED
 
 _PREFIX = struct.Struct("<2sBB8s16sIIIIIIQQQ")
 _CRC = struct.Struct("<I")
+_SIZE = struct.Struct("<I")
+_SIZE_AT = struct.calcsize("<2sBB8s16sIIIII")  # the header's ``size`` field
 HEADER_SIZE = _PREFIX.size + _CRC.size  # 80
 # A unit at least this big is received into a mapping populated in one kernel call (see _allocate).
 _MAPPED_UNIT = 8 << 20
@@ -112,6 +115,11 @@ def _pack_prefix(h: Header) -> bytes:
         MAGIC, VERSION, h.flags, h.job, h.transfer, h.stream, h.nstreams, h.unit, h.seq,
         h.length, h.size, h.offset, h.unit_len, h.aux,
     )  # fmt: skip
+
+
+def chunk_size(message: bytes | memoryview) -> int:
+    """The uncompressed payload size a message's header declares (for progress reports)."""
+    return int(_SIZE.unpack_from(message, _SIZE_AT)[0])
 
 
 def parse_frame(data: bytes | memoryview, job: bytes | None = None) -> tuple[Header, memoryview]:
@@ -298,7 +306,10 @@ class _Unit:
             self.buf = data
         else:
             if self.buf is None:
-                self.buf = _allocate(self.size)
+                try:
+                    self.buf = _allocate(self.size)
+                except (MemoryError, OverflowError, OSError, ValueError) as exc:  # the length comes from the header
+                    raise IntegrityError(f"cannot hold a unit of {self.size} bytes: {exc}") from None
             memoryview(self.buf)[offset : offset + n] = data  # type: ignore[index]
         self.got += n
         self.filled = True
@@ -321,7 +332,7 @@ def _allocate(size: int) -> bytearray | mmap.mmap:
 
 
 class _Stream:
-    __slots__ = ("aux", "done_units", "last_seq", "last_unit", "seen", "units")
+    __slots__ = ("aux", "done_units", "held", "last_seq", "last_unit", "seen", "taken", "units")
 
     def __init__(self) -> None:
         self.units: dict[int, _Unit] = {}
@@ -330,6 +341,8 @@ class _Stream:
         self.last_seq: int | None = None
         self.aux = 0
         self.done_units = 0
+        self.taken = 0  # units handed out by take(); their buffers are released
+        self.held = 0  # bytes placed and not yet taken
 
     @property
     def complete(self) -> bool:
@@ -350,6 +363,7 @@ class TransferAssembly:
         self._streams: dict[int, _Stream] = {}
         self.messages = 0
         self.bytes = 0
+        self.value_bytes = 0  # payload bytes placed, uncompressed (progress)
         self._done_streams = 0
 
     def add(self, header: Header, payload: memoryview) -> bool:
@@ -378,10 +392,14 @@ class TransferAssembly:
             unit = st.units[header.unit] = _Unit(header.unit_len)
         elif unit.size != header.unit_len:
             raise IntegrityError(f"frames disagree on the length of unit {header.unit}")
+        if header.unit < st.taken:
+            raise IntegrityError(f"a new chunk of unit {header.unit}, which was complete and taken")
         data = open_payload(header, payload, self._transform)
         stream_was_complete = st.complete
         unit_was_complete = unit.complete
         unit.put(header.offset, data)
+        st.held += len(data)
+        self.value_bytes += len(data)
         st.seen.add(header.seq)
         if header.last:
             if any(u > header.unit for u in st.units):
@@ -410,6 +428,48 @@ class TransferAssembly:
     def stream_units(self, stream: int) -> list[memoryview]:
         st = self._streams[stream]
         return [st.units[i].view() for i in range(st.done_units)]
+
+    @property
+    def value_size(self) -> int | None:
+        """The uncompressed size of an object transfer once its first message is in; None for tables."""
+        st = self._streams.get(0)
+        if self.nstreams != 1 or st is None or not st.units:
+            return None
+        return next(iter(st.units.values())).size
+
+    def stream_complete(self, stream: int) -> bool:
+        st = self._streams.get(stream)
+        return st is not None and st.complete
+
+    def held(self, stream: int) -> int:
+        """Bytes of ``stream`` placed here and not yet taken."""
+        st = self._streams.get(stream)
+        return 0 if st is None else st.held
+
+    def ready(self, stream: int) -> bool:
+        """True if :meth:`take` would hand out a unit or finish the stream."""
+        st = self._streams.get(stream)
+        if st is None:
+            return False
+        unit = st.units.get(st.taken)
+        return (unit is not None and unit.complete) or (st.last_unit is not None and st.taken > st.last_unit)
+
+    def take(self, stream: int) -> tuple[list[memoryview], bool]:
+        """Hand out the stream's complete units that follow those already taken, in order.
+
+        The assembly lets go of them (a streamed table partition is never held whole).
+        Returns ``(units, finished)``; ``finished`` once every unit of the stream is taken.
+        """
+        st = self._streams.get(stream)
+        if st is None:
+            return [], False
+        out: list[memoryview] = []
+        while (unit := st.units.get(st.taken)) is not None and unit.complete:
+            out.append(unit.view())
+            st.held -= unit.size
+            unit.buf = None
+            st.taken += 1
+        return out, st.last_unit is not None and st.taken == st.last_unit + 1
 
     def stream_aux(self, stream: int) -> int:
         return self._streams[stream].aux

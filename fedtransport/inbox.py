@@ -8,22 +8,33 @@ whether it started before, during or after the messages arrived.
 Acknowledgement: a transfer's messages are acknowledged when the transfer is
 handed to the caller, so a receiver that dies mid-transfer gets everything again.
 Where the broker stops delivering once a lane holds too many unacknowledged
-messages (``Transport.max_unacked_per_lane``), the lane's held messages are
-acknowledged early instead: they are safe in this process's memory, and the
-alternative is a deadlock between a ``get`` and data nobody asked for yet.
+messages (``Transport.max_unacked_per_lane``), the inbox asks the transport to
+let more through (``Transport.make_room``: RabbitMQ raises the lane's qos by
+what it holds) rather than wait: the alternative is a deadlock between a ``get``
+and data nobody asked for yet. Nothing is acknowledged before its transfer is
+handed over, so what a session never claimed is delivered again to the next.
+
+Flow control for tables: a table partition is read by the caller while it
+streams in, so the bytes of partition streams placed here and not yet read are
+counted per lane, and a lane's delivery thread waits while its count is above
+``window`` bytes: the broker then holds the rest. A lane is let through anyway
+while a caller waits for something that may be queued behind it (the head or
+chunks of another transfer, a partition not yet seen), so a caller reading out
+of order trades memory for liveness, never deadlocks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import FederationError, IntegrityError
+from .errors import FederationError, IntegrityError, TransferTimeout
 from .framing import PayloadTransform, TransferAssembly, parse_frame
 from .party import Party
 from .transport import Delivery, Transport
@@ -35,6 +46,9 @@ log = logging.getLogger("fedtransport.inbox")
 _Token = tuple[int, Party, Any]
 
 
+_READ_TICK = 0.5  # seconds between a waiting reader's checks for stalls and a closed session
+
+
 @dataclass(eq=False)
 class Incoming:
     """One transfer being received."""
@@ -42,14 +56,26 @@ class Incoming:
     transfer: bytes
     src: Party
     assembly: TransferAssembly
-    done: Future[None] = field(default_factory=Future)
+    done: Future[None] = field(default_factory=Future)  # every stream complete, or failed
+    head: Future[None] = field(default_factory=Future)  # stream 0 complete (enough for a table), or failed
     tokens: list[_Token] = field(default_factory=list)
     last_progress: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    arrived: threading.Condition = field(init=False)  # on ``lock``: something was placed or failed
+    stream_lanes: dict[int, int] = field(default_factory=dict)  # partition stream -> lane it is charged to
+    handed: bool = False
+    on_progress: Callable[[], None] | None = None  # called (on a delivery thread) after each new message
+
+    def __post_init__(self) -> None:
+        self.arrived = threading.Condition(self.lock)
 
     def fail(self, error: FederationError) -> None:
-        if not self.done.done():
-            self.done.set_exception(error)
+        for fut in (self.head, self.done):
+            if not fut.done():
+                fut.set_exception(error)
+
+    def error(self) -> BaseException | None:
+        return self.done.exception() if self.done.done() else None
 
 
 class Inbox:
@@ -59,6 +85,7 @@ class Inbox:
         job_fingerprint: bytes,
         transform_for: Callable[[Party], PayloadTransform],
         lanes: int,
+        window: int,
     ) -> None:
         self._transport = transport
         self._job = job_fingerprint
@@ -68,8 +95,17 @@ class Inbox:
         self._incoming: dict[bytes, Incoming] = {}
         self._finished: set[bytes] = set()
         self._listening: set[Party] = set()
-        self._unacked: dict[tuple[Party, int], int] = {}
+        self._unacked: dict[tuple[Party, int], int] = {}  # deliveries held unacknowledged, per lane
+        self._room: dict[tuple[Party, int], int] = {}  # what make_room last allowed beyond the limit
         self._limit = transport.max_unacked_per_lane
+        # flow control of table partitions (see the module docstring), under _flow
+        self._window = window
+        self._flow = threading.Condition()
+        self._held: dict[tuple[Party, int], int] = {}  # partition bytes placed and not read, per lane
+        self._waiting: dict[Incoming, int] = {}  # claims a get waits for
+        # (src, lane or None: any) -> the (transfer, stream)s readers wait for there
+        self._reading: dict[tuple[Party, int | None], list[tuple[Incoming, int]]] = {}
+        self._closed = False
 
     def listen(self, src: Party) -> None:
         with self._lock:
@@ -113,38 +149,185 @@ class Inbox:
         if late:
             self._ack([token])
             return
+        grew, charged = 0, d.lane
         with inc.lock:
-            inc.tokens.append(token)
-            if inc.done.done():
+            if inc.handed:  # handed over while this message was on its way here
+                late = True
+            else:
+                inc.tokens.append(token)
+            if late:
+                pass
+            elif inc.done.done():
                 pass  # failed earlier: keep the token so the handover acks it
             elif inc.src != d.src:
                 inc.fail(IntegrityError(f"a message of a transfer from {inc.src} arrived from {d.src}"))
             else:
+                stream = header.stream
+                before = inc.assembly.held(stream) if stream else 0
                 try:
                     if inc.assembly.add(header, payload):
                         inc.last_progress = time.monotonic()
+                        if stream:  # a table partition: counted against its lane until read
+                            charged = inc.stream_lanes.setdefault(stream, d.lane)
+                            grew = inc.assembly.held(stream) - before
                 except FederationError as exc:
                     inc.fail(exc)
                 else:
+                    if not inc.head.done() and inc.assembly.stream_complete(0):
+                        inc.head.set_result(None)
                     if inc.assembly.complete:
                         inc.done.set_result(None)
-        if self._limit is not None and self._unacked.get((d.src, d.lane), 0) >= self._limit:
-            self._relieve(d.src, d.lane)
+            inc.arrived.notify_all()
+        if late:
+            with self._lock:
+                self._unacked[key] = max(0, self._unacked.get(key, 0) - 1)
+            self._ack([token])
+            return
+        if inc.on_progress is not None:
+            try:
+                inc.on_progress()
+            except Exception:  # a caller's callback must not stop the lane
+                log.exception("the progress callback of a get failed")
+        if grew:
+            with self._flow:
+                key = (d.src, charged)
+                self._held[key] = self._held.get(key, 0) + grew
+        if self._limit is not None:
+            self._make_room(d.src, d.lane)
+        if grew:
+            self._throttle(d.src, charged)
 
-    def _relieve(self, src: Party, lane: int) -> None:
-        """Acknowledge what this lane holds in memory so the broker keeps delivering."""
-        held: list[_Token] = []
+    # flow control ------------------------------------------------------------------------------
+
+    def _throttle(self, src: Party, lane: int) -> None:
+        """Hold this lane's delivery thread while its unread partition bytes exceed the window."""
+        key = (src, lane)
+        with self._flow:
+            while self._held.get(key, 0) > self._window and not self._closed and not self._let_through(src, lane):
+                self._flow.wait(_READ_TICK)
+
+    def _let_through(self, src: Party, lane: int) -> bool:
+        # Evaluated on what is waited for, not on who waits: a waiter woken by one message
+        # may not run before this thread brings the next one.
+        for key in ((src, lane), (src, None)):
+            if any(not inc.assembly.ready(stream) for inc, stream in self._reading.get(key, ())):
+                return True
+        # A get waits on a head (always on lane 0) or on an object, whose chunks use every lane.
+        return any(
+            inc.src == src
+            and (not inc.head.done() if lane == 0 else inc.assembly.nstreams == 1 and not inc.done.done())
+            for inc in self._waiting
+        )
+
+    def _refund(self, src: Party, lane: int, nbytes: int) -> None:
+        if nbytes:
+            with self._flow:
+                self._held[(src, lane)] = self._held.get((src, lane), 0) - nbytes
+                self._flow.notify_all()
+
+    @contextlib.contextmanager
+    def waiting(self, claims: list[Incoming]) -> Iterator[None]:
+        """While a get waits for ``claims``, lanes that may hold what it needs are let through."""
+        with self._flow:
+            for inc in claims:
+                self._waiting[inc] = self._waiting.get(inc, 0) + 1
+            self._flow.notify_all()
+        try:
+            yield
+        finally:
+            with self._flow:
+                for inc in claims:
+                    n = self._waiting.pop(inc, 1) - 1
+                    if n:
+                        self._waiting[inc] = n
+
+    def read_units(
+        self, inc: Incoming, stream: int, timeout: float | None, watch: Callable[[Incoming], None]
+    ) -> tuple[list[memoryview], bool]:
+        """Take the next complete units of a partition stream, waiting for them if needed.
+
+        Returns ``(units, finished)``. Raises the transfer's failure,
+        :class:`TransferTimeout` after ``timeout`` seconds without a new unit, or
+        :class:`FederationError` once the session is closed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        registered: tuple[Party, int | None] | None = None
+        quiet = False  # the last wait ended without news
+        try:
+            while True:
+                with inc.lock:
+                    before = inc.assembly.held(stream)
+                    units, finished = inc.assembly.take(stream)
+                    freed = before - inc.assembly.held(stream)
+                    lane = inc.stream_lanes.get(stream)
+                    error = inc.error()
+                    if units or finished or error is not None or self._closed:
+                        break
+                    # Let the stream's lane through. Before its first message the lane is a guess
+                    # (the sender's rule, if it has as many lanes as we do); every lane, if that
+                    # guess brought nothing for a tick.
+                    want = (inc.src, (stream - 1) % self._lanes if lane is None else lane)
+                    if lane is None and quiet and registered == want:
+                        want = (inc.src, None)
+                    if registered != want:
+                        self._unregister(registered, inc, stream)
+                        registered = want
+                        with self._flow:
+                            self._reading.setdefault(want, []).append((inc, stream))
+                            self._flow.notify_all()
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        what = inc.assembly.describe()
+                        raise TransferTimeout(
+                            f"partition {stream - 1} from {inc.src}: nothing new for {timeout} s ({what})",
+                            {str(inc.src): what},
+                        )
+                    quiet = not inc.arrived.wait(_READ_TICK if left is None else min(_READ_TICK, left))
+                if quiet:
+                    watch(inc)  # the watchdog asks for redelivery once the transfer stalls long enough
+        finally:
+            self._unregister(registered, inc, stream)
+        if lane is not None:
+            self._refund(inc.src, lane, freed)
+        if units or finished:
+            return units, finished
+        if error is not None:
+            raise error
+        raise FederationError("the federation session was closed while a table was being read")
+
+    def _unregister(self, key: tuple[Party, int | None] | None, inc: Incoming, stream: int) -> None:
+        if key is not None:
+            with self._flow:
+                readers = self._reading.get(key, [])
+                readers.remove((inc, stream))
+                if not readers:
+                    del self._reading[key]
+
+    def close(self) -> None:
+        """Wake every waiting reader and held delivery: the session is going away."""
+        with self._flow:
+            self._closed = True
+            self._flow.notify_all()
         with self._lock:
             incs = list(self._incoming.values())
-            self._unacked[(src, lane)] = 0
         for inc in incs:
             with inc.lock:
-                keep = [t for t in inc.tokens if not (t[0] == lane and t[1] == src)]
-                held += [t for t in inc.tokens if t[0] == lane and t[1] == src]
-                inc.tokens = keep
-        log.debug("lane %d from %s reached %s unacked messages: acknowledged %d held in memory",
-                  lane, src, self._limit, len(held))  # fmt: skip
-        self._ack(held)
+                inc.arrived.notify_all()
+
+    def _make_room(self, src: Party, lane: int) -> None:
+        """Before the broker's per-lane limit stops this lane, let it hold what it holds and more."""
+        assert self._limit is not None
+        key = (src, lane)
+        with self._lock:
+            held = self._unacked.get(key, 0)
+            if held < self._limit + self._room.get(key, 0):
+                return
+            self._room[key] = held
+        log.debug("lane %d from %s holds %d unacknowledged messages: letting in more", lane, src, held)
+        try:
+            self._transport.make_room(src, lane, held)
+        except FederationError as exc:
+            log.warning("could not raise the delivery limit of lane %d from %s: %s", lane, src, exc)
 
     def stalled(self, inc: Incoming, after: float) -> bool:
         """True (once per ``after`` seconds) when ``inc`` has made no progress for that long."""
@@ -159,17 +342,29 @@ class Inbox:
         for lane in range(self._lanes):
             self._transport.redeliver(src, lane)
 
-    def hand_over(self, inc: Incoming) -> None:
-        """The caller has the transfer: forget it and acknowledge its messages."""
+    def hand_over(self, inc: Incoming) -> bool:
+        """The caller is done with the transfer: forget it and acknowledge its messages.
+
+        Idempotent; returns ``True`` the first time. What a streamed table still
+        held (its reader stopped early) is dropped and its lanes' credit returned.
+        """
         with self._lock:
+            if inc.handed:
+                return False
+            inc.handed = True
             self._incoming.pop(inc.transfer, None)
             self._finished.add(inc.transfer)
             with inc.lock:
                 tokens, inc.tokens = inc.tokens, []
+                unread = [(lane, inc.assembly.held(s)) for s, lane in inc.stream_lanes.items()]
+                inc.stream_lanes = {}
             for lane, src, _ in tokens:
                 key = (src, lane)
                 self._unacked[key] = max(0, self._unacked.get(key, 0) - 1)
+        for lane, nbytes in unread:
+            self._refund(inc.src, lane, nbytes)
         self._ack(tokens)
+        return True
 
     def _ack(self, tokens: list[_Token]) -> None:
         if not tokens:

@@ -19,7 +19,7 @@ class Table:
     way materialises on first access to ``partitions``.
     """
 
-    __slots__ = ("_partitions",)
+    __slots__ = ("__weakref__", "_partitions")
 
     def __init__(self, partitions: Iterable[Iterable[Record]]) -> None:
         if isinstance(partitions, (str, bytes, Table)):

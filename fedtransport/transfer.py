@@ -8,19 +8,25 @@ Table transfer: stream 0 is an empty head whose LAST message says "table";
 partition ``p`` is stream ``p + 1`` on lane ``p % lanes``, a sequence of record
 batches whose LAST message carries the partition's record count. An empty
 table is just the head. The kind travels in stream 0's ``aux`` field.
+
+A received table is handed out as soon as its head is in: each partition is a
+one-shot iterable that decodes record batches as they arrive and lets go of
+them once read, so neither side ever holds a whole table unless asked to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .codec import EncodedUnit, UnpicklePolicy, decode_object, decode_records, encode_object, encode_records
-from .errors import IntegrityError
+from .errors import FederationError, IntegrityError
 from .framing import FrameWriter, TransferAssembly, UnitChunker, frame_units
 from .table import Table
 
-__all__ = ["KIND_OBJECT", "KIND_TABLE", "Outgoing", "decode_transfer"]
+__all__ = ["KIND_OBJECT", "KIND_TABLE", "Outgoing", "decode_object_transfer", "streamed_table", "transfer_kind"]
 
 KIND_OBJECT = 0
 KIND_TABLE = 1
@@ -75,26 +81,108 @@ def _chain(iterables: list[Iterable[bytes]]) -> Iterator[bytes]:
         yield from it
 
 
-def decode_transfer(assembly: TransferAssembly, policy: UnpicklePolicy, source: str) -> Any:
-    """Turn a complete assembly into the value that was sent."""
+def transfer_kind(assembly: TransferAssembly, source: str) -> int:
+    """The kind of a transfer whose head (stream 0) is complete."""
     kind = assembly.stream_aux(0)
-    if kind == KIND_OBJECT:
-        if assembly.nstreams != 1:
-            raise IntegrityError(f"object transfer from {source} has {assembly.nstreams} streams")
-        units = assembly.stream_units(0)
-        if len(units) != 1:
-            raise IntegrityError(f"object transfer from {source} has {len(units)} units, expected 1")
-        return decode_object(units[0], policy, source)
-    if kind == KIND_TABLE:
-        partitions = []
-        for stream in range(1, assembly.nstreams or 1):
-            records = [rec for unit in assembly.stream_units(stream) for rec in decode_records(unit, policy, source)]
-            expected = assembly.stream_aux(stream)
-            if len(records) != expected:
-                raise IntegrityError(
-                    f"table partition {stream - 1} from {source} holds {len(records)} records, "
-                    f"the sender counted {expected}"
-                )
-            partitions.append(records)
-        return Table(partitions)
-    raise IntegrityError(f"transfer from {source} is of unknown kind {kind}")
+    if kind not in (KIND_OBJECT, KIND_TABLE):
+        raise IntegrityError(f"transfer from {source} is of unknown kind {kind}")
+    return kind
+
+
+def decode_object_transfer(assembly: TransferAssembly, policy: UnpicklePolicy, source: str) -> Any:
+    """Turn a complete object transfer into the value that was sent."""
+    if assembly.nstreams != 1:
+        raise IntegrityError(f"object transfer from {source} has {assembly.nstreams} streams")
+    units = assembly.stream_units(0)
+    if len(units) != 1:
+        raise IntegrityError(f"object transfer from {source} has {len(units)} units, expected 1")
+    return decode_object(units[0], policy, source)
+
+
+ReadUnits = Callable[[int], tuple[list[memoryview], bool]]
+
+
+class _TableReading:
+    """What the partitions of one received table share."""
+
+    def __init__(self, read: ReadUnits, count_of: Callable[[int], int], policy: UnpicklePolicy, source: str,
+                 nparts: int, finished: Callable[[], None]) -> None:  # fmt: skip
+        self.read = read
+        self.count_of = count_of
+        self.policy = policy
+        self.source = source
+        self.finished = finished
+        self._open = nparts
+        self._lock = threading.Lock()
+
+    def partition_done(self) -> None:
+        with self._lock:
+            self._open -= 1
+            last = self._open == 0
+        if last:
+            self.finished()
+
+
+class _StreamedPartition:
+    """One partition of a received table: iterable once, records decoded as they arrive."""
+
+    __slots__ = ("_index", "_reading", "_started")
+
+    def __init__(self, reading: _TableReading, index: int) -> None:
+        self._reading = reading
+        self._index = index
+        self._started = False
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        if self._started:
+            raise FederationError(
+                f"partition {self._index} of the table from {self._reading.source} was already read: a received "
+                "table streams each partition once (use table.partitions first to keep the records)"
+            )
+        self._started = True
+        return self._records()
+
+    def _records(self) -> Iterator[tuple[Any, Any]]:
+        r, stream = self._reading, self._index + 1
+        count, finished = 0, False
+        while not finished:
+            units, finished = r.read(stream)
+            for unit in units:
+                records = decode_records(unit, r.policy, r.source)
+                count += len(records)
+                yield from records
+        expected = r.count_of(stream)
+        if count != expected:
+            raise IntegrityError(
+                f"table partition {self._index} from {r.source} holds {count} records, the sender counted {expected}"
+            )
+        r.partition_done()
+
+
+def streamed_table(nstreams: int, read: ReadUnits, count_of: Callable[[int], int], policy: UnpicklePolicy,
+                   source: str, finished: Callable[[], None]) -> Table:  # fmt: skip
+    """A :class:`Table` whose partitions stream in through ``read(stream)``.
+
+    ``finished`` runs once, when every partition has been read to its end or the
+    table is garbage-collected, whichever comes first.
+    """
+    once = _once(finished)
+    reading = _TableReading(read, count_of, policy, source, nstreams - 1, once)
+    table = Table([_StreamedPartition(reading, p) for p in range(nstreams - 1)])
+    weakref.finalize(table, once)
+    if nstreams == 1:
+        once()
+    return table
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    lock, done = threading.Lock(), [False]
+
+    def call() -> None:
+        with lock:
+            if done[0]:
+                return
+            done[0] = True
+        fn()
+
+    return call

@@ -2,8 +2,8 @@
 # Quickstart 2: install what the tests need (RabbitMQ and haproxy from apt, Python packages
 # into .venv) and run the whole suite against real brokers. Extra arguments go to pytest.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
-apt_install rabbitmq-server haproxy
+apt_install rabbitmq-server haproxy openjdk-17-jre-headless  # Java: pyspark, for tests/test_spark.py
 # the Debian package starts a system node on 5672; the tests start their own nodes and do not need it
-setup_venv test
+setup_venv test,bench,spark  # bench: matplotlib for the benchmark chart test; spark: pyspark for tests/test_spark.py
 ruff check fedtransport tests benchmarks
 exec python -m pytest -q -p no:cacheprovider "$@"

@@ -61,3 +61,82 @@ def sender(backend: str, job_id: str, party: tuple[str, str], peer: tuple[str, s
         value = big_array(mib)
         fed.remote(value, name, tag, [ft.Party(*peer)])
         out.put(("sent", digest(value)))
+
+
+# --- big tables, generated and checked without ever holding them whole ---------------------------
+
+ROW = 8192  # float64 values per record: 64 KiB
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def _reset_peak_rss() -> None:
+    # ru_maxrss would not do: a spawned child inherits the high-water mark of the parent it was
+    # forked from (pytest, large after other tests). Writing 5 to clear_refs resets VmHWM.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def table_partition(p: int, records: int) -> Any:
+    """Partition ``p``: ``records`` records ``(key, 64 KiB array)``, generated lazily."""
+    import numpy as np
+
+    rng = np.random.default_rng(p)
+    for i in range(records):
+        yield (p, i), rng.random(ROW)
+
+
+def _fold(h: Any, key: Any, value: Any) -> None:
+    h.update(repr(key).encode())
+    h.update(value.tobytes())
+
+
+def table_sender(backend: str, job_id: str, party: tuple[str, str], peer: tuple[str, str], options: dict[str, Any],
+                 name: str, tag: str, parts: int, records: int, out: Any) -> None:  # fmt: skip
+    """Send a table of generator partitions; report peak RSS growth over the RSS before sending."""
+    with ft.Federation.connect(backend, job_id=job_id, party=ft.Party(*party), options=options) as fed:
+        table = ft.Table.from_partitions([table_partition(p, records) for p in range(parts)])
+        _reset_peak_rss()
+        base = _rss()
+        fed.remote(table, name, tag, [ft.Party(*peer)])
+        out.put(("sent", _peak_rss() - base))
+
+
+def table_receiver(backend: str, job_id: str, party: tuple[str, str], peer: tuple[str, str],
+                   options: dict[str, Any], name: str, tag: str, out: Any) -> None:  # fmt: skip
+    """Get a table and read it partition by partition; report digests, counts and peak RSS growth."""
+    src = ft.Party(*peer)
+    with ft.Federation.connect(backend, job_id=job_id, party=ft.Party(*party), options=options) as fed:
+        _reset_peak_rss()
+        base = _rss()
+        [table] = fed.get(name, tag, [src], timeout=300)
+        digests, counts = [], []
+        for p in range(table.num_partitions):
+            h, n = hashlib.sha256(), 0
+            for key, value in table.iter_partition(p):
+                _fold(h, key, value)
+                n += 1
+            digests.append(h.hexdigest())
+            counts.append(n)
+        out.put(("got", _peak_rss() - base, digests, counts, fed.stats["bytes_received"]))
+
+
+def expected_table_digests(parts: int, records: int) -> list[str]:
+    digests = []
+    for p in range(parts):
+        h = hashlib.sha256()
+        for key, value in table_partition(p, records):
+            _fold(h, key, value)
+        digests.append(h.hexdigest())
+    return digests

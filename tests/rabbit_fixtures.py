@@ -16,8 +16,6 @@ Every pool node also has an AMQPS listener with a certificate for ``{name}.fate.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import secrets
 import ssl
 import threading
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from fedtransport import certs
 from fedtransport.brokers.rabbitmq import RabbitNode
 from fedtransport.transport.rabbitmq_admin import RabbitAdmin
 
@@ -71,83 +70,21 @@ def make_certs(directory: Path, names: Sequence[str]) -> dict[str, Path]:
     """A CA plus one server certificate per host name (SANs: the name, localhost, 127.0.0.1).
 
     Returns paths: ``ca`` and, per name, ``{name}.crt`` / ``{name}.key`` keys, plus a client
-    certificate ``client.crt`` / ``client.key`` for mutual TLS.
+    certificate ``client.crt`` / ``client.key`` for mutual TLS. Made with ``fedtransport.certs``,
+    valid for two days: the session's nodes never outlive it.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=2))
+    ca_key, ca_cert = certs.make_ca("fedtransport test CA", days=2)
+    out = {"ca": certs.write_cert(directory / "ca.crt", ca_cert)}
 
-    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-        path.write_bytes(pem)
-        path.chmod(0o600)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtransport test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(validity[0])
-        .not_valid_after(validity[1])
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    out = {"ca": directory / "ca.crt"}
-    out["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(cn: str, sans: list[x509.GeneralName], usage: x509.ObjectIdentifier) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(validity[0])
-            .not_valid_after(validity[1])
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        out[f"{cn}.crt"] = directory / f"{cn}.crt"
-        out[f"{cn}.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        out[f"{cn}.key"] = directory / f"{cn}.key"
-        write_key(key, out[f"{cn}.key"])
+    def issue(name: str, *, server: bool, extra_sans: Sequence[str] = ()) -> None:
+        key, cert = certs.issue(ca_key, ca_cert, name, days=2, server=server, client=not server, extra_sans=extra_sans)
+        out[f"{name}.crt"] = certs.write_cert(directory / f"{name}.crt", cert)
+        out[f"{name}.key"] = certs.write_key(directory / f"{name}.key", key)
 
     for name in names:
-        sans: list[x509.GeneralName] = [
-            x509.DNSName(name),
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        ]
-        issue(name, sans, ExtendedKeyUsageOID.SERVER_AUTH)
-    issue("client", [x509.DNSName("client")], ExtendedKeyUsageOID.CLIENT_AUTH)
+        issue(name, server=True, extra_sans=["localhost", "127.0.0.1"])
+    issue("client", server=False)
     return out
 
 

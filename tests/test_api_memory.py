@@ -211,16 +211,18 @@ def test_stalled_transfer_is_redelivered_by_the_watchdog(job_id):
 
 
 class Prefetch(MemoryTransport):
-    """Stops delivering a lane while it holds ``max_unacked_per_lane`` unacked messages (RabbitMQ prefetch)."""
+    """Stops delivering a lane while it holds its limit of unacked messages (RabbitMQ prefetch);
+    ``make_room`` raises the limit by what the receiver holds, as RabbitMQ's qos does."""
 
     name = "memory-prefetch"
     max_unacked_per_lane = 4
+    acked: ClassVar[list[int]] = []
 
     def _pump(self, src, lane_no, deliver):
         q = self._hub.lane(self._key(src, self.ctx.party, lane_no))
         while not self._closed.is_set():
             with q.cond:
-                while (not q.ready or len(q.unacked) >= self.max_unacked_per_lane) and not self._closed.is_set():
+                while (not q.ready or len(q.unacked) >= self._limit(lane_no)) and not self._closed.is_set():
                     q.cond.wait(0.1)
                 if self._closed.is_set():
                     return
@@ -228,23 +230,40 @@ class Prefetch(MemoryTransport):
                 q.unacked[msg_id] = data
             deliver(Delivery(src, lane_no, data, msg_id))
 
+    def _limit(self, lane_no):
+        return self.max_unacked_per_lane + getattr(self, "_room", {}).get(lane_no, 0)
+
+    def make_room(self, src, lane, held):
+        self.__dict__.setdefault("_room", {})[lane] = held
+        q = self._hub.lane(self._key(src, self.ctx.party, lane))
+        with q.cond:
+            q.cond.notify_all()
+
     def ack(self, deliveries):
         super().ack(deliveries)
-        for lane_no, src, _ in deliveries:
+        for lane_no, src, token in deliveries:
+            self.acked.append(token)
             q = self._hub.lane(self._key(src, self.ctx.party, lane_no))
             with q.cond:
                 q.cond.notify_all()
 
 
 def test_out_of_order_gets_do_not_deadlock_behind_a_prefetch_limit(job_id):
+    """The limit is raised by what the receiver holds; nothing is acknowledged before its get."""
     ft.register("memory-prefetch", Prefetch)
+    Prefetch.acked.clear()
     g = connect(job_id, GUEST, lanes=1)
     h = ft.Federation.connect("memory-prefetch", job_id=job_id, party=HOST, options={"lanes": 1})
     with g, h:
         for i in range(40):
             g.remote(i, "p", str(i), [HOST])
-        for i in reversed(range(40)):
+        for n, i in enumerate(reversed(range(20, 40))):
             assert h.get("p", str(i), [GUEST], timeout=10) == [i]
+            assert len(Prefetch.acked) == n + 1  # only what was handed over
+    # the 20 never asked for were not acknowledged: the next session gets them
+    with ft.Federation.connect("memory-prefetch", job_id=job_id, party=HOST, options={"lanes": 1}) as h2:
+        assert [h2.get("p", str(i), [GUEST], timeout=10)[0] for i in range(20)] == list(range(20))
+    g.cleanup()
 
 
 def test_receiver_that_closes_mid_transfer_gets_everything_in_a_new_session(job_id):
@@ -374,3 +393,20 @@ def test_lane_offset_gives_sessions_of_one_job_lanes_of_their_own(job_id):
         assert h8.stats["messages_received"] == 1 and h7.stats["messages_received"] == 1
     with pytest.raises(ft.ConfigError, match="lane_offset"):
         connect(job_id, GUEST, lane_offset=-1)
+
+
+def test_progress_callbacks_report_bytes_done_and_total(job_id):
+    sent, got = [], []
+    with connect(job_id, GUEST, max_message_size=1 << 20) as g, connect(job_id, HOST, max_message_size=1 << 20) as h:
+        a = np.random.default_rng(3).random(1 << 20)  # 8 MiB: nine messages
+        g.remote(a, "a", "0", [HOST], progress=lambda done, total: sent.append((done, total)))
+        [b] = h.get("a", "0", [GUEST], timeout=30, progress=lambda done, total: got.append((done, total)))
+        assert np.array_equal(a, b)
+        assert len(sent) == 9 and got  # the get may start after most of it arrived: it reports that first
+        for events in (sent, got):
+            done = [d for d, _ in events]
+            assert done == sorted(done) and done[-1] == events[-1][1]
+            assert {t for _, t in events} == {events[-1][1]} and events[-1][1] > a.nbytes
+        table = ft.Table.from_partitions([[(i, i)] for i in range(3)])
+        g.remote(table, "t", "0", [HOST], progress=lambda done, total: sent.append((done, total)))
+        assert sent[-1][1] is None and sent[-1][0] > 0  # a table's size is not known up front

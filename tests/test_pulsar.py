@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import random
 import re
@@ -249,7 +250,13 @@ def test_replication_mode_sets_clusters_per_message(broker, job_id, monkeypatch)
         }  # fmt: skip
         repl = [r for r in fake.requests if r.path == f"/admin/v2/namespaces/fl-tenant/{job_id}/replication"]
         assert repl[-1].body == ["fl-pulsar-9999", "fl-pulsar-10000"]
+        fake.clear()
         g.cleanup()
+        # Pulsar deletes a namespace only once it is replicated to the local cluster alone
+        assert [(r.method, r.path.rsplit("/", 1)[-1], r.body) for r in fake.requests][-2:] == [
+            ("POST", "replication", ["fl-pulsar-9999"]),
+            ("DELETE", job_id, None),
+        ]
 
 
 def test_options_are_checked():
@@ -274,6 +281,9 @@ def test_unreachable_broker_is_a_backend_error(job_id):
 
 
 def test_topic_naming():
-    t = PulsarTransport.__new__(PulsarTransport)
-    t.tenant, t.namespace = "fl-tenant", "job-1"
+    ctx = ft.transport.JobContext("job-1", GUEST, None, {**PulsarTransport.option_defaults, "service_url": "x"},
+                                  4 << 20, lanes=4, lane_offset=0)  # fmt: skip
+    t = PulsarTransport(ctx)
     assert t.topic(GUEST, HOST, 3) == "persistent://fl-tenant/job-1/guest-9999-host-10000-3"
+    shifted = PulsarTransport(dataclasses.replace(ctx, lane_offset=1024))
+    assert shifted.topic(GUEST, HOST, 3) == "persistent://fl-tenant/job-1/guest-9999-host-10000-1027"

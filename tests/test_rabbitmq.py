@@ -202,6 +202,23 @@ def test_shared_object_and_table_roundtrip(pool_nodes, job_id):
     g.cleanup()
 
 
+def test_lane_qos_rises_for_small_messages_and_falls_for_big_ones(pool_nodes, job_id):
+    """Prefetch is in messages: many in flight while they are small, few once they are 4 MiB."""
+    node = pool_nodes[0]
+    with connect(job_id, GUEST, node) as g, connect(job_id, HOST, node) as h:
+        for i in range(60):
+            g.remote(i, "small", str(i), [HOST])
+        assert [h.get("small", str(i), [GUEST], timeout=30)[0] for i in range(60)] == list(range(60))
+        lane0 = transport(h)._consumers[(GUEST, 0)]
+        assert eventually(lambda: lane0.qos == 64)  # prefetch_max, reached from prefetch 4
+        big = np.random.default_rng(0).random(1 << 20)  # 8 MiB: two full messages on lanes 0 and 1
+        g.remote(big, "big", "0", [HOST])
+        [back] = h.get("big", "0", [GUEST], timeout=60)
+        assert np.array_equal(back, big)
+        assert eventually(lambda: lane0.qos == 4)
+    g.cleanup()
+
+
 def test_federated_object_and_table_roundtrip(pool_nodes, job_id):
     a, b = pool_nodes[0], pool_nodes[1]
     with (
@@ -317,7 +334,7 @@ def test_receiver_killed_mid_transfer_gets_it_all_after_restart(pool_nodes, job_
     first = SPAWN.Process(target=receiver, args=(*args, q, 8))
     first.start()
     second = None
-    a = big_array(96)  # 24 messages, 6 per lane: below the prefetch, so nothing is acked early
+    a = big_array(96)  # 24 messages, 6 per lane; nothing is acknowledged before the handover
     killed = threading.Event()
     try:
         with connect(job_id, GUEST, node) as g:

@@ -38,12 +38,21 @@ class Compressor:
         return out if len(out) <= n * self._keep else None
 
 
+# LZ4 cannot inflate more than 255 bytes out of one input byte (a match length grows by at
+# most 255 per extension byte); a header that promises more is refused before lz4 allocates it.
+MAX_RATIO = 255
+
+
 def decompress(data: bytes | memoryview, expected: int) -> bytes:
+    if expected > MAX_RATIO * len(data) + 64:
+        raise IntegrityError(f"lz4 payload of {len(data)} bytes cannot inflate to the {expected} its frame promised")
     inflater = lz4.frame.LZ4FrameDecompressor()
     try:
         out = inflater.decompress(data, max_length=expected)
     except RuntimeError as exc:  # lz4 reports every decode failure as RuntimeError
         raise IntegrityError(f"corrupt lz4 payload: {exc}") from exc
+    except (MemoryError, OverflowError, ValueError) as exc:  # lz4 allocates max_length up front
+        raise IntegrityError(f"lz4 payload promising {expected} bytes: {type(exc).__name__}: {exc}") from None
     if len(out) != expected or not inflater.eof or inflater.unused_data:
         raise IntegrityError(f"lz4 payload does not inflate to the {expected} bytes its frame promised")
     return out

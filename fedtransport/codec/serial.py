@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import IntegrityError, SerializationError, UnsafePayload
+from .arrays import REBUILDERS, reduce_numpy
+from .npguard import GuardedUnpickler, is_numpy_module
 
 __all__ = [
     "SAFE_GLOBALS",
@@ -89,6 +91,7 @@ SAFE_GLOBALS: frozenset[str] = frozenset(
         "numpy.core.multiarray:scalar",
         "numpy.core.numeric:_frombuffer",
         "fedtransport.table:Table",
+        *REBUILDERS,  # our senders' numpy arrays, scalars and dtypes (arrays.py)
     ]
 )
 
@@ -113,31 +116,52 @@ class UnpicklePolicy:
         return self.trust_remote_code or name in SAFE_GLOBALS or name in self.allow
 
 
+def _admit(policy: UnpicklePolicy, source: str, module: str, name: str) -> str:
+    """The module to import for ``module:name``, or :class:`UnsafePayload` if the policy refuses it."""
+    full = f"{module}:{name}"
+    if not policy.admits(full):
+        policy.refused.append(full)
+        if policy.mode == "report":
+            log.warning("refused to unpickle %s from %s (report mode)", full, source)
+        raise UnsafePayload(
+            f"refused to unpickle {full!r} from {source}: it is not on the safe allow-list. "
+            f"If you trust it, add it with options={{'allow': [{full!r}]}}; "
+            "options={'trust_remote_code': True} lifts the check entirely and must only be "
+            "used between parties that trust each other's code",
+            global_name=full,
+        )
+    return _RENAMED_MODULES.get(module, module)
+
+
+class _NeedsNumpyGuard(Exception):
+    """The stream names numpy: decode it again with the guarded unpickler (npguard.py)."""
+
+
 class _SafeUnpickler(pickle.Unpickler):
+    """The fast (C) unpickler, for pickles that name nothing from numpy."""
+
     def __init__(self, file: io.BytesIO, policy: UnpicklePolicy, source: str, **kw: Any) -> None:
         super().__init__(file, **kw)
         self._policy = policy
         self._source = source
 
     def find_class(self, module: str, name: str) -> Any:
-        full = f"{module}:{name}"
-        if not self._policy.admits(full):
-            self._policy.refused.append(full)
-            if self._policy.mode == "report":
-                log.warning("refused to unpickle %s from %s (report mode)", full, self._source)
-            raise UnsafePayload(
-                f"refused to unpickle {full!r} from {self._source}: it is not on the safe allow-list. "
-                f"If you trust it, add it with options={{'allow': [{full!r}]}}; "
-                "options={'trust_remote_code': True} lifts the check entirely and must only be "
-                "used between parties that trust each other's code",
-                global_name=full,
-            )
-        return super().find_class(_RENAMED_MODULES.get(module, module), name)
+        real = _admit(self._policy, self._source, module, name)
+        if is_numpy_module(module) and not self._policy.trust_remote_code:
+            raise _NeedsNumpyGuard
+        return super().find_class(real, name)
+
+
+def _guarded(file: io.BytesIO, policy: UnpicklePolicy, source: str, buffers: Sequence[Any] = ()) -> GuardedUnpickler:
+    return GuardedUnpickler(file, lambda module, name: _admit(policy, source, module, name), source, buffers)
 
 
 def _loads(data: memoryview | bytes, policy: UnpicklePolicy, source: str, buffers: Sequence[Any] = ()) -> Any:
     try:
-        return _SafeUnpickler(io.BytesIO(data), policy, source, buffers=buffers).load()
+        try:
+            return _SafeUnpickler(io.BytesIO(data), policy, source, buffers=buffers).load()
+        except _NeedsNumpyGuard:
+            return _guarded(io.BytesIO(data), policy, source, buffers).load()
     except UnsafePayload:
         raise
     except Exception as exc:  # a malformed stream can raise nearly anything from inside pickle
@@ -164,11 +188,28 @@ class EncodedUnit:
         return b"".join(self.parts)
 
 
+class _Pickler(pickle.Pickler):
+    """The C pickler, writing simple numpy values as our checked constructors (arrays.py)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        return reduce_numpy(obj)
+
+
+def _pickler(buf: io.BytesIO, buffer_callback: Any = None) -> pickle.Pickler:
+    return _Pickler(buf, protocol=5, buffer_callback=buffer_callback)
+
+
+def _dumps(obj: Any, buffer_callback: Any) -> bytes:
+    buf = io.BytesIO()
+    _pickler(buf, buffer_callback).dump(obj)
+    return buf.getvalue()
+
+
 def encode_object(obj: Any, *, cloudpickle_fallback: bool = False) -> EncodedUnit:
     """Pickle ``obj`` with protocol 5; large contiguous buffers stay out of band."""
     buffers: list[pickle.PickleBuffer] = []
     try:
-        main = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        main = _dumps(obj, buffers.append)
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
         if not cloudpickle_fallback:
             raise SerializationError(f"cannot encode a {type(obj).__name__}: {exc}") from exc
@@ -218,34 +259,53 @@ def decode_object(data: memoryview | bytes, policy: UnpicklePolicy, source: str)
 def encode_records(records: Iterable[Any], target_size: int) -> Iterator[tuple[bytes, int]]:
     """Batch ``(key, value)`` records into units of at most ``target_size`` bytes.
 
-    Yields ``(unit_bytes, record_count)``. Each record is its own small pickle (no
-    memo shared across records), so a batch can be closed before the record that
-    would overflow it; a single record larger than the target becomes a unit of
-    its own, which framing splits over several messages.
+    Yields ``(unit_bytes, record_count)``. A unit is a sequence of pickles, one per
+    record, written by one pickler whose memo spans the unit: what records share
+    (a dtype, a class, the reconstructor of an array) is written and looked up once
+    per unit, not once per record. A record that overflows the unit is taken back
+    and opens the next one; a single record larger than the target becomes a unit
+    of its own, which framing splits over several messages.
     """
-    batch: list[bytes] = []
-    size = 0
+    buf = io.BytesIO()
+    pickler = _pickler(buf)
+    count = 0
     for rec in records:
         if not (isinstance(rec, (tuple, list)) and len(rec) == 2):
             raise SerializationError(f"table records must be (key, value) pairs, got {rec!r:.80}")
-        try:
-            data = pickle.dumps(rec if isinstance(rec, tuple) else (rec[0], rec[1]), protocol=5)
-        except (pickle.PicklingError, AttributeError, TypeError) as exc:
-            raise SerializationError(f"cannot encode table record with key {rec[0]!r:.80}: {exc}") from exc
-        if batch and size + len(data) > target_size:
-            yield b"".join(batch), len(batch)
-            batch, size = [], 0
-        batch.append(data)
-        size += len(data)
-    if batch:
-        yield b"".join(batch), len(batch)
+        rec = rec if isinstance(rec, tuple) else (rec[0], rec[1])
+        mark = buf.tell()
+        _dump_record(pickler, rec)
+        if count and buf.tell() > target_size:
+            buf.truncate(mark)
+            yield buf.getvalue(), count
+            buf = io.BytesIO()
+            pickler = _pickler(buf)  # a fresh memo: units decode on their own
+            _dump_record(pickler, rec)
+            count = 0
+        count += 1
+    if count:
+        yield buf.getvalue(), count
+
+
+def _dump_record(pickler: pickle.Pickler, rec: tuple[Any, Any]) -> None:
+    try:
+        pickler.dump(rec)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise SerializationError(f"cannot encode table record with key {rec[0]!r:.80}: {exc}") from exc
 
 
 def decode_records(data: memoryview | bytes, policy: UnpicklePolicy, source: str) -> list[tuple[Any, Any]]:
-    """Inverse of :func:`encode_records` for one unit."""
+    """Inverse of :func:`encode_records` for one unit (one unpickler: the memo spans the unit)."""
     stream = io.BytesIO(data)
-    unpickler = _SafeUnpickler(stream, policy, source)
-    end = len(data)
+    try:
+        return _load_records(stream, _SafeUnpickler(stream, policy, source), source)
+    except _NeedsNumpyGuard:  # the memo spans the unit: decode all of it again
+        stream = io.BytesIO(data)
+        return _load_records(stream, _guarded(stream, policy, source), source)
+
+
+def _load_records(stream: io.BytesIO, unpickler: Any, source: str) -> list[tuple[Any, Any]]:
+    end = len(stream.getbuffer())
     out: list[tuple[Any, Any]] = []
     try:
         while stream.tell() < end:
@@ -253,7 +313,7 @@ def decode_records(data: memoryview | bytes, policy: UnpicklePolicy, source: str
             if not isinstance(rec, tuple) or len(rec) != 2:
                 raise IntegrityError(f"table batch from {source} holds a {type(rec).__name__}, not a record")
             out.append(rec)
-    except (UnsafePayload, IntegrityError):
+    except (UnsafePayload, IntegrityError, _NeedsNumpyGuard):
         raise
     except Exception as exc:
         raise IntegrityError(f"malformed table batch from {source}: {type(exc).__name__}: {exc}") from exc

@@ -64,7 +64,7 @@ class Transport(ABC):
     option_defaults: ClassVar[Mapping[str, Any]] = {}
     #: how many unacknowledged deliveries a lane can hold before the broker stops
     #: sending more (RabbitMQ prefetch); ``None`` when unacked messages do not
-    #: block delivery. The receiver acknowledges early past this, to stay live.
+    #: block delivery. Past this the receiver calls ``make_room``, to stay live.
     max_unacked_per_lane: int | None = None
 
     def __init__(self, ctx: JobContext) -> None:
@@ -85,6 +85,12 @@ class Transport(ABC):
     @abstractmethod
     def ack(self, deliveries: Sequence[tuple[int, Party, Any]]) -> None:
         """Acknowledge ``(lane, src, token)`` triples; the broker may forget them."""
+
+    def make_room(self, src: Party, lane: int, held: int) -> None:  # noqa: B027 - optional hook
+        """The lane holds ``held`` unacknowledged deliveries in memory: let the broker send more.
+
+        Needed by backends that set ``max_unacked_per_lane``.
+        """
 
     def redeliver(self, src: Party, lane: int) -> None:  # noqa: B027 - optional hook
         """Ask the broker to deliver this lane's unacknowledged messages again."""

@@ -40,7 +40,8 @@ Connection options (``options=`` of ``Federation.connect``) and defaults
     ``token``                     ``None``; a JWT (also ``"token:..."`` / ``"file:///path"``)
     ``tls_trust_certs_file_path`` ``None``
     ``tls_validate_hostname``     ``True``
-    ``send_window``               ``16`` messages in flight per lane
+    ``send_window``               ``16`` messages in flight per ``send`` (one lane of one transfer)
+    ``send_window_bytes``         ``8 MiB`` in flight per ``send``: what bounds a sender's memory
     ``send_timeout``              ``30.0`` seconds for the broker to confirm a message
     ``receiver_queue_size``       ``1``
     ``subscribe_timeout``         ``180.0`` seconds of retrying a refused subscription
@@ -58,6 +59,7 @@ Errors
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -97,6 +99,7 @@ class PulsarTransport(Transport):
         "tls_trust_certs_file_path": None,
         "tls_validate_hostname": True,
         "send_window": 16,
+        "send_window_bytes": 8 << 20,
         "send_timeout": 30.0,
         "receiver_queue_size": 1,
         "subscribe_timeout": 180.0,
@@ -119,7 +122,7 @@ class PulsarTransport(Transport):
             raise ConfigError("Pulsar replication mode needs 'admin_url' to register clusters and the namespace")
         if self.mode != "shared" and not o["service_url"]:
             raise ConfigError(f"Pulsar mode {self.mode!r} needs 'service_url' (this party's own broker)")
-        for key in ("send_window", "receiver_queue_size", "ttl_seconds"):
+        for key in ("send_window", "send_window_bytes", "receiver_queue_size", "ttl_seconds"):
             if isinstance(o[key], bool) or not isinstance(o[key], int) or o[key] < 1:
                 raise ConfigError(f"option {key!r} must be a positive integer, got {o[key]!r}")
         self.tenant = str(o["tenant"])
@@ -254,17 +257,23 @@ class PulsarTransport(Transport):
     def cleanup(self) -> None:
         admin = self._admin or (self._make_admin() if self.ctx.options["admin_url"] else None)
         if admin is not None:
+            exists = True
             try:
                 topics = admin.list_topics(self.tenant, self.namespace)
             except BackendError as exc:
                 if exc.status != 404:
                     raise
-                topics = []  # the namespace is gone already: cleanup is idempotent
+                topics, exists = [], False  # the namespace is gone already: cleanup is idempotent
             for topic in topics:
                 admin.delete_topic(topic)
+            if self.mode == "replication" and exists:
+                # Pulsar refuses (412) to delete a namespace still replicated to other clusters.
+                admin.set_replication_clusters(self.tenant, self.namespace, [self.cluster])
             admin.delete_namespace(self.tenant, self.namespace)
-        # Without the admin API only subscriptions can be dropped; do it with or without one,
-        # so a broker that keeps topics keeps no backlog for them.
+            with self._lock:  # the subscriptions went with the topics: re-attaching would recreate them
+                self._listened.clear()
+        # Without the admin API only subscriptions can be dropped, so a broker that keeps
+        # topics keeps no backlog for them.
         self._unsubscribe_all()
 
     def _unsubscribe_all(self) -> None:
@@ -334,35 +343,37 @@ class PulsarTransport(Transport):
             raise BackendError("the Pulsar transport is closed")
         producer = self._producer(dst, lane)
         clusters = self._ensure_peer(dst)
-        window = threading.BoundedSemaphore(int(self.ctx.options["send_window"]))
+        max_count, max_bytes = int(self.ctx.options["send_window"]), int(self.ctx.options["send_window_bytes"])
         failures: list[str] = []
-        pending = [0]
+        pending = [0, 0]  # messages, bytes in flight
         done = threading.Condition()
 
-        def receipt(result: pulsar.Result, _msg_id: Any) -> None:
+        def receipt(size: int, result: pulsar.Result, _msg_id: Any) -> None:
             with done:
                 if result != pulsar.Result.Ok:
                     failures.append(str(result))
                 pending[0] -= 1
+                pending[1] -= size
                 done.notify_all()
-            window.release()
 
         extra = {"replication_clusters": [clusters]} if clusters else {}
         count = 0
         for msg in messages:
-            window.acquire()
-            if failures:
-                window.release()
-                break
-            with done:
+            size = len(msg)
+            with done:  # the window: at most send_window messages and send_window_bytes in flight
+                while pending[0] and (pending[0] >= max_count or pending[1] + size > max_bytes) and not failures:
+                    done.wait()
+                if failures:
+                    break
                 pending[0] += 1
+                pending[1] += size
             try:
-                producer.send_async(msg, receipt, **extra)
+                producer.send_async(msg, functools.partial(receipt, size), **extra)
             except Exception as exc:
                 with done:
                     pending[0] -= 1
-                window.release()
-                failures.append(str(exc))
+                    pending[1] -= size
+                    failures.append(str(exc))
                 break
             count += 1
         with done:

@@ -16,9 +16,13 @@ Features
       ``send``): the sender blocks on the window, never buffers a lazy message stream, and
       ``send`` returns once every message is confirmed. A nack, a returned (unroutable)
       message or a channel error raises ``BackendError`` with the broker's reply text.
-    * Consumers with manual acknowledgement and a per-consumer prefetch (``prefetch``), one
-      channel per (source, lane); ``max_unacked_per_lane`` is the prefetch, so the receiver
-      acknowledges early instead of stalling. ``redeliver`` is ``basic.recover(requeue=True)``
+    * Consumers with manual acknowledgement and a per-lane prefetch (the channel's qos), one
+      channel per (source, lane), each handing its deliveries to a thread of its own so that
+      checking and placing messages runs in parallel across lanes, off pika's I/O thread.
+      The qos adapts to message sizes (``prefetch_bytes``) and grows by what the receiver
+      holds unacknowledged (``make_room``), so a lane never stalls behind data nobody asked
+      for yet and nothing is acknowledged before its transfer is handed over
+      (``max_unacked_per_lane`` is ``prefetch``). ``redeliver`` is ``basic.recover(requeue=True)``
       on that lane's channel; acknowledgements of deliveries made before it are dropped
       (their messages come again and are deduplicated above). No cancel-and-requeue per get.
     * One connection per session, owned by one I/O thread running pika's asynchronous
@@ -62,8 +66,13 @@ Connection options (``options=`` of ``Federation.connect``) and defaults
     ``ssl``                         ``None``, or ``{"ca_file", "cert_file", "key_file",
                                     "server_hostname"}`` (all optional; server_hostname
                                     defaults to ``host``)
-    ``prefetch``                    ``32`` unacknowledged deliveries per lane consumer
-    ``send_window``                 ``8`` unconfirmed messages per ``send``
+    ``prefetch``                    ``4`` unacknowledged deliveries per lane consumer, the
+                                    floor, sized for full (4 MiB) messages
+    ``prefetch_bytes``              ``16 MiB``: the qos rises above ``prefetch`` while messages
+                                    are small, to keep about this much in flight per lane
+    ``prefetch_max``                ``64``: the ceiling of that qos
+    ``send_window``                 ``8`` unconfirmed messages per ``send`` (one lane of one transfer)
+    ``send_window_bytes``           ``8 MiB`` unconfirmed per ``send``: what bounds a sender's memory
     ``send_timeout``                ``60.0`` seconds without a confirm before ``send`` fails
     ``connect_timeout``             ``30.0`` seconds for the first connection and channel setup
     ``heartbeat``                   ``60`` seconds (AMQP heartbeat; 0 disables)
@@ -101,6 +110,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from queue import SimpleQueue
 from typing import Any, ClassVar
 from urllib.parse import quote, urlencode
 
@@ -191,13 +201,22 @@ class _Send:
 
 
 class _Consumer:
-    """One (source, lane) consumer; its channel and epoch live on the I/O thread."""
+    """One (source, lane) consumer; its channel and epoch live on the I/O thread.
+
+    Deliveries are handed to a thread of the consumer's own, so checking and placing a
+    message (CRC, copy, decompress) runs in parallel across lanes and never holds up
+    pika's single I/O thread, which keeps reading sockets and sending acks meanwhile.
+    The hand-off queue is bounded by the channel's qos: the broker sends no more until acked.
+    """
 
     def __init__(self, src: Party, lane: int, queue: str, deliver: DeliverFn) -> None:
         self.src = src
         self.lane = lane
         self.queue = queue
         self.deliver = deliver
+        self.handoff: SimpleQueue[Delivery | None] = SimpleQueue()
+        self.worker = threading.Thread(target=self._work, name=f"ft-rabbit-recv-{src}-{lane}", daemon=True)
+        self.worker.start()
         self.channel: Channel | None = None
         self.epoch = 0  # tokens of any other epoch are stale: their channel closed or recovered
         self.recovering = False  # basic.recover sent, recover-ok not yet received
@@ -205,6 +224,19 @@ class _Consumer:
         self.error: str | None = None
         self.retry = _RETRY_FIRST
         self.timer: Any = None
+        self.qos = 0  # the prefetch count for the traffic (see _adapt_qos)
+        self.held = 0  # deliveries the inbox holds unacknowledged, allowed on top (make_room)
+        self.mean_size = 0.0  # recent message size, for the qos
+
+    def _work(self) -> None:
+        while (d := self.handoff.get()) is not None:
+            try:
+                self.deliver(d)
+            except Exception:  # the inbox never raises; a bug must not kill the lane
+                log.exception("delivering a message from %s on lane %d failed", self.src, self.lane)
+
+    def stop(self) -> None:
+        self.handoff.put(None)
 
 
 class RabbitTransport(Transport):
@@ -217,8 +249,11 @@ class RabbitTransport(Transport):
         "password": "guest",
         "mode": "shared",
         "ssl": None,
-        "prefetch": 32,
+        "prefetch": 4,
+        "prefetch_bytes": 16 << 20,
+        "prefetch_max": 64,
         "send_window": 8,
+        "send_window_bytes": 8 << 20,
         "send_timeout": 60.0,
         "connect_timeout": 30.0,
         "heartbeat": 60,
@@ -246,7 +281,10 @@ class RabbitTransport(Transport):
             self._check_int(key, 1, 65535)
         for key, lo, hi in (
             ("prefetch", 1, 65535),
+            ("prefetch_max", 1, 65535),
+            ("prefetch_bytes", 1, 1 << 40),
             ("send_window", 1, 1 << 16),
+            ("send_window_bytes", 1, 1 << 40),
             ("heartbeat", 0, 3600),
             ("ttl_seconds", 1, 1 << 31),
             ("federation_prefetch", 1, 65535),
@@ -282,8 +320,12 @@ class RabbitTransport(Transport):
         self.user_name = self.party_user(ctx.party)
         self._password = _derive(str(o["password"]).encode(), "data-user", f"{self.vhost}\0{self.user_name}")
         self._prefetch: int = o["prefetch"]
-        self.max_unacked_per_lane = self._prefetch  # per-consumer qos: the broker stops there
+        self._prefetch_max: int = max(o["prefetch_max"], self._prefetch)
+        self._prefetch_bytes: int = o["prefetch_bytes"]
+        # The qos of a lane only ever rises above `prefetch`, so the broker never stops short of this.
+        self.max_unacked_per_lane = self._prefetch
         self._window: int = o["send_window"]
+        self._window_bytes: int = o["send_window_bytes"]
         self._send_timeout = float(o["send_timeout"])
         self._connect_timeout = float(o["connect_timeout"])
         self._ttl_ms = int(o["ttl_seconds"]) * 1000
@@ -321,6 +363,9 @@ class RabbitTransport(Transport):
         self._outstanding: dict[int, tuple[_Send, int]] = {}  # delivery tag -> (send, index)
         self._declared: set[str] = set()  # queues declared on the current publisher channel
         self._ops: dict[int, _Send] = {}
+        self._posted: list[Callable[[], None]] = []  # calls for the I/O thread, run by one wake-up
+        self._posted_lock = threading.Lock()
+        self._drain_scheduled = False
 
     # options -------------------------------------------------------------------------------
 
@@ -581,6 +626,8 @@ class RabbitTransport(Transport):
                 log.warning("the RabbitMQ I/O thread of %s did not stop in %.0f s", self.ctx.party, _CLOSE_WAIT)
         for op in list(self._ops.values()):
             op.fail("the RabbitMQ transport was closed")
+        for c in list(self._consumers.values()):
+            c.stop()  # what it still holds is unacknowledged: the broker delivers it again
 
     def cleanup(self) -> None:
         # The vhost goes away with the connection's channels: close ours first.
@@ -588,6 +635,8 @@ class RabbitTransport(Transport):
         a = self.admin()
         users = {self.user_name} | {self.link_user(self.ctx.party, dst) for dst in self._links}
         users |= {p["user"] for p in self._listing(a.list_permissions) if p["user"].startswith(f"{self.vhost}:")}
+        # A crash between creating a user and granting it permissions leaves one no vhost listing shows.
+        users |= {u["name"] for u in a.list_users() if str(u.get("name", "")).startswith(f"{self.vhost}:")}
         for policy in self._listing(a.list_policies):
             a.delete_policy(self.vhost, policy["name"])
         for upstream in self._listing(a.list_federation_upstreams):
@@ -632,10 +681,27 @@ class RabbitTransport(Transport):
         loop = self._loop
         if loop is None or self._closed:
             raise BackendError("the RabbitMQ transport is closed")
+        # Calls queue up here and one wake-up of the loop runs all that arrived meanwhile: waking
+        # pika's loop is a syscall under a lock, and with many transfers in flight it was the cost.
+        with self._posted_lock:
+            self._posted.append(fn)
+            if self._drain_scheduled:
+                return
+            self._drain_scheduled = True
         try:
-            loop.add_callback_threadsafe(_safe(fn))
+            loop.add_callback_threadsafe(self._drain_posted)
         except Exception as exc:  # the loop was closed under us
             raise BackendError(f"the RabbitMQ transport is closed ({exc})") from None
+
+    def _drain_posted(self) -> None:
+        with self._posted_lock:
+            calls, self._posted = self._posted, []
+            self._drain_scheduled = False
+        for fn in calls:
+            try:
+                fn()
+            except Exception:  # as _safe: an exception must not end the I/O thread
+                log.exception("RabbitMQ I/O call %s failed", fn)
 
     @_safe
     def _connect(self) -> None:
@@ -836,11 +902,13 @@ class RabbitTransport(Transport):
             ch.close()
             return
         c.channel, c.epoch, c.recovering = ch, next(self._epochs), False
+        c.qos, c.mean_size = self._prefetch, float(self.ctx.max_message_size)
+        c.held = 0  # what the old channel delivered unacknowledged is requeued
         ch.add_on_close_callback(_safe(functools.partial(self._on_consumer_closed, c)))
         # The queue was deleted under us (or similar): start over on a fresh channel.
         ch.add_on_cancel_callback(_safe(lambda _frame: ch.close() if ch.is_open else None))
         # pika sends these RPCs one after another, in this order
-        ch.basic_qos(prefetch_count=self._prefetch)
+        ch.basic_qos(prefetch_count=self._qos_of(c), global_qos=True)
         ch.queue_declare(c.queue, durable=True)
         ch.basic_consume(c.queue, _safe(functools.partial(self._on_message, c)), auto_ack=False,
                          callback=_safe(lambda _frame: self._on_consuming(c, ch)))  # fmt: skip
@@ -856,7 +924,36 @@ class RabbitTransport(Transport):
             return  # a straggler from a channel we gave up
         # Deliveries made before a basic.recover took effect were requeued: their tags are void.
         epoch = -1 if c.recovering else c.epoch
-        c.deliver(Delivery(c.src, c.lane, body, (epoch, method.delivery_tag)))
+        c.handoff.put(Delivery(c.src, c.lane, body, (epoch, method.delivery_tag)))
+        self._adapt_qos(c, ch, len(body))
+
+    def _adapt_qos(self, c: _Consumer, ch: Channel, size: int) -> None:
+        """Keep about ``prefetch_bytes`` in flight per lane: a few big messages or many small ones.
+
+        RabbitMQ counts prefetch in messages only. Starting from ``prefetch`` (sized for full
+        messages), the count rises as small messages keep coming, which is what lets many small
+        transfers stream; one big message brings it straight back down.
+        """
+        c.mean_size = 0.9 * c.mean_size + 0.1 * size if size < c.mean_size else float(size)
+        want = max(self._prefetch, min(self._prefetch_max, int(self._prefetch_bytes // max(c.mean_size, 1.0))))
+        bound = want in (self._prefetch, self._prefetch_max)
+        if want != c.qos and (bound or want >= 2 * c.qos or 2 * want <= c.qos):  # hysteresis: no qos chatter
+            c.qos = want
+            ch.basic_qos(prefetch_count=self._qos_of(c), global_qos=True)
+
+    @staticmethod
+    def _qos_of(c: _Consumer) -> int:
+        # Set as the channel's limit (global): RabbitMQ fixes a per-consumer limit when the consumer
+        # starts, while the channel's limit can be changed under a running consumer. One consumer
+        # per channel, so the two mean the same.
+        return min(65535, c.qos + c.held)
+
+    def _do_make_room(self, c: _Consumer, held: int) -> None:
+        ch = c.channel
+        if ch is None or not ch.is_open or held <= c.held:
+            return
+        c.held = held
+        ch.basic_qos(prefetch_count=self._qos_of(c), global_qos=True)
 
     def _on_consumer_closed(self, c: _Consumer, ch: Channel, exc: BaseException) -> None:
         if ch is not c.channel:
@@ -912,7 +1009,7 @@ class RabbitTransport(Transport):
                 if len(body) > limit:
                     raise BackendError(f"message of {len(body)} bytes exceeds max_message_size {limit}")
                 with op.cond:
-                    self._wait(op, lambda: len(op.unconfirmed) < self._window)
+                    self._wait(op, functools.partial(self._room, op, len(body)))
                     if not op.unconfirmed:  # the confirm clock runs while something is outstanding
                         op.progress = time.monotonic()
                     op.unconfirmed[count] = body
@@ -924,6 +1021,13 @@ class RabbitTransport(Transport):
             with contextlib.suppress(BackendError):  # closed: nothing left to forget it in
                 self._post(functools.partial(self._forget, op))
         return count
+
+    def _room(self, op: _Send, size: int) -> bool:
+        """The window: ``send_window`` messages and ``send_window_bytes`` unconfirmed at most."""
+        if not op.unconfirmed:
+            return True
+        held = sum(len(b) for b in op.unconfirmed.values())
+        return len(op.unconfirmed) < self._window and held + size <= self._window_bytes
 
     def _wait(self, op: _Send, done: Callable[[], bool]) -> None:
         """Block (holding ``op.cond``) until ``done()``; raise on failure or no progress."""
@@ -962,6 +1066,11 @@ class RabbitTransport(Transport):
         if self._closed or not deliveries:
             return  # what was not acknowledged is delivered again and dropped as a duplicate
         self._post(functools.partial(self._do_acks, list(deliveries)))
+
+    def make_room(self, src: Party, lane: int, held: int) -> None:
+        c = self._consumers.get((src, lane))
+        if c is not None and not self._closed:
+            self._post(functools.partial(self._do_make_room, c, held))
 
     def redeliver(self, src: Party, lane: int) -> None:
         if self.mode == "federated" and lane == 0:

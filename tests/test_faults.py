@@ -1,0 +1,405 @@
+"""Faults against real brokers: the ones tests/test_pulsar.py and tests/test_rabbitmq.py do not cover.
+
+Already covered there (docs/reliability.md has the whole table):
+- Pulsar broker SIGKILLed and restarted mid-transfer: ``test_pulsar.py::test_broker_killed_and_restarted_mid_transfer``;
+- receiver stopped mid-transfer and restarted: ``test_pulsar.py::test_receiver_terminated_mid_transfer_...``
+  (SIGTERM) and ``test_rabbitmq.py::test_receiver_killed_mid_transfer_...`` (SIGKILL);
+- RabbitMQ node restarted (SIGTERM) mid-transfer: ``test_rabbitmq.py::test_node_restarted_mid_transfer``.
+
+Added here:
+- a RabbitMQ node SIGKILLed and restarted mid-transfer;
+- a RabbitMQ federation peer (the sending party's broker) stopped and started again mid-transfer;
+- a sender SIGKILLed mid-``remote`` (Pulsar and RabbitMQ): the receiver's ``get`` times out naming
+  the partial transfer, and the same ``remote`` from a restarted sender completes it;
+- a stalled path (broker frozen with SIGSTOP while nobody consumes): the sender blocks on its
+  window, measured as messages in flight and RSS, never as time.
+
+Timeouts are liveness bounds only. Every process and broker a test starts, the test stops.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pulsar
+import pytest
+from conftest import GUEST, HOST
+from party_proc import big_array, digest
+
+import fedtransport as ft
+from fedtransport.brokers import EmbeddedPulsar, RabbitNode
+from fedtransport.brokers._process import port_open
+from fedtransport.framing import transfer_id
+
+try:
+    from tests.rabbit_fixtures import admin_of, rabbit_installed, rabbit_node, rabbit_pool
+except ModuleNotFoundError:  # plain `pytest` without the repository root on sys.path
+    from rabbit_fixtures import admin_of, rabbit_installed, rabbit_node, rabbit_pool  # type: ignore[no-redef]  # noqa: F401
+
+SPAWN = mp.get_context("spawn")
+SECRET = "a job secret shared by every party"
+needs_rabbitmq = pytest.mark.skipif(not rabbit_installed(), reason="rabbitmq-server not installed")
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def wait_for(probe: Any, what: str, bound: float = 120.0) -> Any:
+    """``probe()`` once truthy; ``bound`` seconds is a liveness bound, not an assertion about speed."""
+    deadline = time.monotonic() + bound
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {bound:.0f} s for {what}")
+        threading.Event().wait(0.05)
+
+
+def gate(fed: ft.Federation, at: int, release: threading.Event, reached: threading.Barrier | None = None) -> None:
+    """Every lane ``fed`` sends on pauses before its message ``at`` until ``release`` is set."""
+    real_send = fed._transport.send
+
+    def gated_send(dst: ft.Party, lane: int, messages: Any) -> int:
+        def gated() -> Iterator[bytes]:
+            for i, m in enumerate(messages):
+                if i == at:
+                    if reached is not None:
+                        reached.wait(120)
+                    release.wait(300)
+                yield m
+
+        return real_send(dst, lane, gated())
+
+    fed._transport.send = gated_send  # type: ignore[method-assign]
+
+
+def received(fed: ft.Federation, name: str, tag: str, src: ft.Party) -> int:
+    """Messages of one transfer the receiving session holds (test probe into the inbox)."""
+    inc = fed._inbox._incoming.get(transfer_id(fed.job_id, name, tag, str(src), str(fed.party)))
+    return 0 if inc is None else inc.assembly.messages
+
+
+# ==================================================================================================
+# a dedicated RabbitMQ node, restarted by the tests (the shared pool's nodes are never touched)
+# ==================================================================================================
+
+
+class _Booting:
+    def __init__(self) -> None:
+        self.node = RabbitNode(name="faults")
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._boot, daemon=True)
+        self.thread.start()
+
+    def _boot(self) -> None:
+        try:
+            self.node.start()
+        except BaseException as exc:  # reported by the test that needs the node
+            self.error = exc
+
+    def ready(self) -> RabbitNode:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.node
+
+
+@pytest.fixture(scope="module")
+def faults_node() -> Iterator[_Booting]:
+    if not rabbit_installed():
+        pytest.skip("rabbitmq-server not installed")
+    boot = _Booting()  # boots while the Pulsar tests of this module run
+    try:
+        yield boot
+    finally:
+        boot.thread.join()
+        boot.node.stop()
+
+
+def rabbit_opts(node: RabbitNode, **extra: Any) -> dict[str, Any]:
+    return {"host": "127.0.0.1", "port": node.port, "mng_port": node.mng_port, "user": node.user,
+            "password": node.password, **extra}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pulsar_broker(faults_node_started: None) -> Iterator[EmbeddedPulsar]:
+    with EmbeddedPulsar() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def faults_node_started(request: pytest.FixtureRequest) -> None:
+    """Start booting the dedicated node as soon as the module runs, if RabbitMQ is there."""
+    if rabbit_installed():
+        request.getfixturevalue("faults_node")
+
+
+# ==================================================================================================
+# sender killed mid-remote
+# ==================================================================================================
+
+
+def gated_sender(backend: str, job_id: str, options: dict[str, Any], mib: int, at: int, out: Any) -> None:
+    """Send ``mib`` MiB to host; every lane stops once the broker confirmed its first ``at`` messages.
+
+    Then report and wait to be killed: a sender that dies mid-remote with a known part delivered.
+    """
+    with ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options) as fed:
+        lanes = fed._opts.lanes
+        reached = threading.Barrier(lanes + 1)
+        real_send = fed._transport.send
+
+        def confirmed_then_stuck(dst: ft.Party, lane: int, messages: Any) -> int:
+            it = iter(messages)
+            real_send(dst, lane, [next(it) for _ in range(at)])  # returns once the broker confirmed them
+            reached.wait(300)
+            threading.Event().wait(600)  # this process is killed here
+            return at
+
+        fed._transport.send = confirmed_then_stuck  # type: ignore[method-assign]
+        threading.Thread(target=fed.remote, args=(big_array(mib), "w", "0", [HOST]), daemon=True).start()
+        reached.wait(300)
+        out.put(("gated", lanes * at))
+        threading.Event().wait(600)
+
+
+def partial_timeout(h: ft.Federation, published: int) -> ft.TransferTimeout:
+    """Short gets until one times out having seen all ``published`` messages (each wait runs the
+    watchdog, which asks the broker again for what it has not delivered)."""
+    deadline = time.monotonic() + 120
+    while True:
+        with pytest.raises(ft.TransferTimeout) as err:
+            h.get("w", "0", [GUEST], timeout=3)
+        if err.value.missing["guest:9999"].startswith(f"{published} ") or time.monotonic() > deadline:
+            return err.value
+
+
+@pytest.mark.parametrize("backend", ["pulsar", pytest.param("rabbitmq", marks=[pytest.mark.rabbitmq, needs_rabbitmq])])
+def test_sender_killed_mid_remote_then_the_same_remote_completes(request, backend, job_id):
+    if backend == "pulsar":
+        options = {"service_url": request.getfixturevalue("pulsar_broker").service_url}
+    else:
+        options = rabbit_opts(request.getfixturevalue("rabbit_node"))
+    options.update(max_message_size=65536, redelivery_after=2.0)
+    mib, at = 4, 4  # 64 messages, 16 per lane; each lane stops after 4
+    q = SPAWN.Queue()
+    sender = SPAWN.Process(target=gated_sender, args=(backend, job_id, options, mib, at, q))
+    with ft.Federation.connect(backend, job_id=job_id, party=HOST, options=options) as h:
+        try:
+            with pytest.raises(ft.TransferTimeout):
+                h.get("w", "0", [GUEST], timeout=0.5)  # starts listening; what arrives is kept
+            sender.start()
+            kind, published = q.get(timeout=300)
+            assert kind == "gated"
+            sender.kill()  # SIGKILL mid-remote: its first messages are on the broker, the rest never will be
+            sender.join(30)
+            err = partial_timeout(h, published)
+            partial = err.missing["guest:9999"]
+            assert partial == f"{published} messages so far", partial  # the last message never came: total unknown
+            assert "guest:9999" in str(err) and partial in str(err)
+            # The sender comes back (a new session of the same party) and retries the same remote:
+            # what already arrived is kept, duplicates are dropped, the gaps are filled.
+            with ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options) as g:
+                g.remote(big_array(mib), "w", "0", [HOST])
+            [value] = h.get("w", "0", [GUEST], timeout=120)
+            assert digest(value) == digest(big_array(mib))
+        finally:
+            if sender.is_alive():
+                sender.kill()
+                sender.join(30)
+    if backend == "rabbitmq":
+        ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options).cleanup()
+
+
+# ==================================================================================================
+# a stalled path: the sender blocks on its window
+# ==================================================================================================
+
+
+class InFlight:
+    """Counts, per producer, messages handed to pulsar-client and not yet confirmed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now: dict[int, int] = {}
+        self.peak = 0
+        self.sent = 0
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real = pulsar.Producer.send_async
+
+        def send_async(producer: Any, content: Any, callback: Any, **kwargs: Any) -> Any:
+            key = id(producer)
+            with self.lock:
+                self.now[key] = self.now.get(key, 0) + 1
+                self.peak = max(self.peak, self.now[key])
+                self.sent += 1
+
+            def confirmed(res: Any, msg_id: Any) -> None:
+                with self.lock:
+                    self.now[key] -= 1
+                callback(res, msg_id)
+
+            return real(producer, content, confirmed, **kwargs)
+
+        monkeypatch.setattr(pulsar.Producer, "send_async", send_async)
+
+    def settled(self, window: int, lanes: int, polls: int = 20) -> Any:
+        """A probe: true once every window is full and nothing was sent for ``polls`` polls in a row."""
+        seen = {"sent": -1, "streak": 0}
+
+        def probe() -> bool:
+            sent = self.sent
+            seen["streak"] = seen["streak"] + 1 if sent == seen["sent"] and self.full(window, lanes) else 0
+            seen["sent"] = sent
+            return seen["streak"] >= polls
+
+        return probe
+
+    def full(self, window: int, lanes: int) -> bool:
+        with self.lock:
+            return len(self.now) == lanes and all(n == window for n in self.now.values())
+
+
+def test_sender_blocks_on_its_window_while_the_broker_is_stalled(monkeypatch, job_id):
+    """Nobody consumes and the broker is frozen (SIGSTOP): no confirms come back.
+
+    The sender must stop at ``send_window`` messages per lane, not keep framing the value into
+    memory. Checked as messages in flight (counted at pulsar-client) and as RSS growth, which
+    stays far below the 128 MiB still to send.
+    """
+    window, lanes, size = 4, 4, 1 << 20
+    value = big_array(128)  # allocated before the baseline: only what sending adds is measured
+    total_messages = -(-value.nbytes // (size - 80))
+    spy = InFlight()
+    spy.install(monkeypatch)
+    with EmbeddedPulsar() as broker:
+        opts = {"service_url": broker.service_url, "max_message_size": size, "send_window": window,
+                "send_timeout": 120.0}  # fmt: skip
+        with ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=opts) as g:
+            g.remote(1, "warm-up", "0", [HOST])  # producers and connection made before the baseline
+            base, peak_rss = rss(), [0]
+            done = threading.Event()
+
+            def sample() -> None:
+                while not done.is_set():
+                    peak_rss[0] = max(peak_rss[0], rss())
+                    done.wait(0.02)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            result: dict[str, Any] = {}
+            sender = threading.Thread(target=lambda: result.update(sent=g.remote(value, "w", "0", [HOST])))
+            stopped = False
+            try:
+                sender.start()
+                wait_for(lambda: spy.sent >= 2 * window * lanes, "the first messages")
+                os.kill(broker.pid, signal.SIGSTOP)
+                stopped = True
+                # Receipts the broker wrote before it froze still arrive for a moment; then nothing moves.
+                wait_for(spy.settled(window, lanes), "every lane's window to fill and stay full")
+                assert spy.sent < total_messages, "the transfer went on while the broker was frozen"
+                assert spy.full(window, lanes)  # blocked on exactly its window, on every lane
+                stalled_growth = rss() - base
+            finally:
+                if stopped:
+                    os.kill(broker.pid, signal.SIGCONT)
+            sender.join(300)
+            done.set()
+            sampler.join(5)
+            assert "sent" in result
+        assert spy.peak == window  # reached, never passed
+        total = value.nbytes
+        # in flight: 4 lanes x 4 messages x 1 MiB = 16 MiB; buffering the value would be 128 MiB more
+        assert stalled_growth < 48 << 20, f"RSS grew {stalled_growth >> 20} MiB while blocked on the window"
+        assert peak_rss[0] - base < 64 << 20, f"RSS grew {(peak_rss[0] - base) >> 20} MiB sending {total >> 20} MiB"
+        # the consumer, slow to the point of absent until now, gets every byte
+        with ft.Federation.connect("pulsar", job_id=job_id, party=HOST, options={**opts, "redelivery_after": 2.0}) as h:
+            [back] = h.get("w", "0", [GUEST], timeout=300)
+        assert np.array_equal(back, value)
+
+
+# ==================================================================================================
+# RabbitMQ: node SIGKILLed; federation peer stopped and started
+# ==================================================================================================
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_node_sigkilled_and_restarted_mid_transfer(faults_node, job_id):
+    node = faults_node.ready()
+    a = big_array(32)  # 8 messages of 4 MiB, 2 per lane
+    g = ft.Federation.connect("rabbitmq", job_id=job_id, party=GUEST, options=rabbit_opts(node, send_timeout=240.0))
+    h = ft.Federation.connect("rabbitmq", job_id=job_id, party=HOST, options=rabbit_opts(node, redelivery_after=3.0))
+    with g, h:
+        reached, down = threading.Barrier(5), threading.Event()
+        gate(g, 1, down, reached)  # every lane has one message out when the node dies
+        result: dict[str, Any] = {}
+        getter = threading.Thread(target=lambda: result.update(v=h.get("w", "0", [GUEST], timeout=300)))
+        sender = threading.Thread(target=lambda: result.update(sent=g.remote(a, "w", "0", [HOST])))
+        getter.start()
+        sender.start()
+        reached.wait(120)
+        node.kill()  # SIGKILL: no graceful anything
+        assert not node.running
+        down.set()  # the rest is published while the node is down and while it boots
+        node.restart()  # same ports, name and data
+        sender.join(300)
+        getter.join(300)
+        assert "sent" in result, "remote did not complete after the node came back"
+        assert digest(result["v"][0]) == digest(a)
+    g.cleanup()
+
+
+@pytest.mark.rabbitmq
+def test_federation_peer_stopped_and_started_mid_transfer(faults_node, rabbit_node, job_id):
+    """Guest publishes on its own broker (the dedicated node); host's broker (a pool node) pulls
+    through a federation link. Guest's broker stops mid-transfer and starts again: guest's session
+    reconnects and republishes, the link resumes, and the transfer completes."""
+    guest_node, host_node = faults_node.ready(), rabbit_node
+    routes = {
+        p.party_id: {"host": "127.0.0.1", "port": n.port, "mng_port": n.mng_port}
+        for p, n in ((GUEST, guest_node), (HOST, host_node))
+    }
+    a = big_array(32)
+    fed = {"mode": "federated", "secret": SECRET}
+    g = ft.Federation.connect("rabbitmq", job_id=job_id, party=GUEST, route_table=routes,
+                              options=rabbit_opts(guest_node, **fed, send_timeout=240.0))  # fmt: skip
+    h = ft.Federation.connect("rabbitmq", job_id=job_id, party=HOST, route_table=routes,
+                              options=rabbit_opts(host_node, **fed, redelivery_after=3.0))  # fmt: skip
+    vhost = h._transport.vhost
+    with g, h:
+        reached, down = threading.Barrier(5), threading.Event()
+        gate(g, 1, down, reached)
+        result: dict[str, Any] = {}
+        getter = threading.Thread(target=lambda: result.update(v=h.get("w", "0", [GUEST], timeout=300)))
+        sender = threading.Thread(target=lambda: result.update(sent=g.remote(a, "w", "0", [HOST])))
+        getter.start()
+        sender.start()
+        reached.wait(120)
+        wait_for(lambda: received(h, "w", "0", GUEST) >= 1, "a first message through the federation link")
+        restarter = threading.Thread(target=guest_node.restart)  # SIGTERM, then start on the same ports
+        restarter.start()
+        wait_for(lambda: not port_open(guest_node.port), "the guest's broker to go down")
+        down.set()
+        restarter.join(300)
+        sender.join(300)
+        getter.join(300)
+        assert "sent" in result, "remote did not complete after the peer came back"
+        assert digest(result["v"][0]) == digest(a)
+        links = admin_of(host_node).wait_federation_links(vhost, upstream="from:guest:9999", count=1, timeout=60)
+        assert all(link["status"] == "running" for link in links)
+    g.cleanup()
+    h.cleanup()
