@@ -17,7 +17,7 @@ from .errors import BackendError, ConfigError, DuplicateTransfer, FederationErro
 from .framing import FrameWriter, PayloadTransform, chunk_size, job_fingerprint, transfer_id
 from .inbox import Inbox, Incoming
 from .options import CommonOptions, max_chunk, split_options
-from .party import Party, as_party, check_job_id
+from .party import Party, as_parties, as_party, check_job_id, key_part
 from .routing import RouteTable
 from .table import Table
 from .transfer import KIND_TABLE, Outgoing, decode_object_transfer, streamed_table, transfer_kind
@@ -34,25 +34,6 @@ ProgressFn = Callable[[int, int | None], None]
 _WAIT_TICK = 1.0  # how often a waiting get checks for stalled transfers
 _ASYNC_SENDS = 64  # remote_async transfers in flight at once
 _WINDOW_MESSAGES = 2  # messages' worth of unread table partition bytes a lane may hold
-
-
-def _as_parties(parties: Party | Sequence[Any]) -> list[Party]:
-    if isinstance(parties, Party):
-        return [parties]
-    if isinstance(parties, (str, bytes)) or not isinstance(parties, Sequence):
-        raise ConfigError(f"parties must be a Party or a list of them, got {parties!r}")
-    out = [as_party(p) for p in parties]
-    if not out:
-        raise ConfigError("parties is empty")
-    if len(set(out)) != len(out):
-        raise ConfigError(f"parties lists a party twice: {[str(p) for p in out]}")
-    return out
-
-
-def _key_part(what: str, value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ConfigError(f"{what} must be a str, got {value!r}")
-    return str(value)
 
 
 class Federation:
@@ -173,8 +154,8 @@ class Federation:
         ``progress(done, total)`` is called as messages go out (bytes over every party).
         """
         self._check_open()
-        name, tag = _key_part("name", name), _key_part("tag", tag)
-        dsts = _as_parties(parties)
+        name, tag = key_part("name", name), key_part("tag", tag)
+        dsts = as_parties(parties)
         keys = [(name, tag, p) for p in dsts]
         with self._lock:
             dup = [str(p) for (_, _, p) in keys if (name, tag, p) in self._sent]
@@ -319,8 +300,8 @@ class Federation:
         self, name: str, tag: str, parties: Party | Sequence[Party], progress: ProgressFn | None = None
     ) -> list[Incoming]:
         self._check_open()
-        name, tag = _key_part("name", name), _key_part("tag", tag)
-        srcs = _as_parties(parties)
+        name, tag = key_part("name", name), key_part("tag", tag)
+        srcs = as_parties(parties)
         keys = [(name, tag, p) for p in srcs]
         with self._lock:
             dup = [str(p) for (_, _, p) in keys if (name, tag, p) in self._got]

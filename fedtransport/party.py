@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Party", "as_party", "check_job_id"]
+__all__ = ["Party", "as_parties", "as_party", "check_job_id", "key_part"]
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -52,3 +53,24 @@ def check_job_id(job_id: Any) -> str:
     if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
         raise ConfigError(f"job_id {job_id!r} must match [A-Za-z0-9_.-]{{1,128}}")
     return job_id
+
+
+def as_parties(parties: Party | Sequence[Any]) -> list[Party]:
+    """The ``parties`` argument of remote/get: one Party or a non-empty list without repeats."""
+    if isinstance(parties, Party):
+        return [parties]
+    if isinstance(parties, (str, bytes)) or not isinstance(parties, Sequence):
+        raise ConfigError(f"parties must be a Party or a list of them, got {parties!r}")
+    out = [as_party(p) for p in parties]
+    if not out:
+        raise ConfigError("parties is empty")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"parties lists a party twice: {[str(p) for p in out]}")
+    return out
+
+
+def key_part(what: str, value: Any) -> str:
+    """A transfer's ``name`` or ``tag``: a str (an int is taken as its decimal form)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(f"{what} must be a str, got {value!r}")
+    return str(value)

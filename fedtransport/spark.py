@@ -88,7 +88,7 @@ from . import errors
 from .api import Federation
 from .errors import ConfigError, DuplicateTransfer, FederationError, IntegrityError, TransferTimeout
 from .options import split_options
-from .party import Party, as_party, check_job_id
+from .party import Party, as_parties, as_party, check_job_id, key_part
 from .routing import RouteTable
 from .table import Table
 from .transport import get_backend
@@ -298,25 +298,6 @@ atexit.register(close)
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _parties(parties: Party | Sequence[Any]) -> list[Party]:
-    if isinstance(parties, Party):
-        return [parties]
-    if isinstance(parties, (str, bytes)) or not isinstance(parties, Sequence):
-        raise ConfigError(f"parties must be a Party or a list of them, got {parties!r}")
-    out = [as_party(p) for p in parties]
-    if not out:
-        raise ConfigError("parties is empty")
-    if len(set(out)) != len(out):
-        raise ConfigError(f"parties lists a party twice: {[str(p) for p in out]}")
-    return out
-
-
-def _key_part(what: str, value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ConfigError(f"{what} must be a str, got {value!r}")
-    return str(value)
-
-
 def head_tag(tag: str) -> str:
     """The tag of a Spark transfer's head (the suffix ``#spark`` is reserved)."""
     return f"{tag}#spark"
@@ -368,8 +349,8 @@ def remote(
     accepted every message. Sending the same ``(name, tag)`` to a party twice raises
     :class:`DuplicateTransfer`; after a failure the same call may be retried.
     """
-    name, tag = _key_part("name", name), _key_part("tag", tag)
-    dsts = _parties(parties)
+    name, tag = key_part("name", name), key_part("tag", tag)
+    dsts = as_parties(parties)
     session = _driver(conf)
     keys = [(name, tag, p) for p in dsts]
     with session.lock:
@@ -538,8 +519,8 @@ def get(
     it once (or persist it): a second evaluation finds the transfer gone and its tasks fail
     after ``timeout`` (or wait for ever without one).
     """
-    name, tag = _key_part("name", name), _key_part("tag", tag)
-    srcs = _parties(parties)
+    name, tag = key_part("name", name), key_part("tag", tag)
+    srcs = as_parties(parties)
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ConfigError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
     level = None if storage_level is None else _storage_level(storage_level)

@@ -140,6 +140,7 @@ _SSL_KEYS = frozenset({"ca_file", "cert_file", "key_file", "server_hostname"})
 _FED_SSL_KEYS = frozenset({"ca_file", "cert_file", "key_file"})
 _EXPIRY_POLICY = "fedtransport-expiry"
 _RETRY_FIRST = 0.2  # seconds: first reconnect / channel re-open delay, doubled up to the cap
+_FIRST_REFUSALS = 5  # times the first connection is tried again when the broker refuses the job user
 _UPSTREAM_RECONNECT = 1  # seconds between a federation link's reconnect attempts
 _CLOSE_WAIT = 15.0  # seconds close() waits for the I/O thread to say goodbye to the broker
 _VHOST_PREFIX = re.compile(r"[A-Za-z0-9_.-]{0,64}")
@@ -348,6 +349,7 @@ class RabbitTransport(Transport):
         self._conn: SelectConnection | None = None
         self._stopping = False
         self._connected_once = False
+        self._first_refusals = 0
         self._first = threading.Event()  # first publisher channel ready, or first failure
         self._first_error: str | None = None
         self._problem = ""  # the last connection problem, for error messages
@@ -740,6 +742,13 @@ class RabbitTransport(Transport):
         self._conn = None
         if self._stopping:
             self._loop_stop()
+        elif not self._connected_once and self._first_refusals < _FIRST_REFUSALS and isinstance(
+            exc, (pika.exceptions.ProbableAccessDeniedError, pika.exceptions.ConnectionClosedByBroker)
+        ):
+            # A vhost or permission the management API has just created may not be in force on
+            # the node yet (seen when two parties create a job's vhost at once): try again shortly.
+            self._first_refusals += 1
+            self._retry_connect(f"the broker refused the new job user: {_reason(exc)}")
         elif not self._connected_once:
             self._first_error = _reason(exc)  # open() reports it; nothing to retry for
             self._stopping = True
