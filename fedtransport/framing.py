@@ -77,7 +77,7 @@ class PayloadTransform(Protocol):
     sealing: bool
     overhead: int
 
-    def compress(self, chunk: bytes | memoryview) -> bytes | None: ...
+    def compress(self, chunk: bytes | memoryview | Sequence[memoryview]) -> bytes | None: ...
     def decompress(self, data: bytes | memoryview, size: int) -> bytes: ...
     def seal(self, data: bytes | memoryview, aad: bytes) -> bytes: ...
     def open(self, data: bytes | memoryview, aad: bytes) -> bytes: ...
@@ -103,11 +103,15 @@ class Header:
         return bool(self.flags & LAST)
 
 
-def _crc(prefix: bytes | memoryview, flags: int, payload: bytes | memoryview) -> int:
+def _crc(prefix: bytes | memoryview, flags: int, payload: bytes | memoryview | Sequence[memoryview]) -> int:
     # A sealed payload is covered by its AEAD tag, and the header is its associated data:
     # checksumming the payload as well would only spend time.
     crc = zlib.crc32(prefix)
-    return crc if flags & SEALED else zlib.crc32(payload, crc)
+    if flags & SEALED:
+        return crc
+    for piece in [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload:
+        crc = zlib.crc32(piece, crc)
+    return crc
 
 
 def _pack_prefix(h: Header) -> bytes:
@@ -177,18 +181,18 @@ class FrameWriter:
         seq: int,
         offset: int,
         unit_len: int,
-        chunk: bytes | memoryview,
+        chunk: bytes | memoryview | Sequence[memoryview],
         last: bool,
         aux: int = 0,
     ) -> bytes:
+        """One message; a chunk given as pieces (see :meth:`UnitChunker.pieces`) is copied once, here."""
         t = self._transform
         flags = LAST if last else 0
-        size = len(chunk)
-        body: bytes | memoryview = chunk
-        packed = t.compress(chunk)
+        body = [chunk] if isinstance(chunk, (bytes, bytearray, memoryview)) else list(chunk)
+        size = length = sum(len(p) for p in body)
+        packed = t.compress(body)
         if packed is not None:
-            body, flags = packed, flags | COMPRESSED
-        length = len(body)
+            body, flags, length = [packed], flags | COMPRESSED, len(packed)
         if t.sealing:
             flags |= SEALED
             length += t.overhead
@@ -197,8 +201,8 @@ class FrameWriter:
         )
         prefix = _pack_prefix(header)
         if t.sealing:
-            body = t.seal(body, prefix)
-        return b"".join((prefix, _CRC.pack(_crc(prefix, flags, body)), body))
+            body = [t.seal(body[0] if len(body) == 1 else b"".join(body), prefix)]
+        return b"".join((prefix, _CRC.pack(_crc(prefix, flags, body)), *body))
 
 
 class UnitChunker:
@@ -225,6 +229,11 @@ class UnitChunker:
 
     def chunk(self, i: int) -> tuple[int, bytes | memoryview]:
         """``(offset, data)`` of chunk ``i``."""
+        start, pieces = self.pieces(i)
+        return start, pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def pieces(self, i: int) -> tuple[int, list[memoryview]]:
+        """``(offset, views)`` of chunk ``i``: the views of the buffers it spans, not joined."""
         start = i * self.max_chunk
         end = min(start + self.max_chunk, self.size)
         pieces: list[memoryview] = []
@@ -236,9 +245,7 @@ class UnitChunker:
             pieces.append(p[pos - p0 : pos - p0 + take])
             pos += take
             k += 1
-        if len(pieces) == 1:
-            return start, pieces[0]
-        return start, b"".join(pieces)
+        return start, pieces or [memoryview(b"")]
 
     def _find(self, pos: int) -> int:
         lo, hi = 0, len(self._starts) - 1
@@ -265,14 +272,14 @@ def frame_units(
     """
     seq = 0
     total = 0
-    pending: tuple[int, int, int, bytes | memoryview, int] | None = None  # held back to set LAST
+    pending: tuple[int, int, int, bytes | memoryview | list[memoryview], int] | None = None  # held back to set LAST
     for unit_no, (unit, count) in enumerate(units):
         parts = [memoryview(unit)] if isinstance(unit, (bytes, bytearray, memoryview)) else list(unit)
         size = sum(p.nbytes for p in parts)
         chunker = UnitChunker(parts, size, max_chunk)
         total += count
         for i in range(len(chunker)):
-            offset, data = chunker.chunk(i)
+            offset, data = chunker.pieces(i)
             if pending is not None:
                 yield _frame_pending(writer, stream, pending, last=False, aux=0)
             pending = (unit_no, seq, offset, data, size)
@@ -283,7 +290,8 @@ def frame_units(
 
 
 def _frame_pending(
-    writer: FrameWriter, stream: int, p: tuple[int, int, int, bytes | memoryview, int], *, last: bool, aux: int
+    writer: FrameWriter, stream: int, p: tuple[int, int, int, bytes | memoryview | list[memoryview], int], *,
+    last: bool, aux: int
 ) -> bytes:
     unit, seq, offset, data, size = p
     return writer.frame(stream=stream, unit=unit, seq=seq, offset=offset, unit_len=size, chunk=data, last=last, aux=aux)

@@ -62,14 +62,14 @@ class Outgoing:
             assert self.table is not None
             per_lane[0] = [frame_units(writer, 0, [(b"", 0)], max_chunk, aux=KIND_TABLE)]
             for p in range(self.table.num_partitions):
-                records = encode_records(self.table.raw_partition(p), max_chunk)
-                per_lane.setdefault(p % lanes, []).append(frame_units(writer, p + 1, records, max_chunk))
+                units = ((u.parts, n) for u, n in encode_records(self.table.raw_partition(p), max_chunk))
+                per_lane.setdefault(p % lanes, []).append(frame_units(writer, p + 1, units, max_chunk))
         return {lane: _chain(its) for lane, its in per_lane.items()}
 
     def _object_chunks(self, writer: FrameWriter, chunker: UnitChunker, indices: range, n: int) -> Iterator[bytes]:
         assert self.unit is not None
         for i in indices:
-            offset, data = chunker.chunk(i)
+            offset, data = chunker.pieces(i)
             yield writer.frame(
                 stream=0, unit=0, seq=i, offset=offset, unit_len=self.unit.size, chunk=data,
                 last=i == n - 1, aux=KIND_OBJECT,

@@ -7,6 +7,7 @@ import datetime
 import decimal
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -135,8 +136,9 @@ def test_os_system_payload_is_refused(tmp_path):
     ids=["eval", "exec", "getattr", "subprocess", "importlib", "__import__", "numpy-runstring", "type"],
 )
 def test_known_gadgets_refused(payload):
+    head = struct.pack("<4sIQ", b"FTO1", 0, len(payload))  # the unit preamble, no out-of-band buffers
     with pytest.raises(UnsafePayload):
-        decode_records(payload, SAFE, "peer")
+        decode_records(head + bytes(-len(head) % 64) + payload, SAFE, "peer")
 
 
 def test_allow_option_admits_a_class():
@@ -179,9 +181,70 @@ def test_records_batches_respect_target_and_roundtrip():
     records = [(i, "v" * (i % 50)) for i in range(5000)]
     batches = list(encode_records(iter(records), 4096))
     assert sum(n for _, n in batches) == len(records)
-    assert all(len(b) <= 4096 for b, n in batches if n > 1)
-    back = [r for b, _ in batches for r in decode_records(b, SAFE, "p")]
+    assert all(b.size <= 4096 for b, n in batches if n > 1)
+    back = [r for b, _ in batches for r in decode_records(b.tobytes(), SAFE, "p")]
     assert back == records
+
+
+def test_array_records_travel_as_row_batches_and_come_back_equal():
+    rng = np.random.default_rng(3)
+    rows = rng.random((300, 64))
+    records = [(f"k{i}", rows[i]) for i in range(200)]
+    records += [(200, "not an array"), (201, np.arange(5, dtype="i4")), (202, np.arange(5, dtype="i4"))]
+    records += [(i, rows[i].astype("f4")) for i in range(203, 300)]  # another dtype: another run
+    batches = list(encode_records(iter(records), 16 << 10))
+    assert sum(n for _, n in batches) == len(records)
+    assert all(b.size <= 16 << 10 for b, n in batches if n > 1)
+    back = [r for b, _ in batches for r in decode_records(b.tobytes(), SAFE, "p")]
+    assert [k for k, _ in back] == [k for k, _ in records]
+    for (_, want), (_, got) in zip(records, back, strict=True):
+        if isinstance(want, np.ndarray):
+            assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+        else:
+            assert got == want
+    assert len(batches) < 40  # a pickle call per record would not bring 64-float rows to 16 KiB batches
+
+
+def test_a_generator_that_reuses_its_array_sends_every_row():
+    def rows():
+        buf = np.zeros(16)
+        for i in range(100):
+            buf[:] = i  # the same array object for every record
+            yield i, buf
+
+    back = [r for b, _ in encode_records(rows(), 4096) for r in decode_records(b.tobytes(), SAFE, "p")]
+    assert [int(v[0]) for _, v in back] == list(range(100))
+
+    def blobs():  # a mutable buffer big enough to be written on its own by the pickler
+        buf = bytearray(100_000)
+        for i in range(5):
+            buf[:] = bytes([i]) * len(buf)
+            yield i, buf
+
+    back = [r for b, _ in encode_records(blobs(), 1 << 20) for r in decode_records(b.tobytes(), SAFE, "p")]
+    assert [v[0] for _, v in back] == list(range(5)) and all(len(set(v)) == 1 for _, v in back)
+
+    def shared():  # objects shared inside a record stay shared, and one record's never leak into the next
+        for i in range(50):
+            x = [i]
+            yield i, (x, x, {"i": i})
+
+    back = [r for b, _ in encode_records(shared(), 256) for r in decode_records(b.tobytes(), SAFE, "p")]
+    assert [v for _, v in back] == [([i], [i], {"i": i}) for i in range(50)]
+    assert all(v[0] is v[1] for _, v in back)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [([], "<f8", (2,), bytes(16)), ((1, 2), "<f8", (2,), bytes(32)), ([1, 2], "<f8", (2,), bytes(24)),
+     ([1], "<f8", (), bytes(8)), ([1], "<f8", (-1,), bytes(8)), ([1], "|O", (1,), bytes(8))],
+    ids=["no-keys", "keys-not-a-list", "short-data", "no-row-shape", "negative-shape", "object-dtype"],
+)  # fmt: skip
+def test_malformed_row_batches_are_refused(args):
+    from fedtransport.codec.arrays import _rows
+
+    with pytest.raises((ft.IntegrityError, ft.UnsafePayload)):
+        _rows(*args)
 
 
 def test_records_must_be_pairs():

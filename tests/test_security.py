@@ -395,7 +395,7 @@ def ext_registry() -> Iterator[None]:
 
 
 def as_object_unit(pickled: bytes) -> bytes:
-    """``pickled`` inside the unit preamble decode_object expects (no out-of-band buffers)."""
+    """``pickled`` inside the unit preamble decode_object and decode_records expect (no out-of-band buffers)."""
     head = struct.pack("<4sIQ", b"FTO1", 0, len(pickled))
     head += bytes(-len(head) % 64)
     return head + pickled
@@ -407,7 +407,7 @@ GADGET_NAMES = sorted(gadgets(Path("/x")))
 @pytest.mark.parametrize("name", GADGET_NAMES)
 def test_pickle_gadgets_are_refused_and_nothing_runs(tmp_path, ext_registry, name):
     data, expected = gadgets(tmp_path)[name]
-    for decode, payload in ((decode_object, as_object_unit(data)), (decode_records, data)):
+    for decode, payload in ((decode_object, as_object_unit(data)), (decode_records, as_object_unit(data))):
         with pytest.raises(ft.UnsafePayload) as err:
             decode(payload, SAFE, "host:10000")
         assert err.value.global_name == expected
@@ -489,13 +489,15 @@ def np_gadgets() -> dict[str, bytes]:
 
 NUMPY_CHILD = textwrap.dedent(
     """
-    import base64, json, sys
+    import base64, json, struct, sys
     from fedtransport.codec import UnpicklePolicy, decode_records
     from fedtransport.errors import FederationError, UnsafePayload
     results = {}
     for name, data in json.loads(sys.stdin.read()).items():
+        pickled = base64.b64decode(data)
+        head = struct.pack("<4sIQ", b"FTO1", 0, len(pickled))
         try:
-            decode_records(base64.b64decode(data), UnpicklePolicy(), "peer")
+            decode_records(head + bytes(-len(head) % 64) + pickled, UnpicklePolicy(), "peer")
             results[name] = "decoded"
         except UnsafePayload as exc:
             results[name] = "UnsafePayload " + exc.global_name

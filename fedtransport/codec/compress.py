@@ -8,6 +8,8 @@ promises, so a hostile peer cannot make us inflate a bomb.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lz4.block
 import lz4.frame
 
@@ -25,17 +27,36 @@ class Compressor:
         self._sample = sample
         self._keep = 1.0 - min_saving
 
-    def compress(self, chunk: bytes | memoryview) -> bytes | None:
-        """Compressed bytes, or ``None`` when the chunk should travel raw."""
-        n = len(chunk)
+    def compress(self, chunk: bytes | memoryview | Sequence[memoryview]) -> bytes | None:
+        """Compressed bytes, or ``None`` when the chunk should travel raw.
+
+        ``chunk`` may be given as the pieces it is made of: they are joined only if
+        the sample says compressing is worth it.
+        """
+        pieces = [chunk] if isinstance(chunk, (bytes, bytearray, memoryview)) else chunk
+        n = sum(len(p) for p in pieces)
         if not self.enabled or n < 512:
             return None
         if n > self._sample:
-            probe = lz4.block.compress(chunk[: self._sample], store_size=False)
+            probe = lz4.block.compress(_head(pieces, self._sample), store_size=False)
             if len(probe) > self._sample * self._keep:
                 return None
-        out = lz4.frame.compress(chunk, store_size=True)
+        whole = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        out = lz4.frame.compress(whole, store_size=True)
         return out if len(out) <= n * self._keep else None
+
+
+def _head(pieces: Sequence[bytes | memoryview], n: int) -> bytes | memoryview:
+    """The first ``n`` bytes of the concatenation of ``pieces``."""
+    first = pieces[0]
+    if len(first) >= n:
+        return first[:n]
+    out = bytearray()
+    for p in pieces:
+        out += p[: n - len(out)]
+        if len(out) >= n:
+            break
+    return out
 
 
 # LZ4 cannot inflate more than 255 bytes out of one input byte (a match length grows by at

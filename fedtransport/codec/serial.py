@@ -9,8 +9,14 @@ buffers as slices of one contiguous receive buffer: a numpy array's data is neve
 copied into a pickle stream on the way out, and is used in place on the way in.
 Every buffer starts on a 64-byte boundary so arrays come back aligned.
 
-Table records are encoded in batches: successive in-band pickles of ``(key, value)``
-written by one ``Pickler`` into one unit (each record serialised once, no hex, no JSON).
+Table records are encoded in batches, units of the same layout: the main pickle is
+a sequence of pickles of ``(key, value)`` written by one ``Pickler`` (each record
+serialised once, no hex, no JSON). A run of records whose values are arrays of one
+dtype and shape is written as one row batch instead (arrays.py), its rows copied
+into one block as they are taken and the block sent out of band: the usual table of
+feature vectors costs one copy per row on the way out and none on the way in (the
+received rows are views of the message), not a pickle call per record. Any other
+array is pickled in band, copied when its record is taken.
 """
 
 from __future__ import annotations
@@ -19,12 +25,12 @@ import io
 import logging
 import pickle
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import IntegrityError, SerializationError, UnsafePayload
-from .arrays import REBUILDERS, reduce_numpy
+from .arrays import REBUILDERS, RowBatch, RowBlock, can_start_rows, reduce_numpy
 from .npguard import GuardedUnpickler, is_numpy_module
 
 __all__ = [
@@ -220,12 +226,17 @@ def encode_object(obj: Any, *, cloudpickle_fallback: bool = False) -> EncodedUni
             main = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
         except Exception as exc2:
             raise SerializationError(f"cannot encode a {type(obj).__name__}: {exc2}") from exc2
-    raws = [b.raw() for b in buffers]
-    head = bytearray(_PREAMBLE.pack(_PREAMBLE_MAGIC, len(raws), len(main)))
+    return _layout([memoryview(main)], [b.raw() for b in buffers])
+
+
+def _layout(main: Sequence[bytes | bytearray | memoryview], raws: Sequence[memoryview]) -> EncodedUnit:
+    """``preamble | main pickle | pad | buffer 0 | pad | ...``, the layout of every unit; ``main`` in pieces."""
+    main_len = sum(len(m) for m in main)
+    head = bytearray(_PREAMBLE.pack(_PREAMBLE_MAGIC, len(raws), main_len))
     for r in raws:
         head += _LEN.pack(r.nbytes)
     head += bytes(_pad(len(head)))
-    parts: list[bytes | bytearray | memoryview] = [head, main, bytes(_pad(len(main)))]
+    parts: list[bytes | bytearray | memoryview] = [head, *main, bytes(_pad(main_len))]
     for r in raws:
         parts.append(r)
         if _pad(r.nbytes):
@@ -233,83 +244,221 @@ def encode_object(obj: Any, *, cloudpickle_fallback: bool = False) -> EncodedUni
     return EncodedUnit.of(parts)
 
 
-def decode_object(data: memoryview | bytes, policy: UnpicklePolicy, source: str) -> Any:
-    """Inverse of :func:`encode_object`; out-of-band buffers are slices of ``data``."""
+def _split(data: memoryview | bytes, source: str, what: str) -> tuple[memoryview, list[pickle.PickleBuffer]]:
+    """Inverse of :func:`_layout`: the main pickle and the out-of-band buffers, as slices of ``data``."""
     view = memoryview(data).cast("B")
     if view.nbytes < _PREAMBLE.size:
-        raise IntegrityError(f"object payload from {source} is truncated ({view.nbytes} bytes)")
+        raise IntegrityError(f"{what} from {source} is truncated ({view.nbytes} bytes)")
     magic, nbuf, main_len = _PREAMBLE.unpack_from(view)
     if magic != _PREAMBLE_MAGIC:
-        raise IntegrityError(f"object payload from {source} has an unknown preamble {bytes(magic)!r}")
+        raise IntegrityError(f"{what} from {source} has an unknown preamble {bytes(magic)!r}")
     lens_end = _PREAMBLE.size + nbuf * _LEN.size
     if lens_end > view.nbytes:
-        raise IntegrityError(f"object payload from {source} declares {nbuf} buffers it does not hold")
+        raise IntegrityError(f"{what} from {source} declares {nbuf} buffers it does not hold")
     lens = [_LEN.unpack_from(view, _PREAMBLE.size + i * _LEN.size)[0] for i in range(nbuf)]
     pos = lens_end + _pad(lens_end)
     slices = []
     for n in (main_len, *lens):
         if pos + n > view.nbytes:
-            raise IntegrityError(f"object payload from {source} is shorter than its preamble says")
+            raise IntegrityError(f"{what} from {source} is shorter than its preamble says")
         slices.append(view[pos : pos + n])
         pos += n + _pad(n)
-    main, bufs = slices[0], [pickle.PickleBuffer(s) for s in slices[1:]]
+    return slices[0], [pickle.PickleBuffer(s) for s in slices[1:]]
+
+
+def decode_object(data: memoryview | bytes, policy: UnpicklePolicy, source: str) -> Any:
+    """Inverse of :func:`encode_object`; out-of-band buffers are slices of ``data``."""
+    main, bufs = _split(data, source, "object payload")
     return _loads(main, policy, source, bufs)
 
 
-def encode_records(records: Iterable[Any], target_size: int) -> Iterator[tuple[bytes, int]]:
+def encode_records(records: Iterable[Any], target_size: int) -> Iterator[tuple[EncodedUnit, int]]:
     """Batch ``(key, value)`` records into units of at most ``target_size`` bytes.
 
-    Yields ``(unit_bytes, record_count)``. A unit is a sequence of pickles, one per
-    record, written by one pickler whose memo spans the unit: what records share
-    (a dtype, a class, the reconstructor of an array) is written and looked up once
-    per unit, not once per record. A record that overflows the unit is taken back
-    and opens the next one; a single record larger than the target becomes a unit
-    of its own, which framing splits over several messages.
+    Yields ``(unit, record_count)``. A unit is a sequence of pickles, each a
+    record or a row batch. The pickler's memo is cleared after each: a generator
+    may yield the same object again, changed, and must not find its first state
+    referenced. A record that overflows the unit is taken back and opens the next
+    one; a single record larger than the target becomes a unit of its own, which
+    framing splits over several messages.
     """
-    buf = io.BytesIO()
-    pickler = _pickler(buf)
-    count = 0
+    unit = _UnitWriter(target_size)
     for rec in records:
         if not (isinstance(rec, (tuple, list)) and len(rec) == 2):
             raise SerializationError(f"table records must be (key, value) pairs, got {rec!r:.80}")
-        rec = rec if isinstance(rec, tuple) else (rec[0], rec[1])
-        mark = buf.tell()
-        _dump_record(pickler, rec)
-        if count and buf.tell() > target_size:
-            buf.truncate(mark)
-            yield buf.getvalue(), count
-            buf = io.BytesIO()
-            pickler = _pickler(buf)  # a fresh memo: units decode on their own
-            _dump_record(pickler, rec)
-            count = 0
-        count += 1
-    if count:
-        yield buf.getvalue(), count
+        key, value = rec
+        if unit.run is not None and unit.run.add(key, value):
+            continue
+        unit.flush_run()
+        if can_start_rows(value):
+            if unit.count and unit.size + value.nbytes > target_size:
+                yield unit.done()
+                unit = _UnitWriter(target_size)
+            unit.start_run(key, value)
+            continue
+        mark = unit.buf.tell()
+        _dump_record(unit.pickler, (key, value))
+        if unit.count and unit.size > target_size:
+            unit.buf.truncate(mark)
+            yield unit.done()
+            unit = _UnitWriter(target_size)  # a fresh memo: units decode on their own
+            _dump_record(unit.pickler, (key, value))
+        unit.count += 1
+    unit.flush_run()
+    if unit.count:
+        yield unit.done()
 
 
-def _dump_record(pickler: pickle.Pickler, rec: tuple[Any, Any]) -> None:
+class _Parts:
+    """A file for a pickler that keeps large ``bytes`` payloads as they are handed over, uncopied.
+
+    The C pickler writes a payload of 64 KiB or more with a write call of its own,
+    passing the object itself: a large ``bytes`` value becomes a part of the unit and
+    is copied once, into its message, by framing. Anything mutable (a bytearray, an
+    array's buffer) is copied now: the record's owner may change it once it is taken.
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[bytearray | memoryview] = []
+        self._small: bytearray | None = None  # the last part, while small writes go into it
+        self._size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = view.nbytes
+        if n >= _BIG_WRITE and type(data) is bytes:
+            self.parts.append(view)
+            self._small = None
+        else:
+            if self._small is None:
+                self._small = bytearray()
+                self.parts.append(self._small)
+            self._small += view
+        self._size += n
+        return n
+
+    def tell(self) -> int:
+        return self._size
+
+    def truncate(self, pos: int) -> None:
+        while self.parts and self._size - len(self.parts[-1]) >= pos:
+            self._size -= len(self.parts.pop())
+        if self._size > pos:
+            self.parts[-1] = self.parts[-1][: len(self.parts[-1]) - (self._size - pos)]
+            self._size = pos
+        self._small = None
+
+
+_BIG_WRITE = 64 << 10  # the C pickler's frame size: larger payloads come in writes of their own
+_RUN_OVERHEAD = 256  # bytes a row batch's call takes besides its keys and rows
+_KEY_ALLOWANCE = 16  # bytes a row's key is assumed to take: an int, a short string
+
+
+class _UnitWriter:
+    """One unit of table records being written, with the row batch it has open."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.buf = _Parts()
+        # not a bound method: a pickler -> writer -> pickler cycle would keep every row block of a
+        # partition alive until the cyclic garbage collector happened to run
+        self.oob = _RowBlocks()
+        self.pickler = _pickler(self.buf, self.oob)  # type: ignore[arg-type]
+        self.count = 0  # records written
+        self.run: RowBlock | None = None
+
+    @property
+    def size(self) -> int:
+        """The unit's size so far, laid out (:func:`_layout`)."""
+        blocks = self.oob.blocks
+        head = _PREAMBLE.size + _LEN.size * len(blocks)
+        main = self.buf.tell()
+        return head + _pad(head) + main + _pad(main) + sum(b.nbytes + _pad(b.nbytes) for b in blocks)
+
+    def start_run(self, key: Any, value: Any) -> None:
+        # as many rows as the unit has room for (at least this one: an oversized row is a unit of its own)
+        room = self.target - self.size - _RUN_OVERHEAD
+        self.run = RowBlock(value, room // (value.nbytes + _KEY_ALLOWANCE))
+        self.run.add(key, value)
+
+    def flush_run(self) -> None:
+        run = self.run
+        if run is None:
+            return
+        reduction = run.reduction()
+        self.oob.current = reduction[1][-1]
+        _dump_record(self.pickler, _Reduced(reduction), run.keys[0])
+        self.oob.current = None
+        self.count += run.count
+        self.run = None
+
+    def done(self) -> tuple[EncodedUnit, int]:
+        return _layout(self.buf.parts, self.oob.blocks), self.count
+
+
+class _RowBlocks:
+    """A records pickler's buffer callback: row blocks go out of band, every other buffer in band.
+
+    Out of band, the receiver's rows are views of the message that brought them; any other
+    buffer (the array of a single record) is copied in band when its record is taken.
+    """
+
+    def __init__(self) -> None:
+        self.blocks: list[memoryview] = []
+        self.current: pickle.PickleBuffer | None = None  # the row block being written
+
+    def __call__(self, buf: pickle.PickleBuffer) -> bool:
+        if buf is not self.current:
+            return True  # in band
+        self.blocks.append(buf.raw())
+        return False
+
+
+class _Reduced:
+    """Pickled as the call its ``reduction`` names (a row batch)."""
+
+    __slots__ = ("reduction",)
+
+    def __init__(self, reduction: tuple[Any, ...]) -> None:
+        self.reduction = reduction
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return self.reduction
+
+
+def _dump_record(pickler: pickle.Pickler, rec: Any, key: Any = None) -> None:
     try:
         pickler.dump(rec)
+        pickler.clear_memo()
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
-        raise SerializationError(f"cannot encode table record with key {rec[0]!r:.80}: {exc}") from exc
+        key = rec[0] if isinstance(rec, tuple) else key
+        raise SerializationError(f"cannot encode table record with key {key!r:.80}: {exc}") from exc
 
 
 def decode_records(data: memoryview | bytes, policy: UnpicklePolicy, source: str) -> list[tuple[Any, Any]]:
-    """Inverse of :func:`encode_records` for one unit (one unpickler: the memo spans the unit)."""
-    stream = io.BytesIO(data)
+    """Inverse of :func:`encode_records` for one unit."""
+    if not len(data):
+        return []  # the empty unit that ends an empty partition
+    main, bufs = _split(data, source, "table batch")
     try:
-        return _load_records(stream, _SafeUnpickler(stream, policy, source), source)
-    except _NeedsNumpyGuard:  # the memo spans the unit: decode all of it again
-        stream = io.BytesIO(data)
-        return _load_records(stream, _guarded(stream, policy, source), source)
+        return _load_records(main, bufs, lambda f, b: _SafeUnpickler(f, policy, source, buffers=b), source)
+    except _NeedsNumpyGuard:  # decode the whole unit again, the checking way
+        return _load_records(main, bufs, lambda f, b: _guarded(f, policy, source, b), source)
 
 
-def _load_records(stream: io.BytesIO, unpickler: Any, source: str) -> list[tuple[Any, Any]]:
-    end = len(stream.getbuffer())
+def _load_records(
+    main: memoryview, bufs: list[pickle.PickleBuffer], unpickler: Callable[[io.BytesIO, Any], Any], source: str
+) -> list[tuple[Any, Any]]:
+    stream, end, buffers = io.BytesIO(main), main.nbytes, iter(bufs)
     out: list[tuple[Any, Any]] = []
     try:
         while stream.tell() < end:
-            rec = unpickler.load()
+            # One unpickler per record, as the sender clears its memo after each: the memo
+            # indices of one record must not find another record's objects.
+            rec = unpickler(stream, buffers).load()
+            if type(rec) is RowBatch:
+                out += rec.records
+                continue
             if not isinstance(rec, tuple) or len(rec) != 2:
                 raise IntegrityError(f"table batch from {source} holds a {type(rec).__name__}, not a record")
             out.append(rec)
