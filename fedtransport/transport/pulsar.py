@@ -17,6 +17,10 @@ Features
       and brokers that stall or duplicate with deeper queues (pulsar-lite, see
       docs/backends.md) stay correct; the framing layer drops duplicates and the
       inbox's watchdog asks for redelivery when a transfer stops making progress.
+      When a lane stays silent through a second request in a row, its consumer is
+      replaced by a new one on the same subscription (once per silence): what the
+      broker holds for the subscription is dispatched to the new consumer, which gets
+      a lane going again that a broker stopped dispatching to (seen with pulsar-lite).
     * Modes: ``shared`` (every party on one broker), ``direct`` (produce to the
       destination's broker from the route table, consume from our own),
       ``replication`` (produce to our own cluster with ``replication_clusters=[the
@@ -135,6 +139,9 @@ class PulsarTransport(Transport):
         self._receivers: list[threading.Thread] = []
         self._peers: set[str] = set()
         self._listened: set[tuple[Party, int]] = set()
+        # per listened lane: how to subscribe again, and the redelivery requests since its last message
+        self._subscriptions: dict[tuple[Party, int], tuple[pulsar.Client, str, dict[str, Any]]] = {}
+        self._silent: dict[tuple[Party, int], int] = {}
         self._closed = threading.Event()
         self._admin: PulsarAdmin | None = None
         self._service_url = o["service_url"]
@@ -402,7 +409,8 @@ class PulsarTransport(Transport):
         with self._lock:
             self._consumers[key] = consumer
             self._listened.add(key)
-        t = threading.Thread(target=self._receive_loop, args=(consumer, src, lane, deliver),
+            self._subscriptions[key] = (client, topic, kwargs)
+        t = threading.Thread(target=self._receive_loop, args=(src, lane, deliver),
                              name=f"ft-pulsar-{src}-{lane}", daemon=True)  # fmt: skip
         self._receivers.append(t)
         t.start()
@@ -428,16 +436,23 @@ class PulsarTransport(Transport):
                 self._closed.wait(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _receive_loop(self, consumer: pulsar.Consumer, src: Party, lane: int, deliver: DeliverFn) -> None:
+    def _receive_loop(self, src: Party, lane: int, deliver: DeliverFn) -> None:
+        key = (src, lane)
         while not self._closed.is_set():
+            consumer = self._consumers.get(key)
+            if consumer is None:  # dropped by cleanup
+                return
             try:
                 msg = consumer.receive(timeout_millis=_RECEIVE_POLL_MS)
             except pulsar.Timeout:
                 continue
-            except Exception as exc:  # closed consumer or client: the loop ends with the session
-                if not self._closed.is_set():
-                    log.warning("receiving from %s lane %d stopped: %s", src, lane, exc)
-                return
+            except Exception as exc:  # closed: by the session (the loop ends), or replaced (it goes on)
+                if self._closed.is_set() or self._consumers.get(key) is consumer:
+                    if not self._closed.is_set():
+                        log.warning("receiving from %s lane %d stopped: %s", src, lane, exc)
+                    return
+                continue
+            self._silent[key] = 0
             deliver(Delivery(src, lane, msg.data(), msg.message_id()))
 
     def ack(self, deliveries: Sequence[tuple[int, Party, Any]]) -> None:
@@ -451,9 +466,32 @@ class PulsarTransport(Transport):
                 raise BackendError(f"acknowledging on lane {lane} from {src} failed: {exc}") from exc
 
     def redeliver(self, src: Party, lane: int) -> None:
-        consumer = self._consumers.get((src, lane))
-        if consumer is not None:
+        key = (src, lane)
+        consumer = self._consumers.get(key)
+        if consumer is None or self._closed.is_set():
+            return
+        silent = self._silent[key] = self._silent.get(key, 0) + 1
+        if silent != 2:  # the second request in a row without a message: a new consumer, once
             consumer.redeliver_unacknowledged_messages()
+            return
+        client, topic, kwargs = self._subscriptions[key]
+        log.info("lane %d from %s is still silent: subscribing again to %s", lane, src, topic)
+        try:
+            fresh = self._subscribe(client, topic, kwargs)
+        except BackendError as exc:
+            log.warning("subscribing again to %s failed: %s", topic, exc)
+            return
+        with self._lock:
+            if self._consumers.get(key) is not consumer:  # closed or cleaned up meanwhile
+                fresh.close()
+                return
+            self._consumers[key] = fresh
+        # Its unacknowledged messages go back to the subscription: the fresh consumer gets them,
+        # and acknowledgements of what it delivered before, refused now, only bring duplicates.
+        try:
+            consumer.close()
+        except Exception as exc:
+            log.debug("closing the replaced consumer of %s: %s", topic, exc)
 
     def _pulsar_call(self, what: str, call: Callable[[], Any]) -> Any:
         try:
