@@ -404,9 +404,14 @@ def _rabbit_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
     a = stack.enter_context(RabbitNode(name="bench-a"))
     b = stack.enter_context(RabbitNode(name="bench-b")) if args.mode == "federated" else a
 
-    def opts(node: Any) -> dict[str, Any]:
-        return {"host": "127.0.0.1", "port": node.port, "mng_port": node.mng_port, "user": node.user,
-                "password": node.password, "mode": args.mode}  # fmt: skip
+    def opts(node: Any, peer_id: str, peer: Any) -> dict[str, Any]:
+        o = {"host": "127.0.0.1", "port": node.port, "mng_port": node.mng_port, "user": node.user,
+             "password": node.password, "mode": args.mode}  # fmt: skip
+        if peer is not node:  # federated: the upstream logs in to the peer's node (no secret: no sealing cost)
+            o["peer_credentials"] = {peer_id: {"user": peer.user, "password": peer.password}}
+        return o
+
+    options = {"guest": opts(a, "10000", b), "host": opts(b, "9999", a)}
 
     routes = {"9999": {"host": "127.0.0.1", "port": a.port, "mng_port": a.mng_port},
               "10000": {"host": "127.0.0.1", "port": b.port, "mng_port": b.mng_port}}  # fmt: skip
@@ -421,13 +426,13 @@ def _rabbit_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
     def fed(kind: str, **extra: Any) -> Go:
         def go(i: int) -> Result:
             cfg = {"backend": "rabbitmq", "job_id": f"bench-{kind}-{time.time_ns()}", "workload": kind,
-                   "mib": args.mib, "options": {"guest": opts(a), "host": opts(b)}, "routes": routes,
+                   "mib": args.mib, "options": options, "routes": routes,
                    "cleanup": True, **extra}  # fmt: skip
             return run_pair(fed_sender, fed_receiver, cfg, wait_ready=False)
 
         return go
 
-    broker = {"nodes": (a, b), "routes": routes, "options": {"guest": opts(a), "host": opts(b)}}
+    broker = {"nodes": (a, b), "routes": routes, "options": options}
     return BenchContext(args, "rabbitmq", stack, raw, fed, broker)
 
 
@@ -609,7 +614,10 @@ def render_chart(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
     panels = _panels(results)
     if not panels:
         raise ConfigError("the results hold no workload with its raw baseline: nothing to compare")
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.6 * len(panels), 4.8), squeeze=False)
+    # each panel as wide as the bars it holds, so bars and their labels keep one size throughout
+    sizes = [len(results) * len(names) + len(results) for _, _, names in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 0.42 * sum(sizes) + 1.2 * len(panels), 5.6),
+                             squeeze=False, gridspec_kw={"width_ratios": sizes})  # fmt: skip
     for ax, (title, unit, names) in zip(axes[0], panels, strict=True):
         width = 0.8 / len(names)
         groups = [_label(r) for r in results]
@@ -629,20 +637,19 @@ def render_chart(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
             bars = ax.bar(xs, heights, width * 0.92, color=colour, label=label)
             for bar, note in zip(bars, notes, strict=True):
                 ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                            fontsize=8, xytext=(0, 2), textcoords="offset points")  # fmt: skip
-        ax.set_xticks(range(len(groups)), groups)
+                            fontsize=8, rotation=90, xytext=(0, 3), textcoords="offset points")  # fmt: skip
+        ax.set_xticks(range(len(groups)), [g.replace(" (", "\n(") for g in groups])
         ax.set_ylabel(unit)
         ax.set_title(title)
-        ax.margins(y=0.15)
+        ax.margins(y=0.2)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(names), frameon=False)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     dates = sorted({str(r.get("date", "")) for r in results} - {""})
     cpus = sorted({str(r.get("cpu_count", "?")) for r in results})
     fig.suptitle(f"fedtransport vs the raw broker client (best run; {', '.join(cpus)} cores"
                  + (f"; {', '.join(dates)}" if dates else "") + ")", fontsize=11)  # fmt: skip
-    fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")  # the legends below the axes stay in the picture
     plt.close(fig)
     return out

@@ -21,6 +21,7 @@ array is pickled in band, copied when its record is taken.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import pickle
@@ -309,47 +310,6 @@ def encode_records(records: Iterable[Any], target_size: int) -> Iterator[tuple[E
         yield unit.done()
 
 
-class _Parts:
-    """A file for a pickler that keeps large ``bytes`` payloads as they are handed over, uncopied.
-
-    The C pickler writes a payload of 64 KiB or more with a write call of its own,
-    passing the object itself: a large ``bytes`` value becomes a part of the unit and
-    is copied once, into its message, by framing. Anything mutable (a bytearray, an
-    array's buffer) is copied now: the record's owner may change it once it is taken.
-    """
-
-    def __init__(self) -> None:
-        self.parts: list[bytearray | memoryview] = []
-        self._small: bytearray | None = None  # the last part, while small writes go into it
-        self._size = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        n = view.nbytes
-        if n >= _BIG_WRITE and type(data) is bytes:
-            self.parts.append(view)
-            self._small = None
-        else:
-            if self._small is None:
-                self._small = bytearray()
-                self.parts.append(self._small)
-            self._small += view
-        self._size += n
-        return n
-
-    def tell(self) -> int:
-        return self._size
-
-    def truncate(self, pos: int) -> None:
-        while self.parts and self._size - len(self.parts[-1]) >= pos:
-            self._size -= len(self.parts.pop())
-        if self._size > pos:
-            self.parts[-1] = self.parts[-1][: len(self.parts[-1]) - (self._size - pos)]
-            self._size = pos
-        self._small = None
-
-
-_BIG_WRITE = 64 << 10  # the C pickler's frame size: larger payloads come in writes of their own
 _RUN_OVERHEAD = 256  # bytes a row batch's call takes besides its keys and rows
 _KEY_ALLOWANCE = 16  # bytes a row's key is assumed to take: an int, a short string
 
@@ -359,21 +319,18 @@ class _UnitWriter:
 
     def __init__(self, target: int) -> None:
         self.target = target
-        self.buf = _Parts()
+        self.buf = io.BytesIO()
         # not a bound method: a pickler -> writer -> pickler cycle would keep every row block of a
         # partition alive until the cyclic garbage collector happened to run
         self.oob = _RowBlocks()
-        self.pickler = _pickler(self.buf, self.oob)  # type: ignore[arg-type]
+        self.pickler = _pickler(self.buf, self.oob)
         self.count = 0  # records written
         self.run: RowBlock | None = None
 
     @property
     def size(self) -> int:
-        """The unit's size so far, laid out (:func:`_layout`)."""
-        blocks = self.oob.blocks
-        head = _PREAMBLE.size + _LEN.size * len(blocks)
-        main = self.buf.tell()
-        return head + _pad(head) + main + _pad(main) + sum(b.nbytes + _pad(b.nbytes) for b in blocks)
+        """At least the unit's size so far, laid out (:func:`_layout`): exact but for the main pickle's padding."""
+        return self.buf.tell() + self.oob.laid_out + ALIGN - 1
 
     def start_run(self, key: Any, value: Any) -> None:
         # as many rows as the unit has room for (at least this one: an oversized row is a unit of its own)
@@ -393,7 +350,7 @@ class _UnitWriter:
         self.run = None
 
     def done(self) -> tuple[EncodedUnit, int]:
-        return _layout(self.buf.parts, self.oob.blocks), self.count
+        return _layout([self.buf.getbuffer()], self.oob.blocks), self.count
 
 
 class _RowBlocks:
@@ -406,11 +363,15 @@ class _RowBlocks:
     def __init__(self) -> None:
         self.blocks: list[memoryview] = []
         self.current: pickle.PickleBuffer | None = None  # the row block being written
+        self.laid_out = _PREAMBLE.size + _pad(_PREAMBLE.size)  # the unit's bytes besides the main pickle
 
     def __call__(self, buf: pickle.PickleBuffer) -> bool:
         if buf is not self.current:
             return True  # in band
-        self.blocks.append(buf.raw())
+        raw = buf.raw()
+        self.blocks.append(raw)
+        head = _PREAMBLE.size + _LEN.size * len(self.blocks)
+        self.laid_out = head + _pad(head) + sum(b.nbytes + _pad(b.nbytes) for b in self.blocks)
         return False
 
 
@@ -440,22 +401,25 @@ def decode_records(data: memoryview | bytes, policy: UnpicklePolicy, source: str
     if not len(data):
         return []  # the empty unit that ends an empty partition
     main, bufs = _split(data, source, "table batch")
+    # A class for this unit whose instances cost no Python-level __init__: one per record.
+    unpickler = type("_RecordUnpickler", (_SafeUnpickler,),
+                     {"__init__": pickle.Unpickler.__init__, "_policy": policy, "_source": source})  # fmt: skip
     try:
-        return _load_records(main, bufs, lambda f, b: _SafeUnpickler(f, policy, source, buffers=b), source)
+        buffers = iter(bufs)
+        return _load_records(main, functools.partial(unpickler, buffers=buffers), source)
     except _NeedsNumpyGuard:  # decode the whole unit again, the checking way
-        return _load_records(main, bufs, lambda f, b: _guarded(f, policy, source, b), source)
+        buffers = iter(bufs)
+        return _load_records(main, lambda f: _guarded(f, policy, source, buffers), source)
 
 
-def _load_records(
-    main: memoryview, bufs: list[pickle.PickleBuffer], unpickler: Callable[[io.BytesIO, Any], Any], source: str
-) -> list[tuple[Any, Any]]:
-    stream, end, buffers = io.BytesIO(main), main.nbytes, iter(bufs)
+def _load_records(main: memoryview, unpickler: Callable[[io.BytesIO], Any], source: str) -> list[tuple[Any, Any]]:
+    stream, end = io.BytesIO(main), main.nbytes
     out: list[tuple[Any, Any]] = []
     try:
         while stream.tell() < end:
             # One unpickler per record, as the sender clears its memo after each: the memo
             # indices of one record must not find another record's objects.
-            rec = unpickler(stream, buffers).load()
+            rec = unpickler(stream).load()
             if type(rec) is RowBatch:
                 out += rec.records
                 continue
