@@ -120,6 +120,9 @@ def _start_broker(backend: str, options: dict[str, Any], stack: ExitStack) -> st
 
         broker = stack.enter_context(EmbeddedPulsar())
         options["service_url"] = broker.service_url
+        # pulsar-lite now and then stops dispatching to a subscription (docs/pulsar.md): a short
+        # watchdog gets such a lane going again in seconds, where the default waits 10 s per step.
+        options.setdefault("redelivery_after", 2.0)
         return f"embedded broker at {broker.service_url}"
     if backend == "rabbitmq" and not options.get("port"):
         from .brokers import RabbitNode

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import fedtransport as ft
@@ -68,24 +69,51 @@ def sender(backend: str, job_id: str, party: tuple[str, str], peer: tuple[str, s
 ROW = 8192  # float64 values per record: 64 KiB
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-def _reset_peak_rss() -> None:
-    # ru_maxrss would not do: a spawned child inherits the high-water mark of the parent it was
-    # forked from (pytest, large after other tests). Writing 5 to clear_refs resets VmHWM.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss() -> int:
+def status_bytes(field: str) -> int:
+    """A size this process's /proc/self/status gives (``VmRSS``, ``VmHWM``, ``VmSize``), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss() -> int:
+    return status_bytes("VmRSS")
+
+
+class PeakRSS:
+    """The highest RSS of this process while the block runs (sampled, and the kernel's own mark)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = rss()
+        self.peak = self.start
+        self._hwm = False
+        try:  # reset the kernel's high-water mark (VmHWM) to the current RSS; ru_maxrss would not do:
+            # a spawned child inherits the mark of the parent it was forked from
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._hwm = True
+        except OSError:
+            pass
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._hwm:
+            self.peak = max(self.peak, status_bytes("VmHWM"))
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
 
 
 def table_partition(p: int, records: int) -> Any:
@@ -107,10 +135,9 @@ def table_sender(backend: str, job_id: str, party: tuple[str, str], peer: tuple[
     """Send a table of generator partitions; report peak RSS growth over the RSS before sending."""
     with ft.Federation.connect(backend, job_id=job_id, party=ft.Party(*party), options=options) as fed:
         table = ft.Table.from_partitions([table_partition(p, records) for p in range(parts)])
-        _reset_peak_rss()
-        base = _rss()
-        fed.remote(table, name, tag, [ft.Party(*peer)])
-        out.put(("sent", _peak_rss() - base))
+        with PeakRSS() as mem:
+            fed.remote(table, name, tag, [ft.Party(*peer)])
+        out.put(("sent", mem.growth))
 
 
 def table_receiver(backend: str, job_id: str, party: tuple[str, str], peer: tuple[str, str],
@@ -118,18 +145,17 @@ def table_receiver(backend: str, job_id: str, party: tuple[str, str], peer: tupl
     """Get a table and read it partition by partition; report digests, counts and peak RSS growth."""
     src = ft.Party(*peer)
     with ft.Federation.connect(backend, job_id=job_id, party=ft.Party(*party), options=options) as fed:
-        _reset_peak_rss()
-        base = _rss()
-        [table] = fed.get(name, tag, [src], timeout=300)
-        digests, counts = [], []
-        for p in range(table.num_partitions):
-            h, n = hashlib.sha256(), 0
-            for key, value in table.iter_partition(p):
-                _fold(h, key, value)
-                n += 1
-            digests.append(h.hexdigest())
-            counts.append(n)
-        out.put(("got", _peak_rss() - base, digests, counts, fed.stats["bytes_received"]))
+        with PeakRSS() as mem:
+            [table] = fed.get(name, tag, [src], timeout=300)
+            digests, counts = [], []
+            for p in range(table.num_partitions):
+                h, n = hashlib.sha256(), 0
+                for key, value in table.iter_partition(p):
+                    _fold(h, key, value)
+                    n += 1
+                digests.append(h.hexdigest())
+                counts.append(n)
+        out.put(("got", mem.growth, digests, counts, fed.stats["bytes_received"]))
 
 
 def expected_table_digests(parts: int, records: int) -> list[str]:
@@ -140,3 +166,25 @@ def expected_table_digests(parts: int, records: int) -> list[str]:
             _fold(h, key, value)
         digests.append(h.hexdigest())
     return digests
+
+
+def gate(fed: ft.Federation, at: int, release: threading.Event, reached: threading.Barrier | None = None) -> None:
+    """Make every lane ``fed`` sends on pause before its message ``at`` until ``release`` is set.
+
+    ``reached``, if given, is waited on by each lane as it gets there (a barrier the test shares).
+    The waits are liveness bounds only.
+    """
+    real_send = fed._transport.send
+
+    def gated_send(dst: ft.Party, lane: int, messages: Any) -> int:
+        def gated() -> Iterator[bytes]:
+            for i, m in enumerate(messages):
+                if i == at:
+                    if reached is not None:
+                        reached.wait(120)
+                    release.wait(300)
+                yield m
+
+        return real_send(dst, lane, gated())
+
+    fed._transport.send = gated_send  # type: ignore[method-assign]

@@ -21,6 +21,7 @@ import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,12 +30,14 @@ from fedtransport.brokers.rabbitmq import RabbitNode
 from fedtransport.transport.rabbitmq_admin import RabbitAdmin
 
 __all__ = [
+    "BootingNode",
     "RabbitPool",
     "admin_of",
     "make_certs",
     "rabbit_certs",
     "rabbit_installed",
     "rabbit_node",
+    "rabbit_opts",
     "rabbit_pair",
     "rabbit_pool",
     "requires_rabbitmq",
@@ -200,3 +203,35 @@ def rabbit_trio(rabbit_pool: RabbitPool) -> tuple[RabbitNode, RabbitNode, Rabbit
     """Shared nodes ``party-a``, ``party-b`` and ``party-c`` (the missing ones boot in parallel)."""
     a, b, c = rabbit_pool.nodes(3)
     return a, b, c
+
+
+def rabbit_opts(node: RabbitNode, **extra: Any) -> dict[str, Any]:
+    """Backend options pointing at ``node`` with its admin credentials."""
+    return {"host": "127.0.0.1", "port": node.port, "mng_port": node.mng_port, "user": node.user,
+            "password": node.password, **extra}  # fmt: skip
+
+
+class BootingNode:
+    """A node of a test module's own (one the tests kill or restart), booting in the background meanwhile."""
+
+    def __init__(self, name: str) -> None:
+        self.node = RabbitNode(name=name)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._boot, daemon=True)
+        self.thread.start()
+
+    def _boot(self) -> None:
+        try:
+            self.node.start()
+        except BaseException as exc:  # reported by the test that needs the node
+            self.error = exc
+
+    def ready(self) -> RabbitNode:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.node
+
+    def stop(self) -> None:
+        self.thread.join()
+        self.node.stop()

@@ -36,6 +36,7 @@ try:
         rabbit_certs,
         rabbit_installed,
         rabbit_node,
+        rabbit_opts,
         rabbit_pair,
         rabbit_pool,
         unique_name,
@@ -46,6 +47,7 @@ except ModuleNotFoundError:  # plain `pytest` without the repository root on sys
         rabbit_certs,
         rabbit_installed,
         rabbit_node,
+        rabbit_opts,
         rabbit_pair,
         rabbit_pool,
         unique_name,
@@ -424,17 +426,6 @@ def test_pulsar_doctor_names_the_problem_and_the_fix(
 
 
 # ---------------------------------------------------------------------------- RabbitMQ: cleanup and doctor
-
-
-def rabbit_opts(node: RabbitNode, **extra: Any) -> dict[str, Any]:
-    return {
-        "host": "127.0.0.1",
-        "port": node.port,
-        "mng_port": node.mng_port,
-        "user": node.user,
-        "password": node.password,
-        **extra,
-    }
 
 
 def job_leftovers(node: RabbitNode, job_id: str) -> list[str]:

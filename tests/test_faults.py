@@ -31,29 +31,28 @@ import numpy as np
 import pulsar
 import pytest
 from conftest import GUEST, HOST
-from party_proc import big_array, digest
+from party_proc import PeakRSS, big_array, digest, gate, rss
 
 import fedtransport as ft
-from fedtransport.brokers import EmbeddedPulsar, RabbitNode
+from fedtransport.brokers import EmbeddedPulsar
 from fedtransport.brokers._process import port_open
 from fedtransport.framing import transfer_id
 
 try:
-    from tests.rabbit_fixtures import admin_of, rabbit_installed, rabbit_node, rabbit_pool
+    from tests.rabbit_fixtures import BootingNode, admin_of, rabbit_installed, rabbit_node, rabbit_opts, rabbit_pool
 except ModuleNotFoundError:  # plain `pytest` without the repository root on sys.path
-    from rabbit_fixtures import admin_of, rabbit_installed, rabbit_node, rabbit_pool  # type: ignore[no-redef]  # noqa: F401
+    from rabbit_fixtures import (  # type: ignore[no-redef]  # noqa: F401
+        BootingNode,
+        admin_of,
+        rabbit_installed,
+        rabbit_node,
+        rabbit_opts,
+        rabbit_pool,
+    )
 
 SPAWN = mp.get_context("spawn")
 SECRET = "a job secret shared by every party"
 needs_rabbitmq = pytest.mark.skipif(not rabbit_installed(), reason="rabbitmq-server not installed")
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def wait_for(probe: Any, what: str, bound: float = 120.0) -> Any:
@@ -68,24 +67,6 @@ def wait_for(probe: Any, what: str, bound: float = 120.0) -> Any:
         threading.Event().wait(0.05)
 
 
-def gate(fed: ft.Federation, at: int, release: threading.Event, reached: threading.Barrier | None = None) -> None:
-    """Every lane ``fed`` sends on pauses before its message ``at`` until ``release`` is set."""
-    real_send = fed._transport.send
-
-    def gated_send(dst: ft.Party, lane: int, messages: Any) -> int:
-        def gated() -> Iterator[bytes]:
-            for i, m in enumerate(messages):
-                if i == at:
-                    if reached is not None:
-                        reached.wait(120)
-                    release.wait(300)
-                yield m
-
-        return real_send(dst, lane, gated())
-
-    fed._transport.send = gated_send  # type: ignore[method-assign]
-
-
 def received(fed: ft.Federation, name: str, tag: str, src: ft.Party) -> int:
     """Messages of one transfer the receiving session holds (test probe into the inbox)."""
     inc = fed._inbox._incoming.get(transfer_id(fed.job_id, name, tag, str(src), str(fed.party)))
@@ -97,41 +78,15 @@ def received(fed: ft.Federation, name: str, tag: str, src: ft.Party) -> int:
 # ==================================================================================================
 
 
-class _Booting:
-    def __init__(self) -> None:
-        self.node = RabbitNode(name="faults")
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._boot, daemon=True)
-        self.thread.start()
-
-    def _boot(self) -> None:
-        try:
-            self.node.start()
-        except BaseException as exc:  # reported by the test that needs the node
-            self.error = exc
-
-    def ready(self) -> RabbitNode:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.node
-
-
 @pytest.fixture(scope="module")
-def faults_node() -> Iterator[_Booting]:
+def faults_node() -> Iterator[BootingNode]:
     if not rabbit_installed():
         pytest.skip("rabbitmq-server not installed")
-    boot = _Booting()  # boots while the Pulsar tests of this module run
+    boot = BootingNode("faults")  # boots while the Pulsar tests of this module run
     try:
         yield boot
     finally:
-        boot.thread.join()
-        boot.node.stop()
-
-
-def rabbit_opts(node: RabbitNode, **extra: Any) -> dict[str, Any]:
-    return {"host": "127.0.0.1", "port": node.port, "mng_port": node.mng_port, "user": node.user,
-            "password": node.password, **extra}  # fmt: skip
+        boot.stop()
 
 
 @pytest.fixture(scope="module")
@@ -291,41 +246,30 @@ def test_sender_blocks_on_its_window_while_the_broker_is_stalled(monkeypatch, jo
                 "send_timeout": 120.0}  # fmt: skip
         with ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=opts) as g:
             g.remote(1, "warm-up", "0", [HOST])  # producers and connection made before the baseline
-            base, peak_rss = rss(), [0]
-            done = threading.Event()
-
-            def sample() -> None:
-                while not done.is_set():
-                    peak_rss[0] = max(peak_rss[0], rss())
-                    done.wait(0.02)
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
             result: dict[str, Any] = {}
             sender = threading.Thread(target=lambda: result.update(sent=g.remote(value, "w", "0", [HOST])))
             stopped = False
-            try:
-                sender.start()
-                wait_for(lambda: spy.sent >= 2 * window * lanes, "the first messages")
-                os.kill(broker.pid, signal.SIGSTOP)
-                stopped = True
-                # Receipts the broker wrote before it froze still arrive for a moment; then nothing moves.
-                wait_for(spy.settled(window, lanes), "every lane's window to fill and stay full")
-                assert spy.sent < total_messages, "the transfer went on while the broker was frozen"
-                assert spy.full(window, lanes)  # blocked on exactly its window, on every lane
-                stalled_growth = rss() - base
-            finally:
-                if stopped:
-                    os.kill(broker.pid, signal.SIGCONT)
-            sender.join(300)
-            done.set()
-            sampler.join(5)
+            with PeakRSS() as mem:
+                try:
+                    sender.start()
+                    wait_for(lambda: spy.sent >= 2 * window * lanes, "the first messages")
+                    os.kill(broker.pid, signal.SIGSTOP)
+                    stopped = True
+                    # Receipts the broker wrote before it froze still arrive for a moment; then nothing moves.
+                    wait_for(spy.settled(window, lanes), "every lane's window to fill and stay full")
+                    assert spy.sent < total_messages, "the transfer went on while the broker was frozen"
+                    assert spy.full(window, lanes)  # blocked on exactly its window, on every lane
+                    stalled_growth = rss() - mem.start
+                finally:
+                    if stopped:
+                        os.kill(broker.pid, signal.SIGCONT)
+                sender.join(300)
             assert "sent" in result
         assert spy.peak == window  # reached, never passed
         total = value.nbytes
         # in flight: 4 lanes x 4 messages x 1 MiB = 16 MiB; buffering the value would be 128 MiB more
         assert stalled_growth < 48 << 20, f"RSS grew {stalled_growth >> 20} MiB while blocked on the window"
-        assert peak_rss[0] - base < 64 << 20, f"RSS grew {(peak_rss[0] - base) >> 20} MiB sending {total >> 20} MiB"
+        assert mem.growth < 64 << 20, f"RSS grew {mem.growth >> 20} MiB sending {total >> 20} MiB"
         # the consumer, slow to the point of absent until now, gets every byte
         with ft.Federation.connect("pulsar", job_id=job_id, party=HOST, options={**opts, "redelivery_after": 2.0}) as h:
             [back] = h.get("w", "0", [GUEST], timeout=300)

@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from party_proc import status_bytes
 
 import fedtransport as ft
 from fedtransport.codec import Compressor, PayloadCodec, Sealer, UnpicklePolicy, decode_object, decode_records
@@ -303,19 +304,11 @@ def run_case(target: str, arg: Any) -> None:
                 fn(arg)
 
 
-def _vm_size() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize in /proc/self/status")
-
-
 @pytest.fixture
 def capped_address_space():
     """Allocations a hostile length asks for fail (MemoryError) instead of eating the machine's RAM."""
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = _vm_size() + (512 << 20)
+    cap = status_bytes("VmSize") + (512 << 20)
     if hard != resource.RLIM_INFINITY and hard < cap:
         cap = hard
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))

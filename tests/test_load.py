@@ -28,19 +28,24 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import random
-import threading
 import time
 from typing import Any
 
 import numpy as np
 import pytest
+from party_proc import PeakRSS
 
 import fedtransport as ft
 
 try:
-    from tests.rabbit_fixtures import rabbit_installed, rabbit_node, rabbit_pool
+    from tests.rabbit_fixtures import rabbit_installed, rabbit_node, rabbit_opts, rabbit_pool
 except ModuleNotFoundError:  # plain `pytest` without the repository root on sys.path
-    from rabbit_fixtures import rabbit_installed, rabbit_node, rabbit_pool  # type: ignore[no-redef]  # noqa: F401
+    from rabbit_fixtures import (  # type: ignore[no-redef]  # noqa: F401
+        rabbit_installed,
+        rabbit_node,
+        rabbit_opts,
+        rabbit_pool,
+    )
 
 PARTIES = [
     ft.Party("guest", "9999"),
@@ -75,21 +80,12 @@ def fingerprint(v: Any) -> str:
     return hashlib.blake2b(v if isinstance(v, bytes) else v.encode()).hexdigest()
 
 
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
 @pytest.fixture
 def rabbitmq_options(request: pytest.FixtureRequest) -> dict[str, Any]:
     if not rabbit_installed():
         pytest.skip("rabbitmq-server not installed")
     node = request.getfixturevalue("rabbit_node")
-    return {"host": "127.0.0.1", "port": node.port, "mng_port": node.mng_port, "user": node.user,
-            "password": node.password}  # fmt: skip
+    return rabbit_opts(node)
 
 
 @pytest.mark.rabbitmq
@@ -98,14 +94,6 @@ def test_four_parties_100_concurrent_transfers_each_to_every_other(rabbitmq_opti
     options = {**rabbitmq_options, "max_message_size": 256 << 10, "redelivery_after": 3.0}
     deadline = time.monotonic() + 300  # liveness: every get gives up by then, so nothing outlives the test
     feds = [ft.Federation.connect(backend, job_id=job_id, party=p, options=options) for p in PARTIES]
-    base, peak = rss(), [0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            done.wait(0.02)
-
     def send(me: int, r: int, i: int) -> None:
         others = [p for k, p in enumerate(PARTIES) if k != me]
         feds[me].remote(value(me, i), "v", f"{r}-{i}", others)
@@ -114,26 +102,23 @@ def test_four_parties_100_concurrent_transfers_each_to_every_other(rabbitmq_opti
         [got] = feds[me].get("v", f"{r}-{i}", [PARTIES[src]], timeout=max(1.0, deadline - time.monotonic()))
         return fingerprint(got) == fingerprint(value(src, i))
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     pools = [concurrent.futures.ThreadPoolExecutor(TRANSFERS + 32, thread_name_prefix=f"load-{k}") for k in PARTIES]
     results: list[bool] = []
-    peaks: list[int] = []
+    peaks: list[int] = []  # sampled peak RSS growth after each round
     try:
-        for r in range(ROUNDS):
-            sends, gets = [], []
-            for me in range(len(PARTIES)):
-                wanted = [(src, i) for src in range(len(PARTIES)) if src != me for i in range(TRANSFERS)]
-                random.Random(me * ROUNDS + r).shuffle(wanted)  # gets come in another order than the sends
-                sends += [pools[me].submit(send, me, r, i) for i in range(TRANSFERS)]
-                gets += [pools[me].submit(receive, me, r, src, i) for src, i in wanted]
-            for f in sends:
-                f.result()
-            results += [f.result() for f in gets]
-            peaks.append(peak[0] - base)
+        with PeakRSS() as mem:
+            for r in range(ROUNDS):
+                sends, gets = [], []
+                for me in range(len(PARTIES)):
+                    wanted = [(src, i) for src in range(len(PARTIES)) if src != me for i in range(TRANSFERS)]
+                    random.Random(me * ROUNDS + r).shuffle(wanted)  # gets come in another order than the sends
+                    sends += [pools[me].submit(send, me, r, i) for i in range(TRANSFERS)]
+                    gets += [pools[me].submit(receive, me, r, src, i) for src, i in wanted]
+                for f in sends:
+                    f.result()
+                results += [f.result() for f in gets]
+                peaks.append(mem.peak - mem.start)
     finally:
-        done.set()
-        sampler.join(5)
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
         for fed in feds:

@@ -16,7 +16,7 @@ import pika
 import pika.exceptions
 import pytest
 from conftest import ARBITER, GUEST, HOST
-from party_proc import big_array, digest, receiver
+from party_proc import big_array, digest, gate, receiver
 
 import fedtransport as ft
 from fedtransport.brokers import HAProxy, RabbitNode
@@ -26,9 +26,11 @@ from fedtransport.transport.rabbitmq import RabbitTransport
 
 try:
     from tests.rabbit_fixtures import (  # fixtures are used by parameter name
+        BootingNode,
         admin_of,
         rabbit_certs,
         rabbit_node,
+        rabbit_opts,
         rabbit_pair,
         rabbit_pool,
         rabbit_trio,
@@ -36,9 +38,11 @@ try:
     )
 except ModuleNotFoundError:  # plain `pytest` without the repository root on sys.path
     from rabbit_fixtures import (  # type: ignore[no-redef]  # noqa: F401
+        BootingNode,
         admin_of,
         rabbit_certs,
         rabbit_node,
+        rabbit_opts,
         rabbit_pair,
         rabbit_pool,
         rabbit_trio,
@@ -52,15 +56,11 @@ SECRET = "a job secret shared by every party"
 PARTY_OF = {GUEST: 0, HOST: 1, ARBITER: 2}  # which pool node each party runs in federated tests
 
 
-def opts(node: RabbitNode, **extra: Any) -> dict[str, Any]:
-    """Backend options pointing at ``node`` with its admin credentials."""
-    return {"host": "127.0.0.1", "port": node.port, "mng_port": node.mng_port, "user": node.user,
-            "password": node.password, **extra}  # fmt: skip
 
 
 def connect(job_id: str, party: ft.Party, node: RabbitNode, routes: Any = None, **extra: Any) -> ft.Federation:
     return ft.Federation.connect(
-        "rabbitmq", job_id=job_id, party=party, route_table=routes, options=opts(node, **extra)
+        "rabbitmq", job_id=job_id, party=party, route_table=routes, options=rabbit_opts(node, **extra)
     )
 
 
@@ -89,24 +89,6 @@ def transport(fed: ft.Federation) -> RabbitTransport:
     return t
 
 
-def gate(fed: ft.Federation, at: int, release: threading.Event, reached: threading.Barrier | None = None) -> None:
-    """Make every lane ``fed`` sends on pause before its message ``at`` until ``release`` is set."""
-    real_send = transport(fed).send
-
-    def gated_send(dst: ft.Party, lane: int, messages: Any) -> int:
-        def gated() -> Iterator[bytes]:
-            for i, m in enumerate(messages):
-                if i == at:
-                    if reached is not None:
-                        reached.wait(60)
-                    release.wait(120)
-                yield m
-
-        return real_send(dst, lane, gated())
-
-    fed._transport.send = gated_send
-
-
 def job_leftovers(node: RabbitNode, vhost: str) -> dict[str, list[str]]:
     """Whatever of a job the management API still shows on ``node``."""
     a = admin_of(node)
@@ -133,48 +115,25 @@ def connection_users(node: RabbitNode, vhost: str, *, tls: bool | None = None) -
     return {c["user"] for c in conns if c["vhost"] == vhost and (tls is None or c.get("ssl") == tls)}
 
 
-class _Booting:
-    """A node of its own (for the test that restarts it), booting in the background meanwhile."""
-
-    def __init__(self) -> None:
-        self.node = RabbitNode(name="restart")
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._boot)
-        self.thread.start()
-
-    def _boot(self) -> None:
-        try:
-            self.node.start()
-        except BaseException as exc:  # reported by the test that needs the node
-            self.error = exc
-
-    def ready(self) -> RabbitNode:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.node
-
-
 @pytest.fixture(scope="module")
-def booting_node(rabbit_pool) -> Iterator[_Booting]:
-    boot = _Booting()
+def booting_node(rabbit_pool) -> Iterator[BootingNode]:
+    boot = BootingNode("restart")  # a node of its own for the test that restarts it
     try:
         yield boot
     finally:
-        boot.thread.join()
-        boot.node.stop()
+        boot.stop()
 
 
 @pytest.fixture(scope="module")
 def pool_nodes(
-    booting_node: _Booting, rabbit_trio: tuple[RabbitNode, RabbitNode, RabbitNode]
+    booting_node: BootingNode, rabbit_trio: tuple[RabbitNode, RabbitNode, RabbitNode]
 ) -> tuple[RabbitNode, RabbitNode, RabbitNode]:
     """The three pool nodes; the restart test's own node boots alongside them."""
     return rabbit_trio
 
 
 @pytest.fixture(scope="module")
-def lonely_node(booting_node: _Booting) -> RabbitNode:
+def lonely_node(booting_node: BootingNode) -> RabbitNode:
     return booting_node.ready()
 
 
@@ -330,7 +289,7 @@ def test_receiver_killed_mid_transfer_gets_it_all_after_restart(pool_nodes, job_
     # One queue per receiver: a process killed while its queue feeder holds the queue's lock
     # would leave that lock taken for every later writer.
     q, q2 = SPAWN.Queue(), SPAWN.Queue()
-    args = ("rabbitmq", job_id, ("host", "10000"), ("guest", "9999"), opts(node), "w", "0")
+    args = ("rabbitmq", job_id, ("host", "10000"), ("guest", "9999"), rabbit_opts(node), "w", "0")
     first = SPAWN.Process(target=receiver, args=(*args, q, 8))
     first.start()
     second = None
@@ -499,7 +458,7 @@ def test_federation_through_an_sni_proxy(pool_nodes, rabbit_certs, job_id):
         def party(p: ft.Party, node: RabbitNode) -> ft.Federation:
             tls = {"ca_file": str(rabbit_certs["ca"]), "server_hostname": names[p]}
             return ft.Federation.connect("rabbitmq", job_id=job_id, party=p, route_table=table,
-                                         options=opts(node, mode="federated", port=node.ssl_port, ssl=tls,
+                                         options=rabbit_opts(node, mode="federated", port=node.ssl_port, ssl=tls,
                                                       secret=SECRET))  # fmt: skip
 
         with party(GUEST, a) as g, party(HOST, b) as h:

@@ -51,9 +51,15 @@ from fedtransport.codec import SAFE_GLOBALS, UnpicklePolicy, decode_object, deco
 from fedtransport.framing import HEADER_SIZE, job_fingerprint, transfer_id
 
 try:
-    from tests.rabbit_fixtures import admin_of, rabbit_node, rabbit_pool, requires_rabbitmq
+    from tests.rabbit_fixtures import admin_of, rabbit_node, rabbit_opts, rabbit_pool, requires_rabbitmq
 except ModuleNotFoundError:  # plain `pytest` without the repository root on sys.path
-    from rabbit_fixtures import admin_of, rabbit_node, rabbit_pool, requires_rabbitmq  # type: ignore[no-redef]  # noqa: F401
+    from rabbit_fixtures import (  # type: ignore[no-redef]  # noqa: F401
+        admin_of,
+        rabbit_node,
+        rabbit_opts,
+        rabbit_pool,
+        requires_rabbitmq,
+    )
 
 SECRET = "a job secret every party of the job shares"
 MARKER = b"<<FEDTRANSPORT-PLAINTEXT-MARKER>>"
@@ -147,8 +153,7 @@ def test_pulsar_broker_never_holds_plaintext(broker, job_id, secret):
 @pytest.mark.parametrize("secret", [SECRET, None], ids=["sealed", "plaintext-control"])
 def test_rabbitmq_queue_never_holds_plaintext(rabbit_node: RabbitNode, job_id, secret):
     node = rabbit_node
-    opts = {"host": "127.0.0.1", "port": node.port, "mng_port": node.mng_port, "user": node.user,
-            "password": node.password, "compression": "none", "max_message_size": 65536, "secret": secret}  # fmt: skip
+    opts = rabbit_opts(node, compression="none", max_message_size=65536, secret=secret)
     data = marked_payload()
     g = ft.Federation.connect("rabbitmq", job_id=job_id, party=GUEST, options=opts)
     try:

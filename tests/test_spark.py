@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,15 +19,22 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import ARBITER, GUEST, HOST
+from party_proc import PeakRSS
 
 import fedtransport as ft
 from fedtransport import spark as fts
 from fedtransport.brokers import EmbeddedPulsar
 
 try:
-    from tests.rabbit_fixtures import rabbit_certs, rabbit_installed, rabbit_node, rabbit_pool
+    from tests.rabbit_fixtures import rabbit_certs, rabbit_installed, rabbit_node, rabbit_opts, rabbit_pool
 except ModuleNotFoundError:  # plain `pytest` without the repository root on sys.path
-    from rabbit_fixtures import rabbit_certs, rabbit_installed, rabbit_node, rabbit_pool  # type: ignore[no-redef]  # noqa: F401
+    from rabbit_fixtures import (  # type: ignore[no-redef]  # noqa: F401
+        rabbit_certs,
+        rabbit_installed,
+        rabbit_node,
+        rabbit_opts,
+        rabbit_pool,
+    )
 
 
 def _java_missing() -> str | None:
@@ -118,8 +124,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Callable[..., fts.SparkF
         if not rabbit_installed():
             pytest.skip("rabbitmq-server not installed (apt-get install -y rabbitmq-server)")
         node = request.getfixturevalue("rabbit_node")
-        base = {"host": "127.0.0.1", "port": node.port, "mng_port": node.mng_port, "user": node.user,
-                "password": node.password}  # fmt: skip
+        base = rabbit_opts(node)
     made: list[fts.SparkFederationConfig] = []
 
     def make(party: ft.Party, **options: Any) -> fts.SparkFederationConfig:
@@ -180,47 +185,6 @@ def same_records(a: list[list[tuple[Any, Any]]], b: list[list[tuple[Any, Any]]])
             elif va != vb:
                 return False
     return True
-
-
-def rss_now() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-class PeakRSS:
-    """The highest RSS of this process while the block runs (sampled, and the kernel's own mark)."""
-
-    def __enter__(self) -> PeakRSS:
-        self.start = rss_now()
-        self.peak = self.start
-        self._hwm = False
-        try:  # reset the kernel's high-water mark (VmHWM) to the current RSS
-            Path("/proc/self/clear_refs").write_text("5")
-            self._hwm = True
-        except OSError:
-            pass
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, rss_now())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        if self._hwm:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
 
 
 # --- tests ---------------------------------------------------------------------------------------

@@ -19,9 +19,14 @@ import fedtransport as ft
 from fedtransport.brokers import EmbeddedPulsar
 
 try:
-    from tests.rabbit_fixtures import rabbit_node, rabbit_pool, requires_rabbitmq
+    from tests.rabbit_fixtures import rabbit_node, rabbit_opts, rabbit_pool, requires_rabbitmq
 except ModuleNotFoundError:
-    from rabbit_fixtures import rabbit_node, rabbit_pool, requires_rabbitmq  # type: ignore[no-redef]  # noqa: F401
+    from rabbit_fixtures import (  # type: ignore[no-redef]  # noqa: F401
+        rabbit_node,
+        rabbit_opts,
+        rabbit_pool,
+        requires_rabbitmq,
+    )
 
 SPAWN = mp.get_context("spawn")
 SMALL = {"max_message_size": 65536}  # many messages from little data; lane window = 4 messages
@@ -202,9 +207,7 @@ def test_a_1gib_table_over_pulsar_keeps_both_sides_under_256mib(job_id):
 
 @requires_rabbitmq
 def test_a_1gib_table_over_rabbitmq_keeps_both_sides_under_256mib(job_id, rabbit_node):
-    n = rabbit_node
-    run_gib_table("rabbitmq", job_id, {"host": "127.0.0.1", "port": n.port, "mng_port": n.mng_port,
-                                       "user": n.user, "password": n.password})  # fmt: skip
+    run_gib_table("rabbitmq", job_id, rabbit_opts(rabbit_node))
 
 
 def test_a_reader_waiting_on_a_lost_message_asks_for_redelivery(job_id):
