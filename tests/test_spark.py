@@ -337,8 +337,9 @@ def test_failures_reach_the_driver_and_a_remote_can_be_retried(sc: Any, pulsar_b
         base = sc.parallelize(range(4), 4)
         with pytest.raises(Exception, match="partition 2 cannot be computed"):
             fts.remote(base.mapPartitionsWithIndex(lambda p, it: flaky(p, it, True)), "x", "0", [HOST], guest)
-        # The head and partitions 0, 1, 3 went out; partition 2 did not: the get names it.
-        with pytest.raises(ft.TransferTimeout, match="partition 2 of Spark transfer 'x'/'0' from guest:9999"):
+        # The head and partitions 0 and 1 went out; partition 2 did not, and partition 3 may not have:
+        # its task runs beside 2's and Spark cancels it when the job aborts. The get names what is missing.
+        with pytest.raises(ft.TransferTimeout, match=r"partition [23] of Spark transfer 'x'/'0' from guest:9999"):
             fts.get(sc, "x", "0", [GUEST], host, timeout=10)
         fixed = base.mapPartitionsWithIndex(lambda p, it: flaky(p, it, False))
         assert fts.remote(fixed, "x", "0", [HOST], guest).records == 40  # the same (name, tag) again

@@ -302,7 +302,7 @@ def encode_records(records: Iterable[Any], target_size: int) -> Iterator[tuple[E
         if unit.count and unit.size > target_size:
             unit.buf.truncate(mark)
             yield unit.done()
-            unit = _UnitWriter(target_size)  # a fresh memo: units decode on their own
+            unit = _UnitWriter(target_size)  # the record opens the next unit
             _dump_record(unit.pickler, (key, value))
         unit.count += 1
     unit.flush_run()
