@@ -103,13 +103,14 @@ class Header:
         return bool(self.flags & LAST)
 
 
-def _crc(prefix: bytes | memoryview, flags: int, payload: bytes | memoryview | Sequence[memoryview]) -> int:
+def _crc(prefix: bytes | memoryview, flags: int, payload: Sequence[bytes | memoryview]) -> int:
+    """CRC32 over the header prefix and the payload, given as the pieces it is made of."""
     # A sealed payload is covered by its AEAD tag, and the header is its associated data:
     # checksumming the payload as well would only spend time.
     crc = zlib.crc32(prefix)
     if flags & SEALED:
         return crc
-    for piece in [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload:
+    for piece in payload:
         crc = zlib.crc32(piece, crc)
     return crc
 
@@ -141,7 +142,7 @@ def parse_frame(data: bytes | memoryview, job: bytes | None = None) -> tuple[Hea
     if header.length != payload.nbytes:
         raise IntegrityError(f"frame says {header.length} payload bytes but carries {payload.nbytes}: truncated")
     (crc,) = _CRC.unpack_from(view, _PREFIX.size)
-    if _crc(view[: _PREFIX.size], header.flags, payload) != crc:
+    if _crc(view[: _PREFIX.size], header.flags, (payload,)) != crc:
         raise IntegrityError("frame checksum mismatch: the message was corrupted in transit")
     if header.flags & ~_KNOWN_FLAGS:
         raise IntegrityError(f"frame has unknown flags {header.flags:#x}")
@@ -208,8 +209,8 @@ class FrameWriter:
 class UnitChunker:
     """Random access to the ``max_chunk``-sized chunks of a unit held as several buffers.
 
-    The unit is never concatenated: a chunk is a view into one buffer, or a small
-    join where it straddles two.
+    The unit is never concatenated: a chunk is a view into one buffer, or the views of
+    the buffers it straddles, which :meth:`FrameWriter.frame` joins once, into its message.
     """
 
     def __init__(self, parts: Sequence[memoryview], size: int, max_chunk: int) -> None:
@@ -226,11 +227,6 @@ class UnitChunker:
 
     def __len__(self) -> int:
         return max(1, -(-self.size // self.max_chunk))
-
-    def chunk(self, i: int) -> tuple[int, bytes | memoryview]:
-        """``(offset, data)`` of chunk ``i``."""
-        start, pieces = self.pieces(i)
-        return start, pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def pieces(self, i: int) -> tuple[int, list[memoryview]]:
         """``(offset, views)`` of chunk ``i``: the views of the buffers it spans, not joined."""

@@ -60,10 +60,11 @@ def test_no_message_exceeds_the_budget():
 def test_chunker_does_not_concatenate_the_unit():
     parts = [memoryview(b"a" * 10), memoryview(b"b" * 10), memoryview(b"c" * 5)]
     ch = UnitChunker(parts, 25, 8)
-    chunks = [ch.chunk(i) for i in range(len(ch))]
+    chunks = [ch.pieces(i) for i in range(len(ch))]
     assert [o for o, _ in chunks] == [0, 8, 16, 24]
-    assert b"".join(bytes(d) for _, d in chunks) == b"a" * 10 + b"b" * 10 + b"c" * 5
-    assert isinstance(chunks[0][1], memoryview)  # inside one buffer: a view, no copy
+    assert b"".join(bytes(p) for _, d in chunks for p in d) == b"a" * 10 + b"b" * 10 + b"c" * 5
+    assert len(chunks[0][1]) == 1 and isinstance(chunks[0][1][0], memoryview)  # inside one buffer: a view, no copy
+    assert [len(d) for _, d in chunks] == [1, 2, 2, 1]  # straddling chunks are views too, joined only by the frame
 
 
 def test_empty_stream_still_completes():

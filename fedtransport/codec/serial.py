@@ -364,14 +364,16 @@ class _RowBlocks:
         self.blocks: list[memoryview] = []
         self.current: pickle.PickleBuffer | None = None  # the row block being written
         self.laid_out = _PREAMBLE.size + _pad(_PREAMBLE.size)  # the unit's bytes besides the main pickle
+        self._block_bytes = 0  # the blocks with their padding
 
     def __call__(self, buf: pickle.PickleBuffer) -> bool:
         if buf is not self.current:
             return True  # in band
         raw = buf.raw()
         self.blocks.append(raw)
+        self._block_bytes += raw.nbytes + _pad(raw.nbytes)
         head = _PREAMBLE.size + _LEN.size * len(self.blocks)
-        self.laid_out = head + _pad(head) + sum(b.nbytes + _pad(b.nbytes) for b in self.blocks)
+        self.laid_out = head + _pad(head) + self._block_bytes
         return False
 
 
