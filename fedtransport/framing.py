@@ -286,8 +286,12 @@ def frame_units(
 
 
 def _frame_pending(
-    writer: FrameWriter, stream: int, p: tuple[int, int, int, bytes | memoryview | list[memoryview], int], *,
-    last: bool, aux: int
+    writer: FrameWriter,
+    stream: int,
+    p: tuple[int, int, int, bytes | memoryview | list[memoryview], int],
+    *,
+    last: bool,
+    aux: int,
 ) -> bytes:
     unit, seq, offset, data, size = p
     return writer.frame(stream=stream, unit=unit, seq=seq, offset=offset, unit_len=size, chunk=data, last=last, aux=aux)

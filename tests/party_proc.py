@@ -69,6 +69,19 @@ def sender(backend: str, job_id: str, party: tuple[str, str], peer: tuple[str, s
 ROW = 8192  # float64 values per record: 64 KiB
 
 
+def wait_for(probe: Any, what: str, bound: float = 120.0) -> Any:
+    """``probe()`` once truthy; ``bound`` seconds is a liveness bound, not an assertion about speed
+    (management statistics and proxy logs trail the events they record)."""
+    deadline = time.monotonic() + bound
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {bound:.0f} s for {what}")
+        threading.Event().wait(0.05)
+
+
 def status_bytes(field: str) -> int:
     """A size this process's /proc/self/status gives (``VmRSS``, ``VmHWM``, ``VmSize``), in bytes."""
     with open("/proc/self/status") as f:

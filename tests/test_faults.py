@@ -31,7 +31,7 @@ import numpy as np
 import pulsar
 import pytest
 from conftest import GUEST, HOST
-from party_proc import PeakRSS, big_array, digest, gate, rss
+from party_proc import PeakRSS, big_array, digest, gate, rss, wait_for
 
 import fedtransport as ft
 from fedtransport.brokers import EmbeddedPulsar
@@ -53,18 +53,6 @@ except ModuleNotFoundError:  # plain `pytest` without the repository root on sys
 SPAWN = mp.get_context("spawn")
 SECRET = "a job secret shared by every party"
 needs_rabbitmq = pytest.mark.skipif(not rabbit_installed(), reason="rabbitmq-server not installed")
-
-
-def wait_for(probe: Any, what: str, bound: float = 120.0) -> Any:
-    """``probe()`` once truthy; ``bound`` seconds is a liveness bound, not an assertion about speed."""
-    deadline = time.monotonic() + bound
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still waiting after {bound:.0f} s for {what}")
-        threading.Event().wait(0.05)
 
 
 def received(fed: ft.Federation, name: str, tag: str, src: ft.Party) -> int:

@@ -94,6 +94,7 @@ def test_four_parties_100_concurrent_transfers_each_to_every_other(rabbitmq_opti
     options = {**rabbitmq_options, "max_message_size": 256 << 10, "redelivery_after": 3.0}
     deadline = time.monotonic() + 300  # liveness: every get gives up by then, so nothing outlives the test
     feds = [ft.Federation.connect(backend, job_id=job_id, party=p, options=options) for p in PARTIES]
+
     def send(me: int, r: int, i: int) -> None:
         others = [p for k, p in enumerate(PARTIES) if k != me]
         feds[me].remote(value(me, i), "v", f"{r}-{i}", others)

@@ -16,7 +16,7 @@ import pika
 import pika.exceptions
 import pytest
 from conftest import ARBITER, GUEST, HOST
-from party_proc import big_array, digest, gate, receiver
+from party_proc import big_array, digest, gate, receiver, wait_for
 
 import fedtransport as ft
 from fedtransport.brokers import HAProxy, RabbitNode
@@ -54,8 +54,6 @@ pytestmark = [pytest.mark.rabbitmq, requires_rabbitmq]
 SPAWN = mp.get_context("spawn")
 SECRET = "a job secret shared by every party"
 PARTY_OF = {GUEST: 0, HOST: 1, ARBITER: 2}  # which pool node each party runs in federated tests
-
-
 
 
 def connect(job_id: str, party: ft.Party, node: RabbitNode, routes: Any = None, **extra: Any) -> ft.Federation:
@@ -98,16 +96,6 @@ def job_leftovers(node: RabbitNode, vhost: str) -> dict[str, list[str]]:
         "upstreams": [u["name"] for u in a.list_federation_upstreams() if u["vhost"] == vhost],
         "policies": [p["name"] for p in a.list_policies() if p["vhost"] == vhost],
     }
-
-
-def eventually(probe: Any, timeout: float = 15.0) -> Any:
-    """``probe()`` once it is truthy (management statistics lag the broker by seconds)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value or time.monotonic() >= deadline:
-            return value
-        threading.Event().wait(0.2)
 
 
 def connection_users(node: RabbitNode, vhost: str, *, tls: bool | None = None) -> set[str]:
@@ -157,7 +145,7 @@ def test_shared_object_and_table_roundtrip(pool_nodes, job_id):
         assert all(q["durable"] for q in queues.values())
         # the data plane runs as the job's own users, not as the admin
         users = {f"{vhost}:guest:9999", f"{vhost}:host:10000"}
-        assert eventually(lambda: connection_users(node, vhost) == users)
+        wait_for(lambda: connection_users(node, vhost) == users, "the job users' connections")
     g.cleanup()
 
 
@@ -169,12 +157,12 @@ def test_lane_qos_rises_for_small_messages_and_falls_for_big_ones(pool_nodes, jo
             g.remote(i, "small", str(i), [HOST])
         assert [h.get("small", str(i), [GUEST], timeout=30)[0] for i in range(60)] == list(range(60))
         lane0 = transport(h)._consumers[(GUEST, 0)]
-        assert eventually(lambda: lane0.qos == 64)  # prefetch_max, reached from prefetch 4
+        wait_for(lambda: lane0.qos == 64, "prefetch_max")  # reached from prefetch 4
         big = np.random.default_rng(0).random(1 << 20)  # 8 MiB: two full messages on lanes 0 and 1
         g.remote(big, "big", "0", [HOST])
         [back] = h.get("big", "0", [GUEST], timeout=60)
         assert np.array_equal(back, big)
-        assert eventually(lambda: lane0.qos == 4)
+        wait_for(lambda: lane0.qos == 4, "prefetch back at 4")
     g.cleanup()
 
 
@@ -436,7 +424,7 @@ def test_amqps_roundtrip_and_wrong_hostname(pool_nodes, rabbit_certs, job_id):
         g.remote(np.arange(5), "x", "0", [HOST])
         assert np.array_equal(h.get("x", "0", [GUEST], timeout=30)[0], np.arange(5))
         vhost = transport(g).vhost
-        assert eventually(lambda: connection_users(node, vhost, tls=True) == {transport(g).user_name})
+        wait_for(lambda: connection_users(node, vhost, tls=True) == {transport(g).user_name}, "a TLS connection")
     wrong = {**tls, "server_hostname": "party-z.fate.test"}
     with pytest.raises(ft.BackendError, match=r"(?i)hostname|certificate"):
         connect(job_id, GUEST, node, port=node.ssl_port, ssl=wrong)
@@ -478,4 +466,4 @@ def test_federation_through_an_sni_proxy(pool_nodes, rabbit_certs, job_id):
             log = Path(proxy.log).read_text()
             return "sni=party-a.fate.test" in log and "sni=party-b.fate.test" in log
 
-        assert eventually(routed)
+        wait_for(routed, "haproxy to log both links")

@@ -742,8 +742,10 @@ class RabbitTransport(Transport):
         self._conn = None
         if self._stopping:
             self._loop_stop()
-        elif not self._connected_once and self._first_refusals < _FIRST_REFUSALS and isinstance(
-            exc, (pika.exceptions.ProbableAccessDeniedError, pika.exceptions.ConnectionClosedByBroker)
+        elif (
+            not self._connected_once
+            and self._first_refusals < _FIRST_REFUSALS
+            and isinstance(exc, (pika.exceptions.ProbableAccessDeniedError, pika.exceptions.ConnectionClosedByBroker))
         ):
             # A vhost or permission the management API has just created may not be in force on
             # the node yet (seen when two parties create a job's vhost at once): try again shortly.
