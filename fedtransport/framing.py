@@ -22,6 +22,7 @@ by a :class:`PayloadTransform` handed in from above.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import struct
@@ -57,8 +58,12 @@ _CRC = struct.Struct("<I")
 _SIZE = struct.Struct("<I")
 _SIZE_AT = struct.calcsize("<2sBB8s16sIIIII")  # the header's ``size`` field
 HEADER_SIZE = _PREFIX.size + _CRC.size  # 80
-# A unit at least this big is received into a mapping populated in one kernel call (see _allocate).
+# A unit at least this big is received into an anonymous mapping (see _allocate).
 _MAPPED_UNIT = 8 << 20
+# madvise(MADV_POPULATE_WRITE), Linux 5.14+: fault a chunk's pages in with one call. Python's
+# mmap module does not name it before 3.13. Cleared on the first kernel that refuses it.
+_POPULATE_WRITE: int | None = getattr(mmap, "MADV_POPULATE_WRITE", 23 if hasattr(mmap, "madvise") else None)
+_PAGE = mmap.PAGESIZE
 
 
 def job_fingerprint(job_id: str) -> bytes:
@@ -318,6 +323,8 @@ class _Unit:
                     self.buf = _allocate(self.size)
                 except (MemoryError, OverflowError, OSError, ValueError) as exc:  # the length comes from the header
                     raise IntegrityError(f"cannot hold a unit of {self.size} bytes: {exc}") from None
+            if isinstance(self.buf, mmap.mmap):
+                _populate(self.buf, offset, n)
             memoryview(self.buf)[offset : offset + n] = data  # type: ignore[index]
         self.got += n
         self.filled = True
@@ -333,10 +340,23 @@ class _Unit:
 def _allocate(size: int) -> bytearray | mmap.mmap:
     if size < _MAPPED_UNIT:
         return bytearray(size)
-    # Populated up front in one kernel call: faulting fresh pages in one by one, on the thread
-    # that also reads the socket, cost more than the copies themselves.
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(-1, size, flags=flags)
+    # Address space only: memory is committed chunk by chunk as data arrives (_populate), so
+    # a header that claims a huge unit costs nothing until the bytes themselves are sent.
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def _populate(buf: mmap.mmap, offset: int, n: int) -> None:
+    """Fault in the pages a chunk is about to fill, in one kernel call: faulting them one by
+    one, on the thread that also reads the socket, cost more than the copy itself."""
+    global _POPULATE_WRITE
+    if _POPULATE_WRITE is None or n == 0:
+        return
+    start = offset - offset % _PAGE
+    try:
+        buf.madvise(_POPULATE_WRITE, start, offset + n - start)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # a kernel older than 5.14: plain page faults from now on
+            _POPULATE_WRITE = None
 
 
 class _Stream:

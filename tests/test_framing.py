@@ -10,6 +10,7 @@ import zlib
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from party_proc import status_bytes
 
 from fedtransport.codec import Compressor, PayloadCodec, Sealer
 from fedtransport.errors import FederationError, IntegrityError
@@ -153,6 +154,19 @@ def test_inconsistent_frames_are_refused():
         asm.add(*parse_frame(w1.frame(stream=0, unit=0, seq=2, offset=8, unit_len=10, chunk=b"abcd", last=True), JOB))
     with pytest.raises(IntegrityError, match="disagree on the length"):
         asm.add(*parse_frame(w1.frame(stream=0, unit=0, seq=3, offset=0, unit_len=11, chunk=b"a", last=True), JOB))
+
+
+def test_a_claimed_unit_length_commits_no_memory_until_its_bytes_arrive():
+    """A header may claim a 4 GiB unit; only the chunks that actually arrive take memory."""
+    claimed, chunk = 4 << 30, b"x" * (1 << 20)
+    w = FrameWriter(JOB, TID, 1, PLAIN)
+    asm = TransferAssembly(TID, PLAIN)
+    before = status_bytes("VmRSS")
+    for i, offset in enumerate((0, 2 << 30, claimed - len(chunk))):  # start, middle, end
+        asm.add(*parse_frame(w.frame(stream=0, unit=0, seq=i, offset=offset, unit_len=claimed, chunk=chunk,
+                                     last=False), JOB))  # fmt: skip
+    assert status_bytes("VmRSS") - before < 256 << 20
+    assert not asm.complete and asm.held(0) == 3 * len(chunk)
 
 
 def test_crc_detects_a_tampered_header_field():

@@ -17,7 +17,7 @@
    subprocess, does create it. numpy gadgets that need nothing but the default allow-list
    (an object array over raw bytes, a dtype lying about its object fields, a dtype changed
    after use) crash plain pickle and are refused by the guarded unpickler
-   (fedtransport/codec/npguard.py); those run in subprocesses, so a regression shows as a
+   (fedtransport/codec/guard.py); those run in subprocesses, so a regression shows as a
    crash report, not a dead test run. ``allow_mode="report"`` through the public API.
 """
 
@@ -560,6 +560,118 @@ def test_legitimate_numpy_values_still_round_trip():
         else:
             assert a == b
     assert back[4]["b"].tolist() == [{"x": 1}, None]
+
+
+# --- memory: constructors that copy or expand what they are given ---------------------------------
+
+
+def long1(n: int) -> bytes:
+    data = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(data)]) + data  # LONG1
+
+
+def memory_bombs() -> dict[str, bytes]:
+    """Pickles of 20 bytes to 1.5 MiB, naming only allow-listed globals, each asking for 64 GiB or more."""
+    huge, mib = 1 << 36, 1 << 20
+
+    def rng(a: Asm) -> Asm:  # range(0, 2**36): lazy, until a constructor expands it
+        return a.glob("builtins", "range").raw(b"K\x00" + long1(huge) + b"\x86R")
+
+    def copies(a: Asm, memoised: int, call: bytes) -> bytes:  # 65536 calls, all on memo 0 .. memoised - 1
+        gets = b"".join(b"h" + bytes([i]) for i in range(memoised))
+        return a.raw(b"0" * memoised + b"](" + (gets + call) * (huge // mib) + b"e").done()
+
+    out = {
+        "bytearray-of-a-count": Asm().glob("builtins", "bytearray").raw(long1(huge) + b"\x85R").done(),
+        "bytes-of-a-count": Asm().glob("builtins", "bytes").raw(long1(huge) + b"\x85R").done(),
+        "list-of-a-range": rng(Asm().glob("builtins", "list")).raw(b"\x85R").done(),
+        "counter-of-a-range": rng(Asm().glob("collections", "Counter")).raw(b"\x85R").done(),
+        "table-of-a-range": rng(Asm().glob("fedtransport.table", "Table")).raw(b"\x85R").done(),
+        "tuple-new-of-a-range": rng(Asm().glob("builtins", "tuple")).raw(b"\x85\x81").done(),  # NEWOBJ
+    }
+    one_mib = b"B" + struct.pack("<I", mib) + b"x" * mib + b"\x94"  # BINBYTES, memoised
+    a = Asm().glob("builtins", "bytearray").raw(b"\x94" + one_mib)  # bytearray(b) again and again
+    out["bytearray-copies-of-one-string"] = copies(a, 2, b"\x85R")
+    a = Asm().glob("numpy._core.multiarray", "scalar").raw(b"\x94").glob("numpy", "dtype").s(f"S{mib}")
+    a.raw(b"\x89\x88\x87R\x94" + one_mib)  # scalar(dtype("S1048576"), b) again and again
+    out["numpy-scalar-copies-of-one-string"] = copies(a, 3, b"\x86R")
+    return out
+
+
+BOMB_CHILD = textwrap.dedent(
+    """
+    import base64, json, resource, struct, sys
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a regression fails, it does not swap
+    from fedtransport.codec import UnpicklePolicy, decode_object, decode_records
+    from fedtransport.errors import FederationError
+    results = {}
+    for name, data in json.loads(sys.stdin.read()).items():
+        pickled = base64.b64decode(data)
+        head = struct.pack("<4sIQ", b"FTO1", 0, len(pickled))
+        unit = head + bytes(-len(head) % 64) + pickled
+        for decode in (decode_object, decode_records):
+            try:
+                decode(unit, UnpicklePolicy(), "peer")
+                results[name] = "decoded"
+            except FederationError as exc:
+                results.setdefault(name, []).append(type(exc).__name__ + ": " + str(exc))
+    with open("/proc/self/status") as f:
+        results["peak"] = [int(line.split()[1]) << 10 for line in f if line.startswith("VmHWM:")][0]
+    print(json.dumps(results))
+    """
+)
+
+
+def test_memory_bombs_are_refused_before_they_allocate():
+    bombs = memory_bombs()
+    assert max(map(len, bombs.values())) < 2 << 20
+    done = run_child(BOMB_CHILD, bombs)
+    assert done.returncode == 0, f"the decoder failed (rc {done.returncode}): {done.stderr[-2000:]}"
+    results = json.loads(done.stdout)
+    assert results.pop("peak") < 512 << 20
+    for name in bombs:
+        errors = results[name]
+        assert isinstance(errors, list) and len(errors) == 2, (name, errors)
+        for e in errors:
+            assert e.startswith("IntegrityError: ") and "more than its own size allows" in e, (name, e)
+
+
+def test_the_memory_bombs_exhaust_plain_pickle():
+    """The control: under plain pickle.loads, with 3 GiB of address space, each runs out of memory."""
+    code = textwrap.dedent(
+        """
+        import base64, json, pickle, resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+        out = {}
+        for name, data in json.loads(sys.stdin.read()).items():
+            try:
+                pickle.loads(base64.b64decode(data))
+                out[name] = "decoded"
+            except MemoryError:
+                out[name] = "MemoryError"
+        print(json.dumps(out))
+        """
+    )
+    bombs = memory_bombs()
+    done = run_child(code, bombs)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == dict.fromkeys(bombs, "MemoryError")
+
+
+def test_values_that_name_copying_constructors_still_round_trip():
+    """The guard's allowance is for bombs: what pickle itself writes for these types fits in it."""
+    import collections
+    import decimal
+    import fractions
+
+    values = [collections.defaultdict(list, {"a": [1, 2]}), collections.Counter("abracadabra" * 1000),
+              collections.deque(range(5000), maxlen=6000), collections.OrderedDict((str(i), i) for i in range(5000)),
+              decimal.Decimal("3.14159" + "2" * 4000), fractions.Fraction(10**4000, 7), np.bytes_(b"x" * 300_000),
+              np.str_("y" * 70_000), ft.Table.from_partitions([[(1, "a")], [(2, "b")]]), {"t": list}]  # fmt: skip
+    back = decode_object(ft.codec.encode_object(values).tobytes(), SAFE, "peer")
+    assert back == values and [type(v) for v in back] == [type(v) for v in values]
+    old = [{1, 2}, frozenset({3}), bytearray(b"z" * 100_000), ["s"] * 10]  # protocol 3: constructor calls
+    assert decode_object(as_object_unit(pickle.dumps(old, protocol=3)), SAFE, "peer") == old
 
 
 # --- the allow-list itself -------------------------------------------------------------------------

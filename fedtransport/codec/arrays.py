@@ -2,7 +2,7 @@
 
 numpy pickles an array as calls of its reconstructors and a state to set (BUILD), and
 those trust what they are given: a receiver must decode any pickle naming numpy with
-the slow, checking unpickler of ``npguard.py``. Our sender writes the numpy values it
+the slow, checking unpickler of ``guard.py``. Our sender writes the numpy values it
 knows instead as ``_array(dtype, shape, order, data)``, ``_scalar(dtype, data)`` and
 ``_dtype(dtype)``, whose arguments are plain strings, ints and bytes that these
 functions check before numpy sees them. Such pickles name nothing from numpy, so the
@@ -33,6 +33,10 @@ __all__ = ["REBUILDERS", "RowBatch", "RowBlock", "can_start_rows", "reduce_numpy
 
 _SIMPLE_KINDS = frozenset("biufcSU")  # datetimes cannot be exported as a buffer
 _ORDERS = ("C", "F")
+# A scalar is copied out of its bytes at each call, and a pickle may call _scalar again and
+# again on one memoised string: kept as small as an empty dict's cost per pickle byte. Longer
+# scalars (fixed-width strings) go to numpy's reducer, which the receiver's guard charges.
+_MAX_SCALAR = 256
 
 
 def _simple(dtype: Any) -> bool:
@@ -62,7 +66,7 @@ def reduce_numpy(obj: Any) -> Any:
             obj, order = np.ascontiguousarray(obj), "C"
         return _array, (obj.dtype.str, obj.shape, order, pickle.PickleBuffer(obj))
     if isinstance(obj, np.generic) and kind.__module__ == "numpy" and _simple(obj.dtype):
-        return _scalar, (obj.dtype.str, obj.tobytes())
+        return (_scalar, (obj.dtype.str, obj.tobytes())) if obj.dtype.itemsize <= _MAX_SCALAR else NotImplemented
     if isinstance(obj, np.dtype) and _simple(obj):
         return _dtype, (obj.str,)
     return NotImplemented
@@ -111,8 +115,8 @@ def _scalar(spec: Any, data: Any) -> Any:
     import numpy as np
 
     dtype = _dtype(spec)
-    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
-        raise IntegrityError(f"numpy scalar of {spec} needs {dtype.itemsize} bytes")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize or dtype.itemsize > _MAX_SCALAR:
+        raise IntegrityError(f"numpy scalar of {spec} needs {dtype.itemsize} bytes, at most {_MAX_SCALAR}")
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
@@ -161,12 +165,19 @@ class RowBlock:
 
 
 class RowBatch:
-    """A run of table records decoded from one ``_rows`` call; the unpickler expands it."""
+    """A run of table records decoded from one ``_rows`` call.
 
-    __slots__ = ("records",)
+    Expanded into records only by the record decoder, once per record it reads: a pickle
+    that calls ``_rows`` again and again on one memoised key list builds nothing big.
+    """
 
-    def __init__(self, records: list[tuple[Any, Any]]) -> None:
-        self.records = records
+    __slots__ = ("block", "keys")
+
+    def __init__(self, keys: list[Any], block: Any) -> None:
+        self.keys, self.block = keys, block
+
+    def records(self) -> list[tuple[Any, Any]]:
+        return list(zip(self.keys, self.block, strict=True))  # iterating a block yields its rows as views
 
 
 def _rows(keys: Any, spec: Any, shape: Any, data: Any) -> RowBatch:
@@ -174,8 +185,7 @@ def _rows(keys: Any, spec: Any, shape: Any, data: Any) -> RowBatch:
         raise IntegrityError("a row batch needs a non-empty list of keys")
     if not (isinstance(shape, tuple) and shape and all(type(n) is int and n > 0 for n in shape)) or len(shape) > 63:
         raise IntegrityError(f"malformed row shape {shape!r:.80}")
-    block = _array(spec, (len(keys), *shape), "C", data)
-    return RowBatch(list(zip(keys, block, strict=True)))  # iterating a block yields its rows as views
+    return RowBatch(keys, _array(spec, (len(keys), *shape), "C", data))
 
 
 #: what the safe unpickler admits for these (``module:qualname``)

@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import IntegrityError, SerializationError, UnsafePayload
 from .arrays import REBUILDERS, RowBatch, RowBlock, can_start_rows, reduce_numpy
-from .npguard import GuardedUnpickler, is_numpy_module
+from .guard import Allowance, GuardedUnpickler, needs_guard
 
 __all__ = [
     "SAFE_GLOBALS",
@@ -140,12 +140,13 @@ def _admit(policy: UnpicklePolicy, source: str, module: str, name: str) -> str:
     return _RENAMED_MODULES.get(module, module)
 
 
-class _NeedsNumpyGuard(Exception):
-    """The stream names numpy: decode it again with the guarded unpickler (npguard.py)."""
+class _NeedsGuard(Exception):
+    """The stream names numpy or a copying constructor: decode it again with the guarded
+    unpickler (guard.py)."""
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """The fast (C) unpickler, for pickles that name nothing from numpy."""
+    """The fast (C) unpickler, for pickles that name nothing :func:`needs_guard` flags."""
 
     def __init__(self, file: io.BytesIO, policy: UnpicklePolicy, source: str, **kw: Any) -> None:
         super().__init__(file, **kw)
@@ -154,21 +155,24 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         real = _admit(self._policy, self._source, module, name)
-        if is_numpy_module(module) and not self._policy.trust_remote_code:
-            raise _NeedsNumpyGuard
+        if needs_guard(module, name) and not self._policy.trust_remote_code:
+            raise _NeedsGuard
         return super().find_class(real, name)
 
 
-def _guarded(file: io.BytesIO, policy: UnpicklePolicy, source: str, buffers: Sequence[Any] = ()) -> GuardedUnpickler:
-    return GuardedUnpickler(file, lambda module, name: _admit(policy, source, module, name), source, buffers)
+def _guarded(
+    file: io.BytesIO, policy: UnpicklePolicy, source: str, allowance: Allowance, buffers: Sequence[Any] = ()
+) -> GuardedUnpickler:
+    return GuardedUnpickler(file, lambda module, name: _admit(policy, source, module, name), source, allowance, buffers)
 
 
 def _loads(data: memoryview | bytes, policy: UnpicklePolicy, source: str, buffers: Sequence[Any] = ()) -> Any:
     try:
         try:
             return _SafeUnpickler(io.BytesIO(data), policy, source, buffers=buffers).load()
-        except _NeedsNumpyGuard:
-            return _guarded(io.BytesIO(data), policy, source, buffers).load()
+        except _NeedsGuard:
+            size = len(data) + sum(memoryview(b).nbytes for b in buffers)
+            return _guarded(io.BytesIO(data), policy, source, Allowance(size, source), buffers).load()
     except UnsafePayload:
         raise
     except Exception as exc:  # a malformed stream can raise nearly anything from inside pickle
@@ -409,9 +413,9 @@ def decode_records(data: memoryview | bytes, policy: UnpicklePolicy, source: str
     try:
         buffers = iter(bufs)
         return _load_records(main, functools.partial(unpickler, buffers=buffers), source)
-    except _NeedsNumpyGuard:  # decode the whole unit again, the checking way
-        buffers = iter(bufs)
-        return _load_records(main, lambda f: _guarded(f, policy, source, buffers), source)
+    except _NeedsGuard:  # decode the whole unit again, the checking way
+        buffers, allowance = iter(bufs), Allowance(len(data), source)  # one for all the unit's records
+        return _load_records(main, lambda f: _guarded(f, policy, source, allowance, buffers), source)
 
 
 def _load_records(main: memoryview, unpickler: Callable[[io.BytesIO], Any], source: str) -> list[tuple[Any, Any]]:
@@ -423,12 +427,12 @@ def _load_records(main: memoryview, unpickler: Callable[[io.BytesIO], Any], sour
             # indices of one record must not find another record's objects.
             rec = unpickler(stream).load()
             if type(rec) is RowBatch:
-                out += rec.records
+                out += rec.records()
                 continue
             if not isinstance(rec, tuple) or len(rec) != 2:
                 raise IntegrityError(f"table batch from {source} holds a {type(rec).__name__}, not a record")
             out.append(rec)
-    except (UnsafePayload, IntegrityError, _NeedsNumpyGuard):
+    except (UnsafePayload, IntegrityError, _NeedsGuard):
         raise
     except Exception as exc:
         raise IntegrityError(f"malformed table batch from {source}: {type(exc).__name__}: {exc}") from exc

@@ -1,7 +1,10 @@
-"""Unpickling numpy data from a peer without letting it corrupt memory.
+"""The checking unpickler: numpy data and copying constructors from a peer, held to account.
 
-numpy's own reconstructors are on the safe allow-list, but numpy trusts what a pickle
-tells it. Naming only allow-listed numpy functions, a peer can:
+Two things a peer can do through the safe allow-list alone, which the fast C unpickler
+cannot stop because it offers no hook on REDUCE or BUILD:
+
+**Corrupt memory through numpy.** numpy's own reconstructors are on the allow-list, but
+numpy trusts what a pickle tells it. Naming only allow-listed numpy functions, a peer can:
 
 - call ``numpy.ndarray(shape, dtype("O"), buffer)``: an object array over raw bytes, so
   every element is a pointer the peer chose (a crash at best);
@@ -10,9 +13,15 @@ tells it. Naming only allow-listed numpy functions, a peer can:
   array's own state): the same pointers, through a dtype numpy thinks is plain;
 - change a dtype's state after an array or another dtype took it (BUILD twice).
 
-The C unpickler offers no hook on REDUCE or BUILD, so a pickle that names anything from
-numpy is decoded by :class:`GuardedUnpickler`, a subclass of the pure-Python unpickler that
-checks those opcodes (pickles without numpy keep the fast C path; see ``serial.py``):
+**Exhaust memory through constructors that copy or expand their argument.** A few bytes
+of pickle can call ``bytearray(1 << 40)``, ``list(range(10**9))``, or ``bytearray(x)``
+again and again on one memoised ``x``: unbounded memory from a bounded message. Pickles
+that our senders (and Python's own pickler) write never pass such arguments, but any
+stream may name these constructors (a ``defaultdict(list)`` names ``list``).
+
+So a pickle that names anything from numpy, or a constructor of :data:`COPYING_GLOBALS`,
+is decoded by :class:`GuardedUnpickler`, a subclass of the pure-Python unpickler that
+checks those opcodes (other pickles keep the fast C path; see ``serial.py``):
 
 - numpy types (arrays, dtypes, scalars) are never called or instantiated directly:
   arrays come only from numpy's reconstructors, dtypes only through ``numpy.dtype``;
@@ -24,7 +33,11 @@ checks those opcodes (pickles without numpy keep the fast C path; see ``serial.p
 - an array's state may be set once, only on an array ``_reconstruct`` just made, and only
   once it is checked to match its shape and dtype (numpy swaps the dtype in before it
   checks the data, and an array left half-way crashes when it is freed);
-- ``_frombuffer`` reads only the pickle's own byte strings and out-of-band buffers.
+- ``_frombuffer`` reads only the pickle's own byte strings and out-of-band buffers;
+- every call of a copying constructor is charged, before it runs, the length of its
+  arguments (an int's value for ``bytes``/``bytearray``) against an :class:`Allowance` of
+  twice the unit's own size plus 1 MiB; a unit that would exceed it is refused with
+  :class:`IntegrityError`, having built nothing big.
 
 Every numpy object the stream hands to numpy code is marked as used: it can no longer be
 given a state. Refusals are :class:`UnsafePayload` naming the numpy global involved.
@@ -34,19 +47,79 @@ from __future__ import annotations
 
 import io
 import pickle
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from ..errors import IntegrityError, UnsafePayload
 
-__all__ = ["GuardedUnpickler", "is_numpy_module"]
+__all__ = ["COPYING_GLOBALS", "Allowance", "GuardedUnpickler", "needs_guard"]
 
 _MAX_DEPTH = 64
 _LIFTED_BY = "only options={'trust_remote_code': True} lifts this check"
 
 
-def is_numpy_module(module: str) -> bool:
+#: allow-listed constructors that copy or expand what they are given (``module:qualname``)
+COPYING_GLOBALS = frozenset(
+    [
+        *(f"builtins:{n}" for n in ("str", "bytes", "bytearray", "int", "list", "tuple", "dict", "set", "frozenset")),
+        "collections:OrderedDict",
+        "collections:defaultdict",
+        "collections:deque",
+        "collections:Counter",
+        "decimal:Decimal",
+        "fractions:Fraction",
+        "fedtransport.table:Table",  # copies its list of partitions
+    ]
+)
+
+
+def _is_numpy_module(module: str) -> bool:
     return module == "numpy" or module.startswith("numpy.")
+
+
+def needs_guard(module: str, name: str) -> bool:
+    """True if a pickle naming ``module:name`` must be decoded by :class:`GuardedUnpickler`."""
+    return _is_numpy_module(module) or f"{module}:{name}" in COPYING_GLOBALS
+
+
+class Allowance:
+    """What the copying constructors of one unit may still build (elements or bytes)."""
+
+    __slots__ = ("left", "source")
+
+    def __init__(self, unit_size: int, source: str) -> None:
+        self.left = 2 * unit_size + (1 << 20)
+        self.source = source
+
+    def charge(self, func: Any, args: tuple[Any, ...]) -> None:
+        cost = 0
+        for arg in args:
+            if type(arg) is int:
+                cost += arg if func in (bytes, bytearray) and arg > 0 else 0
+            elif isinstance(arg, pickle.PickleBuffer):
+                with memoryview(arg) as view:
+                    cost += view.nbytes
+            else:
+                try:
+                    cost += len(arg)
+                except TypeError:  # no length: nothing it could expand into
+                    pass
+                except OverflowError:  # range(10**20)
+                    cost = self.left + 1
+        self.take(cost, _qualname(func))
+
+    def take(self, cost: int, what: str) -> None:
+        if cost > self.left:
+            raise IntegrityError(
+                f"pickle from {self.source} would build {cost} elements or bytes with {what}, more than "
+                "its own size allows: refused before building it"
+            )
+        self.left -= cost
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__name__)}"
 
 
 def _refuse(name: str, why: str, source: str) -> UnsafePayload:
@@ -148,7 +221,7 @@ def _check_array_state(np: Any, state: Any, source: str) -> None:
 
 
 class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
-    """The pure-Python unpickler with REDUCE, BUILD, NEWOBJ and buffers checked for numpy."""
+    """The pure-Python unpickler with REDUCE, BUILD, NEWOBJ and buffers checked (module docstring)."""
 
     dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
@@ -157,22 +230,28 @@ class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         file: io.BytesIO,
         admit: Callable[[str, str], str],
         source: str,
+        allowance: Allowance,
         buffers: Sequence[Any] = (),
     ) -> None:
         super().__init__(file, buffers=buffers)
-        import numpy
-
-        self._np = numpy
         self._admit = admit
         self._source = source
+        self._allowance = allowance
         self._roles: dict[int, str] = {}
         self._fresh: dict[int, Any] = {}  # dtypes/arrays made here whose state is not set yet
         self._used: dict[int, Any] = {}  # numpy objects numpy code has seen (kept alive: ids stay unique)
         self._own_views: dict[int, Any] = {}  # read-only views of our out-of-band buffers
 
+    @property
+    def _np(self) -> Any:
+        """numpy, once anything imported it (no numpy object can exist before)."""
+        return sys.modules.get("numpy")
+
     def find_class(self, module: str, name: str) -> Any:
         obj = super().find_class(self._admit(module, name), name)  # the allow-list first
-        if is_numpy_module(module):
+        if f"{module}:{name}" in COPYING_GLOBALS:
+            self._roles[id(obj)] = "copying"
+        elif _is_numpy_module(module):
             np = self._np
             if obj is np.dtype:
                 role = "dtype"
@@ -192,7 +271,7 @@ class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     def _use(self, obj: Any, depth: int = 0) -> None:
         """Mark the numpy objects inside ``obj`` as seen by numpy: their state is final."""
         np = self._np
-        if isinstance(obj, (np.dtype, np.ndarray)):
+        if np is not None and isinstance(obj, (np.dtype, np.ndarray)):
             self._used[id(obj)] = obj
             return
         if isinstance(obj, (tuple, list, set, frozenset, dict)):
@@ -202,9 +281,6 @@ class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
             for item in items:
                 self._use(item, depth + 1)
 
-    def _name(self, obj: Any) -> str:
-        return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__name__)}"
-
     # -- opcodes ----------------------------------------------------------------------------
 
     def _call(self, func: Any, args: Any) -> Any:
@@ -213,9 +289,12 @@ class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         role = self._roles.get(id(func))
         if role is None:
             return func(*args)
+        if role == "copying":
+            self._allowance.charge(func, args)
+            return func(*args)
         np = self._np
         if role == "type":
-            raise _refuse(self._name(func), "numpy types are rebuilt only through numpy's reconstructors", self._source)
+            raise _refuse(_qualname(func), "numpy types are rebuilt only through numpy's reconstructors", self._source)
         if role == "dtype":
             if not 1 <= len(args) <= 3:
                 raise IntegrityError(f"pickle from {self._source}: numpy.dtype with {len(args)} arguments")
@@ -240,6 +319,7 @@ class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
             self._use(args)
             return func(*args)
         self._use(args)
+        self._allowance.charge(func, args)  # numpy's scalar() copies its bytes
         return func(*args)
 
     def load_reduce(self) -> None:
@@ -249,18 +329,21 @@ class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
 
     dispatch[pickle.REDUCE[0]] = load_reduce
 
-    def _check_new(self, cls: Any) -> None:
-        if self._roles.get(id(cls)) in ("type", "dtype"):
-            raise _refuse(self._name(cls), "numpy types are rebuilt only through numpy's reconstructors", self._source)
+    def _check_new(self, cls: Any, args: Any) -> None:
+        role = self._roles.get(id(cls))
+        if role == "copying" and type(args) is tuple:  # tuple.__new__(tuple, range(...)) expands too
+            self._allowance.charge(cls, args)
+        elif role in ("type", "dtype"):
+            raise _refuse(_qualname(cls), "numpy types are rebuilt only through numpy's reconstructors", self._source)
 
     def _instantiate(self, klass: Any, args: Any) -> None:  # INST and OBJ
-        self._check_new(klass)
+        self._check_new(klass, tuple(args))
         super()._instantiate(klass, args)
 
     def load_newobj(self) -> None:
         args = self.stack.pop()
         cls = self.stack.pop()
-        self._check_new(cls)
+        self._check_new(cls, args)
         if type(args) is not tuple:
             raise IntegrityError(f"pickle from {self._source}: NEWOBJ arguments are a {type(args).__name__}")
         self.append(cls.__new__(cls, *args))
@@ -271,7 +354,7 @@ class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         kwargs = self.stack.pop()
         args = self.stack.pop()
         cls = self.stack.pop()
-        self._check_new(cls)
+        self._check_new(cls, args)
         if type(args) is not tuple or type(kwargs) is not dict:
             raise IntegrityError(f"pickle from {self._source}: malformed NEWOBJ_EX arguments")
         self.append(cls.__new__(cls, *args, **kwargs))
@@ -290,7 +373,9 @@ class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     def load_build(self) -> None:
         np = self._np
         inst = self.stack[-2]
-        if isinstance(inst, np.dtype):
+        if np is None:
+            super().load_build()
+        elif isinstance(inst, np.dtype):
             self._build_once(inst, "numpy:dtype")
             state = self.stack.pop()
             self._use(state)
@@ -306,9 +391,10 @@ class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
             state = self.stack.pop()
             self._use(state)
             _check_array_state(np, state, self._source)
+            self._allowance.take(len(state[4]), "numpy._core.multiarray:_reconstruct")
             inst.__setstate__(state)
         elif isinstance(inst, np.generic):
-            raise _refuse(self._name(type(inst)), "a numpy scalar is never given a state", self._source)
+            raise _refuse(_qualname(type(inst)), "a numpy scalar is never given a state", self._source)
         else:
             super().load_build()
 
