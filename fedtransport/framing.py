@@ -60,9 +60,9 @@ _SIZE_AT = struct.calcsize("<2sBB8s16sIIIII")  # the header's ``size`` field
 HEADER_SIZE = _PREFIX.size + _CRC.size  # 80
 # A unit at least this big is received into an anonymous mapping (see _allocate).
 _MAPPED_UNIT = 8 << 20
-# madvise(MADV_POPULATE_WRITE), Linux 5.14+: fault a chunk's pages in with one call. Python's
-# mmap module does not name it before 3.13. Cleared on the first kernel that refuses it.
-_POPULATE_WRITE: int | None = getattr(mmap, "MADV_POPULATE_WRITE", 23 if hasattr(mmap, "madvise") else None)
+# madvise(MADV_POPULATE_WRITE), Linux 5.14+: fault pages in with one call. Python's mmap
+# module does not name it before 3.13. Cleared on the first kernel that refuses it.
+_POPULATE_WRITE: int | None = getattr(mmap, "MADV_POPULATE_WRITE", 23 if hasattr(mmap.mmap, "madvise") else None)
 _PAGE = mmap.PAGESIZE
 
 
@@ -303,11 +303,12 @@ def _frame_pending(
 
 
 class _Unit:
-    __slots__ = ("buf", "filled", "got", "size")
+    __slots__ = ("buf", "filled", "got", "ready", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.got = 0
+        self.ready = 0  # a mapped buffer's populated prefix
         self.filled = False  # an empty unit is complete only once its message arrived
         self.buf: bytearray | mmap.mmap | bytes | memoryview | None = None
 
@@ -323,11 +324,26 @@ class _Unit:
                     self.buf = _allocate(self.size)
                 except (MemoryError, OverflowError, OSError, ValueError) as exc:  # the length comes from the header
                     raise IntegrityError(f"cannot hold a unit of {self.size} bytes: {exc}") from None
-            if isinstance(self.buf, mmap.mmap):
-                _populate(self.buf, offset, n)
+            if isinstance(self.buf, mmap.mmap) and offset + n > self.ready:
+                self._populate(offset, n)
             memoryview(self.buf)[offset : offset + n] = data  # type: ignore[index]
         self.got += n
         self.filled = True
+
+    def _populate(self, offset: int, n: int) -> None:
+        """Fault in pages before a chunk is copied in, in few big kernel calls: faulting them one
+        by one, on the thread that also reads the socket, cost more than the copy itself.
+
+        The populated prefix doubles with the bytes received (a few calls per unit) and never
+        passes twice what has arrived; a chunk beyond that gets only its own pages. So a
+        claimed length is never committed ahead of its data."""
+        end, limit = offset + n, 2 * (self.got + n)
+        if end > limit:
+            _madvise_populate(self.buf, offset, end)  # type: ignore[arg-type]
+            return
+        target = min(self.size, limit)
+        _madvise_populate(self.buf, self.ready, target)  # type: ignore[arg-type]
+        self.ready = target
 
     @property
     def complete(self) -> bool:
@@ -340,20 +356,18 @@ class _Unit:
 def _allocate(size: int) -> bytearray | mmap.mmap:
     if size < _MAPPED_UNIT:
         return bytearray(size)
-    # Address space only: memory is committed chunk by chunk as data arrives (_populate), so
-    # a header that claims a huge unit costs nothing until the bytes themselves are sent.
+    # Address space only: memory is committed as data arrives (_Unit._populate), so a header
+    # that claims a huge unit costs nothing until the bytes themselves are sent.
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
-def _populate(buf: mmap.mmap, offset: int, n: int) -> None:
-    """Fault in the pages a chunk is about to fill, in one kernel call: faulting them one by
-    one, on the thread that also reads the socket, cost more than the copy itself."""
+def _madvise_populate(buf: mmap.mmap, start: int, end: int) -> None:
     global _POPULATE_WRITE
-    if _POPULATE_WRITE is None or n == 0:
+    if _POPULATE_WRITE is None or end <= start:
         return
-    start = offset - offset % _PAGE
+    start -= start % _PAGE
     try:
-        buf.madvise(_POPULATE_WRITE, start, offset + n - start)
+        buf.madvise(_POPULATE_WRITE, start, end - start)
     except OSError as exc:
         if exc.errno == errno.EINVAL:  # a kernel older than 5.14: plain page faults from now on
             _POPULATE_WRITE = None
