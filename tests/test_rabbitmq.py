@@ -358,6 +358,42 @@ def test_job_user_cannot_read_another_jobs_vhost(pool_nodes, job_id):
     h.cleanup()
 
 
+def test_a_party_cannot_publish_into_another_pairs_queue(pool_nodes, job_id):
+    """RabbitMQ checks a publish against its exchange: each party may write only to its own,
+    to which only its outgoing queues are bound."""
+    node = pool_nodes[0]
+    with connect(job_id, GUEST, node) as g, connect(job_id, HOST, node) as h, connect(job_id, ARBITER, node) as a:
+        h.remote("to the arbiter", "x", "0", [ARBITER])  # declares host -> arbiter, lane 0, and its binding
+        g.remote("to the host", "x", "0", [HOST])  # and guest's exchange
+        assert a.get("x", "0", [HOST], timeout=30) == ["to the arbiter"]
+        assert h.get("x", "0", [GUEST], timeout=30) == ["to the host"]
+        mine = transport(g)
+        victim = mine.queue(HOST, ARBITER, 0)
+        creds = pika.PlainCredentials(mine.user_name, mine._password)
+        params = pika.ConnectionParameters("127.0.0.1", node.port, mine.vhost, creds, connection_attempts=1)
+        with pika.BlockingConnection(params) as conn:
+            for attempt in (
+                lambda ch: ch.basic_publish("", victim, b"forged"),  # the default exchange
+                lambda ch: ch.basic_publish(mine.exchange(HOST), victim, b"forged"),  # host's exchange
+                lambda ch: ch.queue_bind(victim, mine.exchange(GUEST), routing_key="forged"),  # into our exchange
+                lambda ch: ch.exchange_declare(f"{job_id}:forged", "fanout"),
+                lambda ch: ch.basic_get(victim),  # reading it
+            ):
+                ch = conn.channel()
+                ch.confirm_delivery()
+                with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="ACCESS_REFUSED"):
+                    attempt(ch)
+            # its own exchange routes only to its own queues: the victim's name is unroutable
+            ch = conn.channel()
+            ch.confirm_delivery()
+            with pytest.raises(pika.exceptions.UnroutableError):
+                ch.basic_publish(mine.exchange(GUEST), victim, b"forged", mandatory=True)
+        h.remote("again", "x", "1", [ARBITER])
+        assert a.get("x", "1", [HOST], timeout=30) == ["again"]  # nothing forged reached the arbiter
+    for f in (g, h, a):
+        f.cleanup()
+
+
 def test_cleanup_leaves_no_vhost_user_upstream_or_policy(pool_nodes, job_id):
     a, b = pool_nodes[0], pool_nodes[1]
     g = federated(job_id, GUEST, pool_nodes, secret=SECRET)
@@ -406,8 +442,12 @@ def test_names_and_permissions():
     assert t.user_name == "fedtransport-job-1.a:guest:9999"
     assert t.max_unacked_per_lane == RabbitTransport.option_defaults["prefetch"]
     configure, write, read = t._data_permissions()
-    assert write == r"^amq\.default$"
+    assert t.exchange(GUEST) == "job-1.a:guest:9999"
+    assert [bool(re.match(write, r)) for r in ("job-1.a:guest:9999", "amq.default", "job-1.a:host:10000",
+                                              t.queue(GUEST, HOST, 0), t.queue(HOST, ARBITER, 0))] == [
+        True, False, False, True, False]  # fmt: skip
     assert re.match(read, t.queue(HOST, GUEST, 0)) and not re.match(read, t.queue(GUEST, HOST, 0))
+    assert re.match(read, "job-1.a:guest:9999") and not re.match(read, "job-1.a:host:10000")
     assert re.match(configure, t.queue(GUEST, HOST, 0)) and re.match(configure, t.queue(HOST, GUEST, 1))
     assert not re.match(configure, t.queue(HOST, ARBITER, 0))
     assert not re.match(read, t.queue(HOST, GUEST, 0).replace("job-1.a", "job-1xa"))  # dots are literal

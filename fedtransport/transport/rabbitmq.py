@@ -3,10 +3,12 @@
 Features
     * A virtual host per job, ``{vhost_prefix}{job_id}``, and a user per party and job,
       ``{vhost}:{role}:{party_id}``, whose permissions cover only that vhost and, inside it,
-      only the party's own queues (configure), the default exchange (write) and the queues
-      addressed to it (read). The data plane connects as that user, never as the admin. Its
-      password is derived from the admin password (HMAC-SHA256), so every process of a party
-      (Spark executors, a restarted receiver) computes the same one without storing it.
+      only the party's own queues and exchange (configure), its exchange ``{job_id}:{role}:
+      {party_id}``, to which only its outgoing queues are bound (write: it cannot publish into
+      another pair's queue), and the queues addressed to it (read). The data plane connects
+      as that user, never as the admin. Its password is derived from the admin password
+      (HMAC-SHA256), so every process of a party (Spark executors, a restarted receiver)
+      computes the same one without storing it.
     * Queues ``{job_id}:{src_role}:{src_id}:{dst_role}:{dst_id}:{lane}``: parties x lanes per
       job, never one per variable or partition. ``:`` cannot occur in job ids, roles or party
       ids, so a name maps back to exactly one (src, dst, lane). Durable queues, persistent
@@ -319,6 +321,7 @@ class RabbitTransport(Transport):
         self.port: int = o["port"]
         self.vhost = f"{prefix}{ctx.job_id}"
         self.user_name = self.party_user(ctx.party)
+        self._exchange = self.exchange(ctx.party)
         self._password = _derive(str(o["password"]).encode(), "data-user", f"{self.vhost}\0{self.user_name}")
         self._prefetch: int = o["prefetch"]
         self._prefetch_max: int = max(o["prefetch_max"], self._prefetch)
@@ -363,7 +366,8 @@ class RabbitTransport(Transport):
         self._pub_tag = 0
         self._pub_retry = _RETRY_FIRST
         self._outstanding: dict[int, tuple[_Send, int]] = {}  # delivery tag -> (send, index)
-        self._declared: set[str] = set()  # queues declared on the current publisher channel
+        self._declared: set[str] = set()  # queues declared and bound on the current publisher channel
+        self._declaring: set[str] = set()  # queues whose declare-and-bind is under way on it
         self._ops: dict[int, _Send] = {}
         self._posted: list[Callable[[], None]] = []  # calls for the I/O thread, run by one wake-up
         self._posted_lock = threading.Lock()
@@ -406,6 +410,10 @@ class RabbitTransport(Transport):
     def queue(self, src: Party, dst: Party, lane: int) -> str:
         return f"{self.ctx.job_id}:{src.role}:{src.party_id}:{dst.role}:{dst.party_id}:{lane + self.ctx.lane_offset}"
 
+    def exchange(self, src: Party) -> str:
+        """The exchange ``src`` publishes to: only its own queues are bound to it."""
+        return f"{self.ctx.job_id}:{src.role}:{src.party_id}"
+
     def party_user(self, party: Party) -> str:
         return f"{self.vhost}:{party.role}:{party.party_id}"
 
@@ -429,10 +437,18 @@ class RabbitTransport(Transport):
         return f"^{re.escape(self.ctx.job_id)}:{part(src)}:{part(dst)}:[0-9]+$"
 
     def _data_permissions(self) -> tuple[str, str, str]:
+        """(configure, write, read) of the party's data user.
+
+        RabbitMQ checks a publish against the exchange, not the queue it reaches: with the
+        default exchange writable, a party could publish into any queue of the job. So each
+        party publishes to an exchange of its own, to which only its outgoing queues are
+        bound, and may write nowhere else. Binding needs write on the queue and read on the
+        exchange; writing to a queue allows nothing more than binding it."""
         me = self.ctx.party
         outgoing, incoming = self._queue_pattern(me, None), self._queue_pattern(None, me)
-        configure = f"{outgoing[:-1]}|{incoming[1:]}"  # declare own outgoing and incoming queues
-        return configure, r"^amq\.default$", incoming  # publish via the default exchange only
+        exchange = f"^{re.escape(self.exchange(me))}$"
+        configure = f"{outgoing}|{incoming}|{exchange}"  # declare own queues, both ways, and the exchange
+        return configure, f"{exchange}|{outgoing}", f"{incoming}|{exchange}"
 
     # control plane -------------------------------------------------------------------------
 
@@ -799,6 +815,7 @@ class RabbitTransport(Transport):
         self._pub, self._pub_ready, self._pub_tag = ch, False, 0
         self._outstanding.clear()
         self._declared.clear()
+        self._declaring.clear()
         ch.add_on_close_callback(_safe(functools.partial(self._on_pub_closed, epoch)))
         ch.add_on_return_callback(_safe(self._on_return))
         ch.confirm_delivery(
@@ -825,8 +842,10 @@ class RabbitTransport(Transport):
         if epoch != self._pub_epoch:
             return
         lost = {op.id: op for op, _ in self._outstanding.values()}
+        lost.update({op.id: op for op in self._ops.values() if op.queue in self._declaring})
         self._pub, self._pub_ready = None, False
         self._outstanding.clear()
+        self._declaring.clear()
         conn = self._conn
         if self._stopping or conn is None or not conn.is_open:
             return  # the connection went: _on_closed reconnects and everything is published again
@@ -855,9 +874,8 @@ class RabbitTransport(Transport):
         if not self._pub_ready or ch is None or op.id not in self._ops or op.error is not None:
             return
         if op.queue not in self._declared:
-            # nowait: goes out before the publishes below, so the broker declares first
-            ch.queue_declare(op.queue, durable=True)
-            self._declared.add(op.queue)
+            self._declare_route(ch, op.queue)
+            return
         with op.cond:
             todo = [(i, body) for i, body in op.unconfirmed.items() if op.sent_on.get(i) != self._pub_epoch]
         for i, body in todo:
@@ -865,7 +883,30 @@ class RabbitTransport(Transport):
             self._outstanding[self._pub_tag] = (op, i)
             op.sent_on[i] = self._pub_epoch
             props = BasicProperties(delivery_mode=2, message_id=f"{op.id}:{i}")
-            ch.basic_publish("", op.queue, body, props, mandatory=True)
+            ch.basic_publish(self._exchange, op.queue, body, props, mandatory=True)
+
+    def _declare_route(self, ch: Channel, queue: str) -> None:
+        """Declare our exchange and ``queue`` and bind them; then publish what waits for it.
+
+        pika holds an RPC back until the one before it is answered, but not a publish, which
+        could then overtake the declaration it needs: nothing goes out before the bind is
+        confirmed (the RPCs are answered in order, so the last one's reply is enough)."""
+        if queue in self._declaring:
+            return  # under way: its end pumps every send to this queue
+        self._declaring.add(queue)
+        epoch = self._pub_epoch
+
+        def bound(_frame: Any) -> None:
+            if epoch != self._pub_epoch:
+                return
+            self._declaring.discard(queue)
+            self._declared.add(queue)
+            for op in [o for o in self._ops.values() if o.queue == queue]:
+                self._pump(op)
+
+        ch.exchange_declare(self._exchange, "direct", durable=True)
+        ch.queue_declare(queue, durable=True)
+        ch.queue_bind(queue, self._exchange, routing_key=queue, callback=_safe(bound))
 
     def _on_confirm(self, epoch: int, frame: Any) -> None:
         if epoch != self._pub_epoch:
