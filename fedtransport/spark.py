@@ -119,6 +119,9 @@ _FANOUT_CHUNK = 64  # records per hand-off between a task's source iterator and 
 _FANOUT_DEPTH = 4  # chunks queued per party before the source waits for the slowest party
 _PUT_TICK = 0.2  # seconds between checks that a party's stream is still alive
 _PROPERTY = "fedtransport.spark.receive"  # Spark local property naming the get being materialised
+# ... and the timeout of that get: a retry reuses the failed call's RDDs, whose tasks were made
+# with the failed call's timeout, and must wait as long as the retry says.
+_TIMEOUT_PROPERTY = "fedtransport.spark.timeout"
 
 Record = tuple[Any, Any]
 RouteSpec = str | Mapping[str, Any] | None
@@ -553,7 +556,7 @@ def get(
         with session.lock:
             pending = [session.pending[k] for k in keys]
         if materialize:
-            _materialize(sc, pending, name, tag)
+            _materialize(sc, pending, name, tag, timeout)
     except BaseException:
         with session.lock:
             session.got.difference_update(keys)
@@ -577,22 +580,24 @@ def _check_head(head: Any, name: str, tag: str, src: Party) -> tuple[int, int]:
     return head["partitions"], head["lane_base"]
 
 
-def _materialize(sc: SparkContext, pending: list[_Pending], name: str, tag: str) -> None:
+def _materialize(sc: SparkContext, pending: list[_Pending], name: str, tag: str, timeout: float | None) -> None:
     """Receive every partition now, in one Spark job, tagged so that only this job may receive."""
     tokens = [p.token for p in pending if p.token is not None]
     with contextlib.ExitStack() as stack:
         # Two gets from one party evaluated at once would share its lanes: one at a time.
         for lock in sorted({id(p.source_lock): p.source_lock for p in pending}.values(), key=id):
             stack.enter_context(lock)
-        previous = sc.getLocalProperty(_PROPERTY)
+        previous = sc.getLocalProperty(_PROPERTY), sc.getLocalProperty(_TIMEOUT_PROPERTY)
         sc.setLocalProperty(_PROPERTY, ",".join(tokens))
+        sc.setLocalProperty(_TIMEOUT_PROPERTY, "none" if timeout is None else repr(float(timeout)))
         try:
             rdds = [p.rdd for p in pending]
             (rdds[0] if len(rdds) == 1 else sc.union(rdds)).count()
         except Exception as exc:
             raise _translate(exc, f"Spark get(name={name!r}, tag={tag!r}) failed in an executor") from exc
         finally:
-            sc.setLocalProperty(_PROPERTY, previous)  # type: ignore[arg-type]  # None removes it
+            sc.setLocalProperty(_PROPERTY, previous[0])  # type: ignore[arg-type]  # None removes it
+            sc.setLocalProperty(_TIMEOUT_PROPERTY, previous[1])  # type: ignore[arg-type]
 
 
 def _receive_partition(
@@ -618,6 +623,9 @@ def _receive_partition(
                 f"a transfer can be received only once. Persist with a replicated storage level or "
                 f"checkpoint() the RDD if executors may be lost."
             )
+        wanted = ctx.getLocalProperty(_TIMEOUT_PROPERTY)  # the get() running now, maybe a retry
+        if wanted:
+            timeout = None if wanted == "none" else float(wanted)
     what = f"partition {index} of Spark transfer {name!r}/{tag!r} from {src}"
     fed = conf.connect(conf.task_session_options(lane_base + index))
     try:

@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -321,10 +323,46 @@ def test_lazy_get_receives_on_first_evaluation_only(sc: Any, pulsar_broker: Embe
         fts.close(host)
 
 
+def test_a_retried_get_waits_as_long_as_the_retry_says(sc: Any, pulsar_broker: EmbeddedPulsar) -> None:
+    """The retry reuses the failed call's RDD, whose tasks were made with its 2 s timeout."""
+    job_id = f"spark-retry-{uuid.uuid4().hex[:8]}"
+    options = {"service_url": pulsar_broker.service_url, "redelivery_after": 2.0}
+    guest, host = (fts.SparkFederationConfig("pulsar", job_id, p, options=options) for p in (GUEST, HOST))
+    parts = [[(p * 100 + i, i) for i in range(5)] for p in range(2)]
+
+    def flaky(p: int, it: Any) -> Iterator[tuple[int, int]]:
+        if p == 1:
+            raise ValueError("partition 1 cannot be computed")
+        yield from parts[p]
+
+    def send_late() -> None:  # from outside Spark: the get's waiting tasks hold both task slots
+        time.sleep(8)
+        for p, records in enumerate(parts):  # partition 0 may have gone out already: a duplicate is dropped
+            with guest.connect(guest.task_session_options(guest.lane_base + p)) as fed:
+                fed.remote(ft.Table([records]), "x", fts.partition_tag("0", p), [HOST])
+
+    try:
+        with pytest.raises(Exception, match="partition 1 cannot be computed"):
+            fts.remote(sc.parallelize(range(2), 2).mapPartitionsWithIndex(flaky), "x", "0", [HOST], guest)
+        with pytest.raises(ft.TransferTimeout):
+            fts.get(sc, "x", "0", [GUEST], host, timeout=2)
+        late = threading.Thread(target=send_late)
+        late.start()
+        try:
+            [rdd] = fts.get(sc, "x", "0", [GUEST], host, timeout=60)
+        finally:
+            late.join()
+        assert rdd.glom().collect() == parts
+    finally:
+        fts.close(guest)
+        fts.close(host)
+
+
 def test_failures_reach_the_driver_and_a_remote_can_be_retried(sc: Any, pulsar_broker: EmbeddedPulsar) -> None:
     job_id = f"spark-fail-{uuid.uuid4().hex[:8]}"
-    guest, host = (fts.SparkFederationConfig("pulsar", job_id, p, options={"service_url": pulsar_broker.service_url})
-                   for p in (GUEST, HOST))  # fmt: skip
+    # A pulsar-lite dispatch stall is outlived by the watchdog in 2-4 s, well inside the 10 s gets.
+    options = {"service_url": pulsar_broker.service_url, "redelivery_after": 2.0}
+    guest, host = (fts.SparkFederationConfig("pulsar", job_id, p, options=options) for p in (GUEST, HOST))
     try:
         with pytest.raises(ft.TransferTimeout, match="guest:9999"):
             fts.get(sc, "nothing", "0", [GUEST], host, timeout=1)
@@ -343,7 +381,8 @@ def test_failures_reach_the_driver_and_a_remote_can_be_retried(sc: Any, pulsar_b
             fts.get(sc, "x", "0", [GUEST], host, timeout=10)
         fixed = base.mapPartitionsWithIndex(lambda p, it: flaky(p, it, False))
         assert fts.remote(fixed, "x", "0", [HOST], guest).records == 40  # the same (name, tag) again
-        # The get again: the partitions received the first time come from Spark's cache.
+        # The get again: the partitions received the first time come from Spark's cache; the
+        # others are received with this call's timeout, not the failed call's 10 s.
         [rdd] = fts.get(sc, "x", "0", [GUEST], host, timeout=60)
         assert rdd.glom().collect() == fixed.glom().collect()
 
