@@ -55,7 +55,8 @@ def test_shared_object_and_table_roundtrip(broker, job_id):
         [t] = h.get("t", "0", [GUEST], timeout=30)
         assert np.array_equal(w["w"], obj["w"]) and w["meta"] == ("lr", 0.1)
         assert t == table
-    assert set(job_topics(broker, job_id)) == {f"guest-9999-host-10000-{lane}" for lane in range(4)}
+    lanes = {f"guest-9999-host-10000-{lane}" for lane in range(4)}
+    wait_for(lambda: set(job_topics(broker, job_id)) == lanes, "the four lanes in pulsar-lite's metrics")
 
 
 def test_direct_mode_produces_to_the_destination_broker(job_id):
@@ -201,6 +202,7 @@ def test_cleanup_deletes_topics_and_namespace_through_the_admin_api(broker, job_
         rate = [r for r in fake.requests if r.path == f"{ns_path}/publishRate"]
         assert rate and rate[0].body == {"publishThrottlingRateInMsg": 30, "publishThrottlingRateInByte": -1}
         # the broker knows the topics the data plane created; pulsar-lite cannot tell the fake, we do
+        wait_for(lambda: len(job_topics(broker, job_id)) == 4, "the four lanes in pulsar-lite's metrics")
         for topic in job_topics(broker, job_id):
             fake.add_topic(f"persistent://fl-tenant/{job_id}/{topic}")
         fake.clear()
