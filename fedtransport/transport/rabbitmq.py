@@ -3,9 +3,9 @@
 Features
     * A virtual host per job, ``{vhost_prefix}{job_id}``, and a user per party and job,
       ``{vhost}:{role}:{party_id}``, whose permissions cover only that vhost and, inside it,
-      only the party's own queues and exchange (configure), its exchange ``{job_id}:{role}:
-      {party_id}``, to which only its outgoing queues are bound (write: it cannot publish into
-      another pair's queue), and the queues addressed to it (read). The data plane connects
+      only the party's own queues and exchange (configure), its exchange
+      ``{job_id}:{role}:{party_id}``, to which only its outgoing queues are bound (write: it
+      cannot publish into another pair's queue), and the queues addressed to it (read). The data plane connects
       as that user, never as the admin. Its password is derived from the admin password
       (HMAC-SHA256), so every process of a party (Spark executors, a restarted receiver)
       computes the same one without storing it.
