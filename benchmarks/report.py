@@ -3,8 +3,9 @@
     python benchmarks/report.py [--results benchmarks/results] [--out docs/benchmarks.png]
 
 Reads every ``throughput-*.json`` written by ``benchmarks/throughput.py --json`` (or
-``fedtransport bench --json``) and draws, per backend, the raw broker client next to
-fedtransport's workloads, each labelled with its ratio to the raw client. Needs matplotlib
+``fedtransport bench --json``) and draws, per result file (its own labelled group: the backend,
+``spark + BACKEND`` for a Spark run), the raw broker client next to fedtransport's workloads,
+each labelled with its ratio to the raw client. Needs matplotlib
 (``pip install 'fedtransport[bench]'``).
 """
 

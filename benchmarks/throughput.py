@@ -27,6 +27,7 @@ from fedtransport.bench import (  # noqa: E402  (after the path set-up above)
     register_workload,
     run,
     run_pair,
+    table_records,
 )
 
 __all__ = ["BenchContext", "main", "register_arguments", "register_fed_kind", "register_workload", "run", "run_pair"]
@@ -36,7 +37,7 @@ __all__ = ["BenchContext", "main", "register_arguments", "register_fed_kind", "r
 #
 #   python benchmarks/throughput.py --backend pulsar --only raw-large table --spark
 #
-#   spark-table       the "table" workload's data (8 partitions x 32 MiB, int keys, 4 KiB arrays)
+#   spark-table       the "table" workload's data (8 partitions, --mib MiB in all, int keys, 4 KiB arrays)
 #                     as a persisted RDD, sent by fedtransport.spark.remote from a Spark local[2]
 #                     app to another Spark local[2] app whose get receives and persists it
 #                     (MEMORY_AND_DISK, the default): the clock stops when get returns.
@@ -50,8 +51,7 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-MiB = 1 << 20
-SPARK_PARTITIONS, SPARK_PARTITION_MIB = 8, 32
+SPARK_PARTITIONS = 8  # as the plain table; its size follows --mib, the size of the raw baseline
 SPARK_READY_TIMEOUT = 600.0  # seconds for the other side's Spark to come up (a JVM on a loaded machine)
 
 
@@ -119,13 +119,13 @@ def spark_sender(cfg: dict[str, Any], q: Any) -> None:
         sc = spark.sparkContext
         conf = _spark_conf(cfg, "guest")
         host = ft.Party("host", "10000")
-        per = cfg["partition_mib"] * MiB // 4096
+        records = table_records(cfg["mib"], cfg["partitions"])
 
         def rows(p: int, _it: Any) -> Any:  # nested: pickled by value (workers cannot import __mp_main__)
             import numpy as np
 
-            block = np.random.default_rng(1).random((per, 512))  # as the plain table: distinct 4 KiB rows
-            return ((i, block[i]) for i in range(per))
+            block = np.random.default_rng(1).random((records[p], 512))  # as the plain table: distinct 4 KiB rows
+            return ((i, block[i]) for i in range(records[p]))
 
         rdd = sc.parallelize(range(cfg["partitions"]), cfg["partitions"]).mapPartitionsWithIndex(rows)
         rdd.persist(StorageLevel.MEMORY_ONLY).count()  # the table exists before the clock starts
@@ -150,8 +150,8 @@ def spark_receiver(cfg: dict[str, Any], q: Any) -> None:
         guest = ft.Party("guest", "9999")
         _spark_sync(conf, "host", guest, "ready")
 
-        def nbytes(kv: Any) -> int:  # nested: pickled by value
-            return int(kv[1].nbytes) + 8
+        def nbytes(kv: Any) -> int:  # nested: pickled by value; the payload, as the plain table counts it
+            return int(kv[1].nbytes)
 
         if cfg["lazy"]:
             [rdd] = fts.get(sc, "data", "0", [guest], conf, timeout=600, storage_level=None, materialize=False)
@@ -181,7 +181,7 @@ def _spark_workload(lazy: bool) -> Any:
         def go(i: int) -> dict[str, float]:
             cfg = {"backend": ctx.backend, "job_id": f"bench-spark-{time.time_ns()}", "options": options,
                    "routes": routes, "cleanup": clean, "lazy": lazy, "partitions": SPARK_PARTITIONS,
-                   "partition_mib": SPARK_PARTITION_MIB}  # fmt: skip
+                   "mib": ctx.args.mib}  # fmt: skip
             return run_pair(spark_sender, spark_receiver, cfg, wait_ready=False)
 
         return go

@@ -8,12 +8,19 @@
 local broker (an embedded pulsar-lite, or throw-away RabbitMQ nodes), so the ratios compare
 like with like on the same machine at the same time:
 
-  raw-large    the raw client: 4 MiB byte messages, producer -> consumer (the ceiling)
-  object       fedtransport remote -> get of a float64 array (--mib, default 256 MiB)
-  table        a table of 8 partitions x 32 MiB (records of an int key and a 4 KiB array)
+  raw-large    the raw client: --mib MiB (default 256) in messages of at most 4 MiB,
+               producer -> consumer (the ceiling)
+  object       fedtransport remote -> get of a float64 array of --mib MiB
+  table        a table of 8 partitions, --mib MiB in all (records of an int key and a 4 KiB array)
+  table-N      the same table in N partitions (--partitions N ...)
   raw-small    the raw client: 1000 messages of 1 KiB, each sent and confirmed before the next
   small        1000 objects of 1 KiB, each remote() returning before the next, then 1000 gets
   small-async  the same 1000 objects with remote_async, all in flight together
+
+--mib sizes every large workload, so each one moves exactly the bytes of its raw baseline and
+its ratio compares equal transfers. A workload's ``bytes`` is its payload as received: the
+array's bytes for ``object``, the rows' array bytes for a table (its int keys are not counted,
+as the raw client has nothing that matches them).
 
 Timing starts when the sender begins (both sides connected and subscribed) and ends when
 the receiver holds the last byte. Each workload runs --repeat times; the best run is kept.
@@ -52,19 +59,27 @@ from .errors import ConfigError
 
 __all__ = [
     "BenchContext",
+    "ChartBar",
+    "ChartGroup",
+    "ChartPanel",
     "add_arguments",
     "build_parser",
+    "chart_layout",
     "execute",
     "main",
+    "raw_messages",
     "register_arguments",
     "register_fed_kind",
     "register_workload",
     "render_chart",
+    "result_labels",
     "run",
+    "table_records",
 ]
 
 MiB = 1 << 20
 RAW_MESSAGE = 4 * MiB
+TABLE_ROW = 4096  # bytes of the float64 array in each record of a table workload
 SMALL = 1024
 SMALL_COUNT = 1000
 
@@ -197,15 +212,35 @@ def _prepare_object(cfg: dict[str, Any]) -> Any:
     return np.random.default_rng(0).random(cfg["mib"] * MiB // 8)
 
 
+def table_records(mib: int, partitions: int) -> list[int]:
+    """Records per partition of a table workload of ``mib`` MiB in all (4 KiB arrays, spread evenly).
+
+    The rows' array bytes add up to exactly ``mib`` MiB, the bytes of the raw baseline.
+    """
+    if mib < 1 or partitions < 1:
+        raise ConfigError(f"a table workload needs at least 1 MiB and 1 partition, got {mib} MiB, {partitions}")
+    per, extra = divmod(mib * MiB // TABLE_ROW, partitions)
+    return [per + 1 if p < extra else per for p in range(partitions)]
+
+
+def raw_messages(mib: int) -> tuple[int, int]:
+    """(count, size) of the raw-large messages: ``mib`` MiB exactly, each message at most 4 MiB."""
+    total = mib * MiB
+    count = -(-total // RAW_MESSAGE)
+    while total % count:  # ends at the latest with 1 MiB messages (count == mib)
+        count += 1
+    return count, total // count
+
+
 def _prepare_table(cfg: dict[str, Any]) -> Any:
     import numpy as np
 
     import fedtransport as ft
 
-    n, per = cfg["partitions"], cfg["partition_mib"] * MiB // 4096
+    records = table_records(cfg["mib"], cfg["partitions"])
     # Distinct arrays (rows of one block): a shared row would be pickled once per batch, not once per record.
-    block = np.random.default_rng(1).random((per, 512))
-    return ft.Table.from_partitions([((i, block[i]) for i in range(per)) for _ in range(n)])
+    block = np.random.default_rng(1).random((max(records), TABLE_ROW // 8))
+    return ft.Table.from_partitions([((i, block[i]) for i in range(n)) for n in records])
 
 
 def _send_one(fed: Any, value: Any, cfg: dict[str, Any], dst: Any) -> None:
@@ -220,7 +255,7 @@ def _receive_one(fed: Any, cfg: dict[str, Any], src: Any) -> int:
 
     [value] = fed.get("data", "0", [src], timeout=600, progress=ProgressBar(f"  {cfg['workload']}: received"))
     if isinstance(value, ft.Table):
-        return sum(v.nbytes + 8 for p in value.partitions for _, v in p)
+        return sum(v.nbytes for p in value.partitions for _, v in p)  # the payload: keys are not counted
     return int(value.nbytes)
 
 
@@ -442,9 +477,9 @@ _CONTEXTS: dict[str, Callable[[argparse.Namespace, ExitStack], BenchContext]] = 
 }
 
 # The built-in workloads, in the order they run.
-register_workload("raw-large", lambda c: c.raw(c.args.mib * MiB // RAW_MESSAGE, RAW_MESSAGE, False))
+register_workload("raw-large", lambda c: c.raw(*raw_messages(c.args.mib), False))
 register_workload("object", lambda c: c.fed("object"), baseline="raw-large")
-register_workload("table", lambda c: c.fed("table", partitions=8, partition_mib=32), baseline="raw-large")
+register_workload("table", lambda c: c.fed("table", partitions=8), baseline="raw-large")
 register_workload("raw-small", lambda c: c.raw(SMALL_COUNT, SMALL, True))
 register_workload("small", lambda c: c.fed("small"), baseline="raw-small")
 register_workload("small-async", lambda c: c.fed("small-async"), baseline="raw-small")
@@ -467,7 +502,7 @@ def _suite(ctx: BenchContext) -> dict[str, tuple[Go, str | None]]:
     for n in ctx.args.partitions:
         name = f"table-{n}"
         if not only or name in only:
-            suite[name] = (ctx.fed("table", partitions=n, partition_mib=max(1, ctx.args.table_mib // n)), "raw-large")
+            suite[name] = (ctx.fed("table", partitions=n), "raw-large")
     return suite
 
 
@@ -475,12 +510,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's flags (shared by ``fedtransport bench`` and benchmarks/throughput.py)."""
     ap.add_argument("--backend", choices=sorted(_CONTEXTS), default="pulsar")
     ap.add_argument("--mode", choices=["shared", "federated"], default="shared", help="RabbitMQ mode")
-    ap.add_argument("--mib", type=int, default=256, help="size of the large object and raw transfer (MiB)")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--mib", type=_positive, default=256, metavar="N",
+                    help="MiB moved by every large workload: raw-large, object, table and table-N (default 256); "
+                    "the raw client moves the same bytes, so each ratio compares equal transfers")  # fmt: skip
+    ap.add_argument("--repeat", type=_positive, default=2)
     ap.add_argument("--only", nargs="*", help="run only these workloads")
-    ap.add_argument("--partitions", type=int, nargs="*", default=[],
-                    help="extra table workloads of N partitions sharing --table-mib (scaling)")  # fmt: skip
-    ap.add_argument("--table-mib", type=int, default=256)
+    ap.add_argument("--partitions", type=_positive, nargs="*", default=[], metavar="N",
+                    help="extra workloads table-N: the --mib table in N partitions (scaling)")  # fmt: skip
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--chart", type=Path, help="draw a PNG chart of the results (needs matplotlib)")
     ap.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
@@ -488,6 +524,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for hook in _ARGUMENT_HOOKS:
         hook(ap)
     return ap
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -530,6 +576,8 @@ def execute(args: argparse.Namespace, out: Callable[[str], Any] = print) -> int:
             raise ConfigError("--from-json only charts existing results: give --chart FILE.png")
         results = [load_results(p) for p in args.from_json]
     else:
+        if args.json:  # before the run, not after minutes of it
+            args.json.parent.mkdir(parents=True, exist_ok=True)
         results = [run(args, out)]
         if args.json:
             args.json.write_text(json.dumps(results[0], indent=2))
@@ -570,8 +618,27 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _label(result: Mapping[str, Any]) -> str:
-    mode = result.get("mode")
-    return f"{result['backend']} ({mode})" if result["backend"] == "rabbitmq" and mode else str(result["backend"])
+    """The backend (with the RabbitMQ mode); a run with Spark workloads is ``spark + BACKEND``."""
+    backend, mode = str(result["backend"]), result.get("mode")
+    label = f"{backend} ({mode})" if backend == "rabbitmq" and mode else backend
+    if any(str(name).startswith("spark") for name in result["workloads"]):
+        label = f"spark + {label}"
+    return label
+
+
+def result_labels(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One distinct label per result set: ``_label``, then its date or a number where two would share one."""
+    base = [_label(r) for r in results]
+    labels = list(base)
+    for label in dict.fromkeys(base):
+        same = [i for i, b in enumerate(base) if b == label]
+        if len(same) < 2:
+            continue
+        dates = [str(results[i].get("date") or "") for i in same]
+        by_date = all(dates) and len(set(dates)) == len(dates)
+        for k, i in enumerate(same, 1):
+            labels[i] = f"{label}, {dates[k - 1]}" if by_date else f"{label} #{k}"
+    return labels
 
 
 def _panels(results: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, list[str]]]:
@@ -598,9 +665,76 @@ def _value(best: Mapping[str, float], unit: str) -> float:
     return best["bytes"] / SMALL / best["seconds"] if unit == "objects/s" else float(best["MB_per_s"])
 
 
+@dataclass(frozen=True)
+class ChartBar:
+    """One bar: a workload of one result set, at ``x`` on its panel."""
+
+    workload: str
+    x: float
+    value: float
+    note: str  # "raw" on the baseline, else the ratio to it ("1.22×"); "" when the set lacks the baseline
+
+
+@dataclass(frozen=True)
+class ChartGroup:
+    """The bars of one result set in one panel, under the x-axis label ``label`` at ``centre``."""
+
+    label: str
+    centre: float
+    bars: tuple[ChartBar, ...]
+
+
+@dataclass(frozen=True)
+class ChartPanel:
+    """One raw baseline (``workloads[0]``) with the workloads measured against it, one group per result set."""
+
+    title: str
+    unit: str
+    workloads: tuple[str, ...]
+    groups: tuple[ChartGroup, ...]
+    extent: float  # x units from the first bar's centre to the last one's
+
+
+_GROUP_GAP = 1.0  # empty bar slots between two groups
+_BAR_WIDTH = 0.85
+
+
+def chart_layout(results: Iterable[Mapping[str, Any]]) -> list[ChartPanel]:
+    """What ``render_chart`` draws, before any drawing: panels of labelled groups of bars.
+
+    Each result set is its own group, with a label no other group of the panel has. A set takes
+    part in a panel only with at least one workload measured against that panel's baseline, so no
+    group is empty; its bars sit side by side, without slots for workloads other sets ran.
+    """
+    results = list(results)
+    labels = result_labels(results)
+    panels = []
+    for title, unit, names in _panels(results):
+        base = names[0]
+        groups = []
+        cursor = 0.0
+        for label, r in zip(labels, results, strict=True):
+            w = r["workloads"]
+            present = [name for name in names if name in w]
+            if all(name == base for name in present):
+                continue  # nothing of this panel to compare in this set
+            raw = _value(w[base]["best"], unit) if base in w else None
+            bars = []
+            for k, name in enumerate(present):
+                value = _value(w[name]["best"], unit)
+                note = "raw" if name == base else (f"{value / raw:.2f}×" if raw else "")
+                bars.append(ChartBar(name, cursor + k, value, note))
+            groups.append(ChartGroup(label, cursor + (len(bars) - 1) / 2, tuple(bars)))
+            cursor += len(bars) + _GROUP_GAP
+        if groups:
+            panels.append(ChartPanel(title, unit, tuple(names), tuple(groups), cursor - _GROUP_GAP - 1))
+    return panels
+
+
 def render_chart(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Grouped bars, one group per backend: the raw client (grey) next to fedtransport's workloads,
-    each fedtransport bar labelled with its ratio to the raw client. One panel per raw baseline."""
+    """Grouped bars, one labelled group per result set (``chart_layout``): the raw client (grey) next
+    to fedtransport's workloads, each fedtransport bar labelled with its ratio to the raw client.
+    One panel per raw baseline."""
     try:
         import matplotlib
 
@@ -611,36 +745,29 @@ def render_chart(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
     results = list(results)
     if not results:
         raise ConfigError("no benchmark results to chart")
-    panels = _panels(results)
+    panels = chart_layout(results)
     if not panels:
         raise ConfigError("the results hold no workload with its raw baseline: nothing to compare")
     # each panel as wide as the bars it holds, so bars and their labels keep one size throughout
-    sizes = [len(results) * len(names) + len(results) for _, _, names in panels]
+    sizes = [p.extent + 2 for p in panels]
     fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 0.42 * sum(sizes) + 1.2 * len(panels), 5.6),
                              squeeze=False, gridspec_kw={"width_ratios": sizes})  # fmt: skip
-    for ax, (title, unit, names) in zip(axes[0], panels, strict=True):
-        width = 0.8 / len(names)
-        groups = [_label(r) for r in results]
-        for j, name in enumerate(names):
-            xs, heights, notes = [], [], []
-            for i, r in enumerate(results):
-                w = r["workloads"]
-                if name not in w:
-                    continue
-                xs.append(i - 0.4 + width * (j + 0.5))
-                heights.append(_value(w[name]["best"], unit))
-                base = names[0]
-                ratio = _value(w[name]["best"], unit) / _value(w[base]["best"], unit) if base in w else None
-                notes.append("raw" if j == 0 else (f"{ratio:.2f}×" if ratio is not None else ""))
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for j, name in enumerate(panel.workloads):
+            bars = [b for g in panel.groups for b in g.bars if b.workload == name]
+            if not bars:
+                continue
             colour = _RAW_COLOUR if j == 0 else _COLOURS[(j - 1) % len(_COLOURS)]
             label = f"{name} (raw client)" if j == 0 else f"{name} (fedtransport)"
-            bars = ax.bar(xs, heights, width * 0.92, color=colour, label=label)
-            for bar, note in zip(bars, notes, strict=True):
-                ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                            fontsize=8, rotation=90, xytext=(0, 3), textcoords="offset points")  # fmt: skip
-        ax.set_xticks(range(len(groups)), [g.replace(" (", "\n(") for g in groups])
-        ax.set_ylabel(unit)
-        ax.set_title(title)
+            drawn = ax.bar([b.x for b in bars], [b.value for b in bars], _BAR_WIDTH, color=colour, label=label)
+            for rect, bar in zip(drawn, bars, strict=True):
+                top = (rect.get_x() + rect.get_width() / 2, rect.get_height())
+                ax.annotate(bar.note, top, ha="center", va="bottom", fontsize=8, rotation=90, xytext=(0, 3),
+                            textcoords="offset points")  # fmt: skip
+        ax.set_xticks([g.centre for g in panel.groups], [g.label.replace(" (", "\n(") for g in panel.groups])
+        ax.set_xlim(-1, panel.extent + 1)
+        ax.set_ylabel(panel.unit)
+        ax.set_title(panel.title)
         ax.margins(y=0.2)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
