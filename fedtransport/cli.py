@@ -48,7 +48,7 @@ examples:
   fedtransport route show route_tables/pulsar_star_route_table.yaml --party 8888
       (a party not listed: reached as 8888.fate.org through the SNI proxy)
   fedtransport route show route_tables/rabbitmq_route_table.yaml --json
-  fedtransport route check conf/pulsar_route_table.yaml && echo usable
+  fedtransport route check route_tables/pulsar_route_table.yaml && echo usable
 """
 
 CERTS_EXAMPLES = """\
@@ -84,7 +84,7 @@ examples:
       --option user=admin --option password=secret
   fedtransport cleanup --backend pulsar --job job-42 --option admin_url=http://10.0.0.4:8080 \\
       --option token=file:///etc/pulsar/admin.jwt
-  fedtransport cleanup --backend rabbitmq --job job-42 --route-table conf/rabbitmq_route_table.yaml \\
+  fedtransport cleanup --backend rabbitmq --job job-42 --route-table route_tables/rabbitmq_route_table.yaml \\
       --party 9999 --options secrets.yaml --dry-run
 
 deletes what the job's sessions would have deleted on this party's broker (Pulsar: the job's
@@ -101,7 +101,8 @@ examples:
   fedtransport doctor --backend rabbitmq --option host=10.0.0.5 --option user=admin --option password=secret
   fedtransport doctor --backend pulsar --option service_url=pulsar://10.0.0.4:6650 \\
       --option admin_url=http://10.0.0.4:8080 --option token=file:///etc/pulsar/admin.jwt
-  fedtransport doctor --backend pulsar --route-table conf/pulsar_route_table.yaml --party 9999 --json
+  fedtransport doctor --backend pulsar --route-table route_tables/pulsar_route_table.yaml \\
+      --party 9999 --json
 
 checks connectivity, TLS, authentication, plugins (RabbitMQ) or admin access (Pulsar), then
 opens a throw-away job on the broker and moves one object (--no-roundtrip skips that); each
@@ -295,12 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the throughput benchmark on local brokers (or chart saved results).",
         epilog="examples:\n"
         "  fedtransport bench --backend pulsar --repeat 2 --json pulsar.json\n"
-        "  fedtransport bench --backend rabbitmq --only object table\n"
-        "  fedtransport bench --backend pulsar --partitions 4 16 64 --only table-4 table-16 table-64\n"
-        "  fedtransport bench --from-json results/*.json --chart docs/benchmarks.png\n\n"
-        "workloads: raw-large, object, table, raw-small, small, small-async "
-        "(see fedtransport.bench); needs the bench extra: "
-        "pip install 'fedtransport[bench]'",
+        "  fedtransport bench --backend rabbitmq --only raw-large object table\n"
+        "  fedtransport bench --backend pulsar --partitions 4 16 64 --only raw-large table-4 table-16 table-64\n"
+        "  fedtransport bench --from-json benchmarks/results/throughput-*.json --chart docs/benchmarks.png\n\n"
+        "workloads: raw-large, object, table, table-N, raw-small, small, small-async (see fedtransport.bench)\n"
+        "--mib sizes every large one (raw-large, object, table, table-N): the raw client moves\n"
+        "exactly the bytes of each, so a ratio compares equal transfers; a ratio needs its raw\n"
+        "baseline (raw-large, raw-small) in the same run\n\n"
+        "needs the bench extra: pip install 'fedtransport[bench]'",
     )
     bench_arguments(bench)
     return parser
