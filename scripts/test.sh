@@ -2,7 +2,9 @@
 # Quickstart 2: install what the tests need (RabbitMQ and haproxy from apt, Python packages
 # into .venv) and run the whole suite against real brokers. Extra arguments go to pytest.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
-apt_install rabbitmq-server haproxy openjdk-17-jre-headless  # Java: pyspark, for tests/test_spark.py
+# Java 17: pyspark (tests/test_spark.py) and the real Apache Pulsar broker (PulsarStandalone);
+# maven resolves that broker's jars from Maven Central once, into ~/.cache/fedtransport/pulsar
+apt_install rabbitmq-server haproxy openjdk-17-jre-headless maven
 # the Debian package starts a system node on 5672; the tests start their own nodes and do not need it
 setup_venv test,bench,spark  # bench: matplotlib for the benchmark chart test; spark: pyspark for tests/test_spark.py
 ruff check fedtransport tests benchmarks

@@ -11,6 +11,11 @@ import pytest
 
 import fedtransport as ft
 
+try:  # the real Apache Pulsar broker, one per session (tests/standalone_fixtures.py)
+    from tests.standalone_fixtures import pulsar_standalone
+except ModuleNotFoundError:  # plain `pytest` without the repository root on sys.path
+    from standalone_fixtures import pulsar_standalone  # type: ignore[no-redef]  # noqa: F401
+
 GUEST = ft.Party("guest", "9999")
 HOST = ft.Party("host", "10000")
 ARBITER = ft.Party("arbiter", "10001")
