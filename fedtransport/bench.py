@@ -297,7 +297,7 @@ def raw_pulsar_sender(cfg: dict[str, Any], q: Any) -> None:
 
     import pulsar
 
-    client = pulsar.Client(cfg["service_url"], logger=_quiet_logger())
+    client = pulsar.Client(cfg["service_url"], logger=client_logger())
     producer = client.create_producer(cfg["topic"], batching_enabled=False, block_if_queue_full=True,
                                       max_pending_messages=16)  # fmt: skip
     count, size = cfg["count"], cfg["size"]
@@ -319,7 +319,7 @@ def raw_pulsar_sender(cfg: dict[str, Any], q: Any) -> None:
 def raw_pulsar_receiver(cfg: dict[str, Any], q: Any) -> None:
     import pulsar
 
-    client = pulsar.Client(cfg["service_url"], logger=_quiet_logger())
+    client = pulsar.Client(cfg["service_url"], logger=client_logger())
     consumer = client.subscribe(cfg["topic"], "bench", consumer_type=pulsar.ConsumerType.Shared,
                                 receiver_queue_size=1, initial_position=pulsar.InitialPosition.Earliest)  # fmt: skip
     q.put(("ready",))
@@ -367,12 +367,11 @@ def raw_rabbit_receiver(cfg: dict[str, Any], q: Any) -> None:
     conn.close()
 
 
-def _quiet_logger() -> Any:
-    import logging
+def client_logger() -> Any:
+    """pulsar-client's logger as the Pulsar backend sets it up (no abort at interpreter exit)."""
+    from .transport.pulsar import client_logger
 
-    log = logging.getLogger("bench.pulsar")
-    log.setLevel(logging.ERROR)
-    return log
+    return client_logger()
 
 
 # --- the harness --------------------------------------------------------------------------------

@@ -13,6 +13,13 @@ Features
       configure retention on the broker. Messages are acknowledged only once their
       transfer is handed to the caller: a receiver that dies mid-transfer gets
       everything again.
+    * Receive lanes are spread over ``receive_connections`` connections of their own
+      (lane ``i`` of those this session listens on uses connection ``i % n``), apart from
+      the producers' connection. pulsar-lite stops dispatching now and then to one of
+      several consumers that share a TCP connection (measured: 4 consumers on one
+      connection stalled a 256 MiB transfer for a 60 s receive timeout in 9 of 20 runs,
+      one connection each in 0 of 20); on a real broker separate connections let a large
+      transfer's lanes be served by more than one broker I/O thread.
     * Small receiver queues (``receiver_queue_size`` 1): big messages are not hoarded,
       and brokers that stall or duplicate with deeper queues (pulsar-lite, see
       docs/backends.md) stay correct; the framing layer drops duplicates and the
@@ -48,6 +55,7 @@ Connection options (``options=`` of ``Federation.connect``) and defaults
     ``send_window_bytes``         ``8 MiB`` in flight per ``send``: what bounds a sender's memory
     ``send_timeout``              ``30.0`` seconds for the broker to confirm a message
     ``receiver_queue_size``       ``1``
+    ``receive_connections``       ``4``: connections the receive lanes are spread over
     ``subscribe_timeout``         ``180.0`` seconds of retrying a refused subscription
     ``ttl_seconds``               ``172800``: message TTL and retention of the job namespace
     ``publish_rate``              ``None``, or ``{"messages": N, "bytes": M}`` per second
@@ -65,6 +73,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -83,6 +92,46 @@ log = logging.getLogger("fedtransport.pulsar")
 _client_log = logging.getLogger("fedtransport.pulsar.client")
 if _client_log.level == logging.NOTSET:  # pulsar-client's C++ INFO lines drown everything else
     _client_log.setLevel(logging.WARNING)
+_CPP_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING, "ERROR": logging.ERROR}
+_log_pipe: tuple[int, int] | None = None  # (pid that made it, write end)
+_log_pipe_lock = threading.Lock()
+
+
+def client_logger() -> pulsar.FileLogger:
+    """A logger for pulsar-client that feeds ``logging.getLogger("fedtransport.pulsar.client")``.
+
+    Not a Python logger object: pulsar-client calls such a logger from its C++ threads, and at
+    interpreter exit that aborts the process now and then ("terminate called without an
+    active exception", exit code 134; measured: 12 of 60 party processes, pulsar-client 3.13,
+    0 of 60 with this). Its C++ file logger writes into a pipe instead; a daemon thread turns
+    the lines into log records. Its console logger would write to the user's stdout.
+    """
+    global _log_pipe
+    with _log_pipe_lock:
+        if _log_pipe is None or _log_pipe[0] != os.getpid():  # a forked child reads its own pipe
+            read_fd, write_fd = os.pipe()
+            threading.Thread(target=_forward_client_log, args=(read_fd,), name="ft-pulsar-log", daemon=True).start()
+            _log_pipe = (os.getpid(), write_fd)
+        write_fd = _log_pipe[1]
+    level = _client_log.getEffectiveLevel()
+    cpp = (
+        pulsar.LoggerLevel.Debug if level <= logging.DEBUG else
+        pulsar.LoggerLevel.Info if level <= logging.INFO else
+        pulsar.LoggerLevel.Warn if level <= logging.WARNING else
+        pulsar.LoggerLevel.Error
+    )  # fmt: skip
+    return pulsar.FileLogger(cpp, f"/proc/self/fd/{write_fd}")
+
+
+def _forward_client_log(read_fd: int) -> None:
+    # A line: "2026-12-05 09:15:14.188 ERROR [140586391697088] ClientConnection:485 | message"
+    with open(read_fd, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            parts = line.split(" ", 4)
+            level = _CPP_LEVELS.get(parts[2], logging.WARNING) if len(parts) == 5 else logging.WARNING
+            message = parts[4].rstrip() if len(parts) == 5 else line.rstrip()
+            _client_log.log(level, "%s", message)
+
 
 _MODES = ("shared", "direct", "replication")
 # Shared: the only type on which pulsar-lite honours redelivery requests, and a restarted
@@ -106,6 +155,7 @@ class PulsarTransport(Transport):
         "send_window_bytes": 8 << 20,
         "send_timeout": 30.0,
         "receiver_queue_size": 1,
+        "receive_connections": 4,
         "subscribe_timeout": 180.0,
         "ttl_seconds": 172800,
         "publish_rate": None,
@@ -126,7 +176,7 @@ class PulsarTransport(Transport):
             raise ConfigError("Pulsar replication mode needs 'admin_url' to register clusters and the namespace")
         if self.mode != "shared" and not o["service_url"]:
             raise ConfigError(f"Pulsar mode {self.mode!r} needs 'service_url' (this party's own broker)")
-        for key in ("send_window", "send_window_bytes", "receiver_queue_size", "ttl_seconds"):
+        for key in ("send_window", "send_window_bytes", "receiver_queue_size", "receive_connections", "ttl_seconds"):
             if isinstance(o[key], bool) or not isinstance(o[key], int) or o[key] < 1:
                 raise ConfigError(f"option {key!r} must be a positive integer, got {o[key]!r}")
         self.tenant = str(o["tenant"])
@@ -134,6 +184,8 @@ class PulsarTransport(Transport):
         self.cluster = o["cluster"] or (ctx.route_table.cluster_name(ctx.party) if ctx.route_table else "standalone")
         self._lock = threading.Lock()
         self._clients: dict[str, pulsar.Client] = {}
+        self._receive_clients: list[pulsar.Client] = []  # our own broker, one connection each
+        self._lanes_placed = 0
         self._producers: dict[tuple[Party, int], pulsar.Producer] = {}
         self._consumers: dict[tuple[Party, int], pulsar.Consumer] = {}
         self._receivers: list[threading.Thread] = []
@@ -231,18 +283,27 @@ class PulsarTransport(Transport):
             kwargs["tls_trust_certs_file_path"] = o["tls_trust_certs_file_path"]
         return kwargs
 
+    def _new_client(self, url: str, **extra: Any) -> pulsar.Client:
+        try:
+            return pulsar.Client(url, logger=client_logger(), **{**self._client_kwargs(), **extra})
+        except Exception as exc:  # pulsar raises its own exception types
+            raise BackendError(f"cannot create a Pulsar client for {url}: {exc}", broker_message=str(exc)) from exc
+
     def _client(self, url: str) -> pulsar.Client:
         with self._lock:
             client = self._clients.get(url)
             if client is None:
-                try:
-                    client = pulsar.Client(url, logger=_client_log, **self._client_kwargs())
-                except Exception as exc:  # pulsar raises its own exception types
-                    raise BackendError(
-                        f"cannot create a Pulsar client for {url}: {exc}", broker_message=str(exc)
-                    ) from exc
-                self._clients[url] = client
+                client = self._clients[url] = self._new_client(url)
             return client
+
+    def _receive_client(self) -> pulsar.Client:
+        """The connection for the next lane we listen on: round robin over ``receive_connections``."""
+        with self._lock:
+            index = self._lanes_placed % int(self.ctx.options["receive_connections"])
+            self._lanes_placed += 1
+            if index == len(self._receive_clients):  # one connection needs one I/O thread
+                self._receive_clients.append(self._new_client(self._service_url, io_threads=1))
+            return self._receive_clients[index]
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -251,8 +312,9 @@ class PulsarTransport(Transport):
         for t in self._receivers:
             t.join(timeout=5)
         with self._lock:
-            clients = list(self._clients.values())
+            clients = [*self._clients.values(), *self._receive_clients]
             self._clients.clear()
+            self._receive_clients.clear()
             self._producers.clear()
             self._consumers.clear()
         for client in clients:  # closes its producers and consumers too
@@ -300,7 +362,7 @@ class PulsarTransport(Transport):
                 try:
                     if consumer is None:  # the session is closed: attach once more to drop it
                         if client is None:
-                            client = pulsar.Client(self._service_url, logger=_client_log, **self._client_kwargs())
+                            client = pulsar.Client(self._service_url, logger=client_logger(), **self._client_kwargs())
                         consumer = client.subscribe(
                             topic, self.subscription(self.ctx.party), consumer_type=_CONSUMER_TYPE
                         )
@@ -396,7 +458,7 @@ class PulsarTransport(Transport):
         with self._lock:
             if key in self._consumers:
                 return
-        client = self._client(self._service_url)
+        client = self._receive_client()
         topic = self.topic(src, self.ctx.party, lane)
         o = self.ctx.options
         kwargs = {
