@@ -140,21 +140,79 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         proc.wait(5)
 
 
+class _Owned:
+    """What the launchers of this process started, stopped when the process ends.
+
+    At interpreter exit (atexit) and on SIGTERM: the default action of SIGTERM ends a
+    process without running atexit, which would orphan every broker it started. The
+    handler is installed only over the default action, from the main thread; it stops
+    the children, then lets SIGTERM end the process as it would have. A forked child
+    starts with an empty book: it never stops or deletes what its parent started.
+    """
+
+    def __init__(self) -> None:
+        self._stops: dict[int, tuple[int, Callable[[], None]]] = {}  # id -> (owner pid, stop)
+        self._lock = threading.Lock()
+        atexit.register(self.stop_all)
+        os.register_at_fork(after_in_child=self._forget_all)
+
+    def add(self, key: object, stop: Callable[[], None]) -> None:
+        with self._lock:
+            self._stops[id(key)] = (os.getpid(), stop)
+        self._handle_sigterm()
+
+    def discard(self, key: object) -> None:
+        with self._lock:
+            self._stops.pop(id(key), None)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            mine = [stop for owner, stop in self._stops.values() if owner == os.getpid()]
+            self._stops.clear()
+        for stop in mine:
+            # Best effort at exit: there is nobody left to report a failure to.
+            with contextlib.suppress(Exception):
+                stop()
+
+    def _forget_all(self) -> None:
+        self._lock = threading.Lock()  # another thread of the parent may have held it at fork
+        self._stops.clear()
+
+    def _handle_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread; the next start tries again
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.stop_all()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)  # and end as SIGTERM's default action would
+
+
+owned = _Owned()
+
+
+class _LiveSet(set[Any]):
+    """A set whose members still there when the process ends get their ``stop()`` called."""
+
+    def add(self, item: Any) -> None:
+        super().add(item)
+        owned.add(item, item.stop)
+
+    def discard(self, item: Any) -> None:
+        super().discard(item)
+        owned.discard(item)
+
+
 def stopped_at_exit() -> set[Any]:
-    """A set whose members still there at interpreter exit get their ``stop()`` called.
+    """A set whose members still there at exit or SIGTERM of this process get ``stop()`` called.
 
     Strong references on purpose: a running child dropped by its owner must still be stopped,
     so no orphan keeps a port or disk space.
     """
-    live: set[Any] = set()
-
-    def stop_all() -> None:
-        for item in list(live):
-            # Best effort at exit: there is nobody left to report a failure to.
-            with contextlib.suppress(Exception):
-                item.stop()
-
-    atexit.register(stop_all)
+    live = _LiveSet()
+    os.register_at_fork(after_in_child=lambda: set.clear(live))
     return live
 
 
@@ -164,13 +222,15 @@ _C = TypeVar("_C", bound="ChildProcess")
 class ChildProcess(ABC):
     """Base of the launchers that own one child process and a private run directory.
 
-    Subclasses implement ``start()`` (which returns ``self``) and ``stop()``; the context
-    manager calls them.
+    Subclasses implement ``start()`` (which returns ``self``) and ``_stop()``; the context
+    manager calls ``start()`` and ``stop()``. ``stop()`` in a forked child of the process that
+    started the launcher only lets go of it: the parent's broker keeps running.
     """
 
     def __init__(self) -> None:
         self._run_dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._owner_pid = os.getpid()
         # Start/stop/restart may come from several threads (shared instance, atexit).
         self._lock = threading.RLock()
 
@@ -179,8 +239,16 @@ class ChildProcess(ABC):
         """Start the child and wait until it serves; return ``self``."""
 
     @abstractmethod
+    def _stop(self) -> None:
+        """Stop the child and remove what it left behind; idempotent."""
+
     def stop(self) -> None:
         """Stop the child and remove what it left behind; idempotent."""
+        with self._lock:
+            if os.getpid() != self._owner_pid:
+                self._proc, self._run_dir = None, None  # the parent's: not ours to stop or delete
+                return
+            self._stop()
 
     @property
     def host(self) -> str:
@@ -196,7 +264,7 @@ class ChildProcess(ABC):
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and os.getpid() == self._owner_pid and self._proc.poll() is None
 
     def __enter__(self: _C) -> _C:
         return self.start()
@@ -221,9 +289,12 @@ class ChildProcess(ABC):
         timeout: float,
         what: str,
         append: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
-        """Run ``cmd`` in the run dir as ``self._proc`` (stdin closed, stdout and stderr to ``log``)
-        and wait until that very process listens on each of ``ports`` on 127.0.0.1."""
+        """Run ``cmd`` in the run dir as ``self._proc`` (stdin closed, stdout and stderr to ``log``,
+        environment ``env`` or ours) and wait until that very process listens on each of ``ports``
+        on 127.0.0.1."""
+        self._owner_pid = os.getpid()
         with open(log, "ab" if append else "wb") as log_file:
             # The child keeps its own copy of the descriptor; ours closes right away.
             self._proc = proc = subprocess.Popen(
@@ -232,6 +303,7 @@ class ChildProcess(ABC):
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=str(self._run_dir),
+                env=env,
             )
         wanted = tuple(ports)
         wait_until(

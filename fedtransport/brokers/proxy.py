@@ -271,12 +271,11 @@ class HAProxy(ChildProcess):
             _live.add(self)
             return self
 
-    def stop(self) -> None:
+    def _stop(self) -> None:
         """Stop haproxy (SIGTERM, then SIGKILL) and delete its directory. Idempotent."""
-        with self._lock:
-            self._halt()
-            self._remove_run_dir()
-            _live.discard(self)
+        self._halt()
+        self._remove_run_dir()
+        _live.discard(self)
 
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.running else "stopped"

@@ -181,12 +181,11 @@ class EmbeddedPulsar(ChildProcess):
             _live.add(self)
             return self
 
-    def stop(self) -> None:
+    def _stop(self) -> None:
         """Stop the broker and delete its run dir and, unless given, its data dir. Idempotent."""
-        with self._lock:
-            self._stop_child()
-            self._remove_dirs()
-            _live.discard(self)
+        self._stop_child()
+        self._remove_dirs()
+        _live.discard(self)
 
     def kill(self) -> None:
         """SIGKILL the broker (a crash for fault tests); ``restart()`` brings it back."""

@@ -90,7 +90,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..errors import BackendError, ConfigError
-from ._process import LOOPBACK, free_port, log_tail, port_open, stop_pid, wait_until
+from ._process import LOOPBACK, free_port, log_tail, owned, port_open, stop_pid, wait_until
 
 __all__ = ["RabbitNode"]
 
@@ -239,6 +239,7 @@ class _Runtime:
         self.server: subprocess.Popen[bytes] | None = None
         self.epmd: subprocess.Popen[bytes] | None = None
         self.pid_file = tmp / "rabbit.pid"
+        self.owner_pid = os.getpid()  # a forked child never stops or deletes the node
 
     def beam_pid(self) -> int | None:
         """The VM's pid from the pid file, if that process is alive and really ours.
@@ -296,6 +297,9 @@ class _Runtime:
 
     def shutdown(self) -> None:
         """Stop everything and delete the files; safe to call more than once."""
+        if os.getpid() != self.owner_pid:
+            return
+        owned.discard(self)
         try:
             self.stop_server()
             if self.epmd is not None:
@@ -673,6 +677,7 @@ class RabbitNode:
         rt = _Runtime(tmp, tmp.name, self.stop_timeout)
         self._tmp, self._rt, self._marker = tmp, rt, tmp.name
         self._finalizer = weakref.finalize(self, rt.shutdown)
+        owned.add(rt, rt.shutdown)  # on SIGTERM too, which skips the finalizer
         (tmp / "mnesia").mkdir()
         (tmp / "log").mkdir()
         (tmp / "rabbitmq-env.conf").write_text("")

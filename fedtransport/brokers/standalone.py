@@ -105,7 +105,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError, ConfigError
-from ._process import LOOPBACK, ChildProcess, free_port, log_tail, pid_listens, stopped_at_exit, wait_until
+from ._process import LOOPBACK, ChildProcess, free_port, log_tail, stopped_at_exit, wait_until
 
 __all__ = [
     "BOOKKEEPER_FIX_VERSION",
@@ -566,7 +566,6 @@ class PulsarStandalone(ChildProcess):
         self._ports: dict[str, int] = {}
         self._tls_paths: tuple[Path, Path, Path] | None = None
         self._lib: Path | None = None
-        self._owner_pid: int | None = None
         self._admin_token: str | None = None
         self.startup_seconds: float | None = None
 
@@ -717,7 +716,6 @@ class PulsarStandalone(ChildProcess):
             self._lib = resolve_pulsar(self._version, cache_dir=self._cache_dir, timeout=self._resolve_timeout)
             fresh = self._run_dir is None
             if fresh:
-                self._owner_pid = os.getpid()
                 self._run_dir = Path(tempfile.mkdtemp(prefix="fedtransport-pulsar-standalone-"))
                 (self._run_dir / "tmp").mkdir()
                 (self._run_dir / "data").mkdir()
@@ -738,22 +736,14 @@ class PulsarStandalone(ChildProcess):
             _live.add(self)
             return self
 
-    def stop(self) -> None:
+    def _stop(self) -> None:
         """SIGKILL the broker and delete its run directory (config, logs, data). Idempotent."""
-        with self._lock:
-            if self._owner_pid is not None and self._owner_pid != os.getpid():
-                # A forked child: the broker belongs to the parent, which stops it.
-                self._proc = None
-                self._run_dir = None
-                _live.discard(self)
-                return
-            self._kill_process()
-            self._proc = None
-            self._remove_run_dir()
-            self._ports.clear()
-            self._tls_paths = None
-            self._owner_pid = None
-            _live.discard(self)
+        self._kill_process()
+        self._proc = None
+        self._remove_run_dir()
+        self._ports.clear()
+        self._tls_paths = None
+        _live.discard(self)
 
     def kill(self) -> None:
         """SIGKILL the broker (a crash, for fault tests); ``restart()`` brings it back."""
@@ -937,22 +927,17 @@ class PulsarStandalone(ChildProcess):
         env.pop("PULSAR_STANDALONE_USE_ZOOKEEPER", None)  # would start ZooKeeper instead of RocksDB
         env["OTEL_SDK_DISABLED"] = "true"  # no metrics exporter port
         started = time.monotonic()
-        with open(log, "ab") as log_file:  # a restart adds to the log of the runs before
-            self._proc = proc = subprocess.Popen(
-                self._command(java, lib),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=str(self._run_dir),
-                env=env,
-            )
-        ports = tuple(self._ports.values())
+        # Our own JVM must hold every port (someone else may have taken one), then the admin REST
+        # must list the cluster and the default namespace.
+        what = f"Apache Pulsar {self._version} standalone on {LOOPBACK}:{self.port}"
+        self._spawn(self._command(java, lib), log, ports=self._ports.values(), timeout=self._startup_timeout,
+                    what=what, append=True, env=env)  # fmt: skip
+        proc = self._proc
+        assert proc is not None
         wait_until(
-            # Our own JVM must hold every port (someone else may have taken one), then the admin
-            # REST must list the cluster and the default namespace.
-            lambda: proc.poll() is None and all(pid_listens(proc.pid, p) for p in ports) and self._serves(),
-            timeout=self._startup_timeout,
-            what=f"Apache Pulsar {self._version} standalone on {LOOPBACK}:{self.port}",
+            self._serves,
+            timeout=max(1.0, self._startup_timeout - (time.monotonic() - started)),
+            what=what,
             alive=lambda: proc.poll() is None,
             log=log,
         )
