@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -65,6 +66,7 @@ class Federation:
         window = _WINDOW_MESSAGES * options.max_message_size
         self._inbox = Inbox(transport, self._job, lambda src: self._transform(src, self.party), options.lanes, window)
         self._closed = False
+        self._pid = os.getpid()  # threads and broker connections do not survive a fork
         self._stats = {"bytes_sent": 0, "messages_sent": 0, "bytes_received": 0, "messages_received": 0}
 
     # lifecycle -------------------------------------------------------------------------------
@@ -101,10 +103,16 @@ class Federation:
         return cls(transport, common)
 
     def close(self) -> None:
-        """Release connections and threads; idempotent. Broker resources stay (see cleanup)."""
+        """Release connections and threads; idempotent. Broker resources stay (see cleanup).
+
+        In a forked child it only marks the session closed: its threads and connections
+        are the parent's (see ``_check_open``).
+        """
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._pid:
+            return
         self._pool.shutdown(wait=True)
         self._async_pool.shutdown(wait=True)
         self._inbox.close()  # wakes readers of streamed tables and lanes held back for them
@@ -112,6 +120,7 @@ class Federation:
 
     def cleanup(self) -> None:
         """Delete every broker resource of this job; idempotent, also after ``close``."""
+        self._check_process()
         self._transport.cleanup()
 
     def __enter__(self) -> Federation:
@@ -134,7 +143,17 @@ class Federation:
         """Bytes and messages moved by this session so far."""
         return dict(self._stats)
 
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise FederationError(
+                f"the federation session of job {self.job_id} was opened in process {self._pid}, and this is a "
+                f"forked child ({os.getpid()}): its I/O threads and broker connections stayed in the parent. "
+                "Connect a new session in the child, or start children with the 'spawn' method "
+                "(multiprocessing.get_context('spawn'))"
+            )
+
     def _check_open(self) -> None:
+        self._check_process()
         if self._closed:
             raise FederationError(f"the federation session of job {self.job_id} is closed")
 

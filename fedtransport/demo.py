@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
+import sys
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
 from .api import Federation
+from .errors import ConfigError
 from .party import Party
 from .progress import ProgressBar
 from .table import Table
@@ -31,6 +36,7 @@ VECTOR = 1 << 20  # float64 elements: 8 MiB per vector
 PARTITIONS = 4
 RECORDS = 25_000  # per partition
 MODEL_MIB = 96  # past the 64 MiB from which transfers show a progress bar
+_DEMO_TIMEOUT = 600.0  # seconds for both parties together: a bound, not an expectation
 
 
 def _vector(party: Party) -> Any:
@@ -46,6 +52,14 @@ def _table() -> Table:
 
 
 def run_party(backend: str, job_id: str, me: Party, options: dict[str, Any], out: Any) -> None:
+    """One party's side; puts its result, or its traceback when it fails, on ``out``."""
+    try:
+        out.put(_party_side(backend, job_id, me, options))
+    except BaseException as exc:
+        out.put({"party": str(me), "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+
+
+def _party_side(backend: str, job_id: str, me: Party, options: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     peer = HOST if me == GUEST else GUEST
@@ -84,12 +98,16 @@ def run_party(backend: str, job_id: str, me: Party, options: dict[str, Any], out
             fed.remote(model_ok, name="model-ok", tag="0", parties=[GUEST])
         stats = fed.stats
     fed.cleanup()  # the scheduler's job at the end: each party deletes what the job left on the broker
-    out.put({"party": str(me), "sum_ok": sum_ok, "table_ok": table_ok, "model_ok": model_ok,
-             "seconds": time.perf_counter() - started, **stats})  # fmt: skip
+    return {"party": str(me), "sum_ok": sum_ok, "table_ok": table_ok, "model_ok": model_ok,
+            "seconds": time.perf_counter() - started, **stats}  # fmt: skip
 
 
 def demo(backend: str = "pulsar", options: dict[str, Any] | None = None) -> bool:
     """Run the demo; print what moved and whether it checks out. Returns success."""
+    try:
+        import numpy  # noqa: F401 - the parties compute with it
+    except ImportError:
+        raise ConfigError("the demo computes with numpy: pip install 'fedtransport[embedded]'") from None
     options = dict(options or {})
     job_id = f"demo-{os.getpid()}-{int(time.time())}"
     with ExitStack() as stack:
@@ -98,6 +116,12 @@ def demo(backend: str = "pulsar", options: dict[str, Any] | None = None) -> bool
         print(f"  secure sum of two {VECTOR * 8 >> 20} MiB vectors, then a table of "
               f"{PARTITIONS} x {RECORDS:,} records there and back, then a {MODEL_MIB} MiB model")  # fmt: skip
         results = _run_both(backend, job_id, options)
+    failed = [r for r in results if "error" in r]
+    if failed:
+        for r in failed:
+            print(f"  {r['party']} failed:\n{r['traceback']}", file=sys.stderr)
+        print(f"  result: FAILED: {failed[0]['party']}: {failed[0]['error']}")
+        return False
     ok = True
     for r in sorted(results, key=lambda r: r["party"]):
         moved = r["bytes_sent"] + r["bytes_received"]
@@ -120,9 +144,6 @@ def _start_broker(backend: str, options: dict[str, Any], stack: ExitStack) -> st
 
         broker = stack.enter_context(EmbeddedPulsar())
         options["service_url"] = broker.service_url
-        # pulsar-lite now and then stops dispatching to a subscription (docs/pulsar.md): a short
-        # watchdog gets such a lane going again in seconds, where the default waits 10 s per step.
-        options.setdefault("redelivery_after", 2.0)
         return f"embedded broker at {broker.service_url}"
     if backend == "rabbitmq" and not options.get("port"):
         from .brokers import RabbitNode
@@ -137,22 +158,53 @@ def _start_broker(backend: str, options: dict[str, Any], stack: ExitStack) -> st
 
 
 def _run_both(backend: str, job_id: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Both parties' results; stops at the first failure (a party that raises, or whose process dies)."""
     if backend == "memory":
-        import queue
-
         q: queue.Queue[dict[str, Any]] = queue.Queue()
-        threads = [threading.Thread(target=run_party, args=(backend, job_id, p, options, q)) for p in (GUEST, HOST)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return [q.get_nowait() for _ in threads]
+        # Daemon threads: after a failure the other party may wait out its get, and nobody needs it.
+        for p in (GUEST, HOST):
+            threading.Thread(target=run_party, args=(backend, job_id, p, options, q), daemon=True).start()
+        return _collect(q.get, lambda: None)
     ctx = mp.get_context("spawn")
     mq = ctx.Queue()
-    procs = [ctx.Process(target=run_party, args=(backend, job_id, p, options, mq)) for p in (GUEST, HOST)]
-    for p in procs:
-        p.start()
-    results = [mq.get(timeout=600) for _ in procs]
-    for p in procs:
-        p.join(30)
+    procs = {str(p): ctx.Process(target=run_party, args=(backend, job_id, p, options, mq)) for p in (GUEST, HOST)}
+    for proc in procs.values():
+        proc.start()
+
+    def died() -> dict[str, Any] | None:
+        for party, proc in procs.items():
+            if proc.exitcode not in (None, 0):
+                reason = f"its process died with exit code {proc.exitcode}"
+                return {"party": party, "error": reason, "traceback": f"({reason}; no traceback)"}
+        return None
+
+    results: list[dict[str, Any]] = []
+    try:
+        results = _collect(mq.get, died)
+    finally:
+        failed = len(results) < 2 or any("error" in r for r in results)
+        for proc in procs.values():
+            proc.join(0 if failed else 30)  # a party left waiting for a failed peer is ended
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(10)
+    return results
+
+
+def _collect(get: Callable[..., dict[str, Any]], died: Callable[[], dict[str, Any] | None]) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    deadline = time.monotonic() + _DEMO_TIMEOUT
+    while len(results) < 2:
+        try:
+            results.append(get(timeout=0.5))
+        except queue.Empty:
+            dead = died()
+            if dead is not None:
+                return [*results, dead]
+            if time.monotonic() > deadline:
+                return [*results, {"party": "demo", "error": f"no result after {_DEMO_TIMEOUT:.0f} s",
+                                   "traceback": ""}]  # fmt: skip
+            continue
+        if "error" in results[-1]:
+            return results
     return results
