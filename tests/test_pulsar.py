@@ -11,7 +11,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import numpy as np
-import pulsar
 import pytest
 from conftest import ARBITER, GUEST, HOST
 from party_proc import big_array, digest, receiver, wait_for
@@ -247,48 +246,6 @@ def test_cleanup_without_the_admin_api_drops_the_subscriptions(broker, job_id):
     g.cleanup()
     wait_for_topics(broker, job_id, lambda subs, producers, consumers: subs == producers == consumers == 0,
                     "no subscription, producer or consumer left")  # fmt: skip
-
-
-def test_replication_mode_sets_clusters_per_message(broker, job_id, monkeypatch):
-    sent_kwargs: list[dict] = []
-    real_send_async = pulsar.Producer.send_async
-
-    def spy(self, content, callback, **kwargs):
-        sent_kwargs.append(kwargs)
-        return real_send_async(self, content, callback, **kwargs)
-
-    monkeypatch.setattr(pulsar.Producer, "send_async", spy)
-    routes = {
-        "9999": {"host": "9999.fate.test", "port": 6650, "sslPort": 6651},
-        "default": {"proxy": "proxy.fate.test:443", "domain": "fate.test"},
-    }
-    with FakePulsarAdmin() as fake:
-        for own in ("fl-pulsar-9999", "fl-pulsar-10000"):  # each party's own cluster exists on its broker
-            fake.state.clusters[own] = {"brokerServiceUrl": broker.service_url}
-        opts = {"service_url": broker.service_url, "admin_url": fake.url, "mode": "replication"}
-        g = ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, route_table=routes, options=opts)
-        h = ft.Federation.connect("pulsar", job_id=job_id, party=HOST, route_table=routes, options=opts)
-        with g, h:
-            g.remote("to host", "x", "0", [HOST])
-            assert h.get("x", "0", [GUEST], timeout=30) == ["to host"]
-        assert sent_kwargs == [{"replication_clusters": ["fl-pulsar-10000"]}]
-        # host (10000) is not listed: registered as the star's default, behind the SNI proxy
-        reg = [r for r in fake.requests if r.path == "/admin/v2/clusters/fl-pulsar-10000"]
-        assert reg[0].method == "PUT" and reg[0].body == {
-            "serviceUrl": "", "serviceUrlTls": "",
-            "brokerServiceUrl": "pulsar://10000.fate.test:6650",
-            "brokerServiceUrlTls": "pulsar+ssl://10000.fate.test:6651",
-            "proxyServiceUrl": "pulsar+ssl://proxy.fate.test:443", "proxyProtocol": "SNI", "peerClusterNames": [],
-        }  # fmt: skip
-        repl = [r for r in fake.requests if r.path == f"/admin/v2/namespaces/fl-tenant/{job_id}/replication"]
-        assert repl[-1].body == ["fl-pulsar-9999", "fl-pulsar-10000"]
-        fake.clear()
-        g.cleanup()
-        # Pulsar deletes a namespace only once it is replicated to the local cluster alone
-        assert [(r.method, r.path.rsplit("/", 1)[-1], r.body) for r in fake.requests][-2:] == [
-            ("POST", "replication", ["fl-pulsar-9999"]),
-            ("DELETE", job_id, None),
-        ]
 
 
 def test_options_are_checked():

@@ -31,7 +31,10 @@ Features
     * Modes: ``shared`` (every party on one broker), ``direct`` (produce to the
       destination's broker from the route table, consume from our own),
       ``replication`` (produce to our own cluster with ``replication_clusters=[the
-      destination's cluster]`` on every message; clusters registered from the route table).
+      destination's cluster]`` on every message; clusters registered from the route table;
+      every party makes the job namespace on its own cluster, sessions only ever add
+      replication clusters to it, and a lane's first message waits until the broker's
+      replicator to the destination exists: a replicator starts at the end of its topic).
     * Control plane (whenever ``admin_url`` is given; required in replication mode):
       tenant, cluster registrations (PUT, then POST when they exist), the job namespace
       with its replication clusters, retention and message TTL as a safety net, an
@@ -240,7 +243,8 @@ class PulsarTransport(Transport):
         a.ensure_tenant(self.tenant, [self.cluster])
         a.create_namespace(self.tenant, self.namespace)
         if self.mode == "replication":
-            a.set_replication_clusters(self.tenant, self.namespace, [self.cluster])
+            # No global configuration store: every party makes the namespace on its own cluster.
+            self._add_replication_clusters([self.cluster])
         # The safety net for a scheduler that never calls cleanup: data expires on the broker.
         ttl = int(o["ttl_seconds"])
         a.set_message_ttl(self.tenant, self.namespace, ttl)
@@ -263,11 +267,52 @@ class PulsarTransport(Transport):
                 return cluster
             self._admin.ensure_cluster(cluster, rt.pulsar_cluster(dst))
             self._admin.ensure_tenant(self.tenant, [self.cluster, *sorted(self._peers | {cluster})])
-            self._admin.set_replication_clusters(
-                self.tenant, self.namespace, [self.cluster, *sorted(self._peers | {cluster})]
-            )
+            self._add_replication_clusters([self.cluster, cluster])
             self._peers.add(cluster)
         return cluster
+
+    def _add_replication_clusters(self, clusters: Sequence[str]) -> None:
+        """Add ``clusters`` to the namespace's replication clusters, keeping those already there.
+
+        Other sessions of this party (Spark executors, a retried task) share the namespace on our
+        cluster. Writing our own list would drop their destinations, and Pulsar then removes that
+        replicator with what it had not sent yet. The REST API has no compare-and-set: we read
+        back and add again until the list holds ours, which narrows the window in which two
+        sessions adding different clusters at the same moment lose one addition, but does not
+        close it (docs/pulsar.md).
+        """
+        assert self._admin is not None
+        for _ in range(5):
+            have = self._admin.get_replication_clusters(self.tenant, self.namespace)
+            if set(clusters) <= set(have):
+                return
+            self._admin.set_replication_clusters(self.tenant, self.namespace, sorted({*have, *clusters}))
+        raise BackendError(
+            f"Pulsar: the replication clusters of {self.tenant}/{self.namespace} keep changing under us; "
+            f"{sorted(clusters)} could not be added"
+        )
+
+    def _await_replicator(self, topic: str, cluster: str) -> None:
+        """Replication mode: return once our broker replicates ``topic`` to ``cluster``.
+
+        A replicator starts reading where the topic ends when it is created (Pulsar's
+        ``replicationStartAt=latest``), and the broker creates it asynchronously once the topic
+        and the namespace policy are both there: a message written before would never leave.
+        """
+        assert self._admin is not None
+        deadline = time.monotonic() + float(self.ctx.options["send_timeout"])
+        delay = 0.05
+        while True:
+            stats = self._admin.get_topic_stats(topic) or {}
+            if cluster in (stats.get("replication") or {}):
+                return
+            if self._closed.is_set() or time.monotonic() + delay > deadline:
+                raise BackendError(
+                    f"Pulsar: the broker did not start replicating {topic} to cluster {cluster} "
+                    f"within {self.ctx.options['send_timeout']} s (send_timeout)"
+                )
+            self._closed.wait(delay)
+            delay = min(delay * 2, 1.0)
 
     def _client_kwargs(self) -> dict[str, Any]:
         o = self.ctx.options
@@ -326,18 +371,19 @@ class PulsarTransport(Transport):
     def cleanup(self) -> None:
         admin = self._admin or (self._make_admin() if self.ctx.options["admin_url"] else None)
         if admin is not None:
-            exists = True
             try:
+                if self.mode == "replication":
+                    # A peer's replicator that still runs would re-create what we delete.
+                    admin.set_auto_topic_creation(self.tenant, self.namespace, False)
+                    # Ours stop; Pulsar refuses (412) to delete a namespace replicated elsewhere.
+                    admin.set_replication_clusters(self.tenant, self.namespace, [self.cluster])
                 topics = admin.list_topics(self.tenant, self.namespace)
             except BackendError as exc:
                 if exc.status != 404:
                     raise
-                topics, exists = [], False  # the namespace is gone already: cleanup is idempotent
+                topics = []  # the namespace is gone already: cleanup is idempotent
             for topic in topics:
                 admin.delete_topic(topic)
-            if self.mode == "replication" and exists:
-                # Pulsar refuses (412) to delete a namespace still replicated to other clusters.
-                admin.set_replication_clusters(self.tenant, self.namespace, [self.cluster])
             admin.delete_namespace(self.tenant, self.namespace)
             with self._lock:  # the subscriptions went with the topics: re-attaching would recreate them
                 self._listened.clear()
@@ -403,6 +449,11 @@ class PulsarTransport(Transport):
             **dict(o["producer"]),
         }
         producer = self._pulsar_call(f"creating a producer on {topic}", lambda: client.create_producer(topic, **kwargs))
+        if self.mode == "replication":
+            assert self.ctx.route_table is not None
+            cluster = self.ctx.route_table.cluster_name(dst)
+            if cluster != self.cluster:
+                self._await_replicator(topic, cluster)
         with self._lock:
             self._producers.setdefault(key, producer)
             return self._producers[key]
@@ -410,8 +461,8 @@ class PulsarTransport(Transport):
     def send(self, dst: Party, lane: int, messages: Iterable[bytes]) -> int:
         if self._closed.is_set():
             raise BackendError("the Pulsar transport is closed")
+        clusters = self._ensure_peer(dst)  # first: a topic made before would start unreplicated
         producer = self._producer(dst, lane)
-        clusters = self._ensure_peer(dst)
         max_count, max_bytes = int(self.ctx.options["send_window"]), int(self.ctx.options["send_window_bytes"])
         failures: list[str] = []
         pending = [0, 0]  # messages, bytes in flight

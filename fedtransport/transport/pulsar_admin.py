@@ -9,13 +9,15 @@ What it does
   ``{"adminRoles", "allowedClusters"}``; an existing tenant gets missing clusters added with POST),
   ``delete_tenant()``.
 - Namespaces: ``create_namespace()`` (PUT, 409 = already there = fine), ``get_namespace_policies()``,
-  ``set_replication_clusters()`` (POST ``.../replication``, a JSON list), ``set_retention()``
+  ``get_replication_clusters()`` / ``set_replication_clusters()`` (GET / POST ``.../replication``,
+  a JSON list), ``set_auto_topic_creation()`` (POST ``.../autoTopicCreation``), ``set_retention()``
   (POST ``.../retention``), ``set_message_ttl()`` (POST ``.../messageTTL``, an int of seconds),
   ``set_publish_rate()`` (POST ``.../publishRate``), ``list_topics()`` (GET ``.../topics``),
   ``delete_namespace()`` (DELETE ``?force=true``; 404 = already gone; when the broker refuses
   forced deletion (405) the topics are deleted one by one first).
 - Topics: ``delete_topic()`` (DELETE ``/admin/v2/persistent/{tenant}/{ns}/{topic}?force=true``,
-  404 = already gone).
+  404 = already gone), ``get_topic_stats()`` (GET ``.../{topic}/stats``: producers,
+  subscriptions, and per remote cluster its replicator).
 - ``request()`` for any other endpoint.
 
 Connection options and defaults
@@ -244,8 +246,17 @@ class PulsarAdmin:
         _, payload = self.request("GET", self._ns_path(tenant, namespace))
         return dict(payload or {})
 
+    def get_replication_clusters(self, tenant: str, namespace: str) -> list[str]:
+        _, payload = self.request("GET", self._ns_path(tenant, namespace) + "/replication")
+        return sorted(payload or [])
+
     def set_replication_clusters(self, tenant: str, namespace: str, clusters: Sequence[str]) -> None:
         self.request("POST", self._ns_path(tenant, namespace) + "/replication", list(clusters))
+
+    def set_auto_topic_creation(self, tenant: str, namespace: str, allow: bool) -> None:
+        """Whether producers, consumers and remote replicators may create topics in the namespace."""
+        body = {"allowAutoTopicCreation": bool(allow), "topicType": "non-partitioned"}
+        self.request("POST", self._ns_path(tenant, namespace) + "/autoTopicCreation", body)
 
     def set_retention(self, tenant: str, namespace: str, time_minutes: int, size_mb: int) -> None:
         """Retention of acknowledged messages; -1 means unlimited, 0 none."""
@@ -289,20 +300,30 @@ class PulsarAdmin:
 
         False when it did not exist.
         """
-        match = _TOPIC_RE.match(topic)
-        if match is None:
-            parts = topic.split("/")
-            if len(parts) != 3 or "://" in topic:
-                raise ConfigError(f"invalid Pulsar topic name {topic!r}: expected persistent://tenant/ns/topic")
-            domain, tenant, namespace, local = "persistent", *parts
-        else:
-            domain, tenant, namespace, local = match.groups()
-        path = (
-            f"/admin/v2/{domain}/{_segment('tenant', tenant)}/{_segment('namespace', namespace)}/"
-            f"{urllib.parse.quote(local, safe='')}"
-        )
-        status, _ = self.request("DELETE", path, query={"force": "true"}, tolerate=(404,))
+        status, _ = self.request("DELETE", _topic_path(topic), query={"force": "true"}, tolerate=(404,))
         return status != 404
+
+    def get_topic_stats(self, topic: str) -> dict[str, Any] | None:
+        """The topic's stats (``publishers``, ``subscriptions``, ``replication`` by remote cluster,
+        ``msgInCounter``...); ``None`` when the topic does not exist."""
+        status, payload = self.request("GET", _topic_path(topic) + "/stats", tolerate=(404,))
+        return None if status == 404 else dict(payload or {})
+
+
+def _topic_path(topic: str) -> str:
+    """``/admin/v2/{domain}/{tenant}/{ns}/{topic}`` for ``persistent://tenant/ns/topic`` or ``tenant/ns/topic``."""
+    match = _TOPIC_RE.match(topic)
+    if match is None:
+        parts = topic.split("/")
+        if len(parts) != 3 or "://" in topic:
+            raise ConfigError(f"invalid Pulsar topic name {topic!r}: expected persistent://tenant/ns/topic")
+        domain, tenant, namespace, local = "persistent", *parts
+    else:
+        domain, tenant, namespace, local = match.groups()
+    return (
+        f"/admin/v2/{domain}/{_segment('tenant', tenant)}/{_segment('namespace', namespace)}/"
+        f"{urllib.parse.quote(local, safe='')}"
+    )
 
 
 def _decode(raw: bytes, content_type: str) -> Any:
