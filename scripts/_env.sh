@@ -14,12 +14,12 @@ apt_install() {  # apt_install PKG...: install the Debian packages that are miss
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-setup_venv() {  # setup_venv EXTRAS: .venv with the project installed editable
-  local py="${PYTHON:-python3}"
+setup_venv() {  # setup_venv EXTRAS: a virtualenv (.venv, or $FEDTRANSPORT_VENV) with the project installed
+  local py="${PYTHON:-python3}" venv="${FEDTRANSPORT_VENV:-.venv}"
   "$py" -c 'import sys; assert sys.version_info >= (3, 10), "Python 3.10+ needed"'
-  if [ ! -x .venv/bin/python ]; then
-    "$py" -m venv .venv 2>/dev/null || { rm -rf .venv; apt_install python3-venv; "$py" -m venv .venv; }
+  if [ ! -x "$venv/bin/python" ]; then
+    "$py" -m venv "$venv" 2>/dev/null || { rm -rf "$venv"; apt_install python3-venv; "$py" -m venv "$venv"; }
   fi
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$1]"
-  export PATH="$PWD/.venv/bin:$PATH"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[$1]"
+  export PATH="$(cd "$venv" && pwd)/bin:$PATH"
 }
