@@ -1,17 +1,34 @@
-"""PulsarAdmin against a stateful fake of the Pulsar admin REST v2 API."""
+"""PulsarAdmin, the backend's admin REST v2 client, against the real Apache Pulsar broker.
+
+Every call the client makes runs here against the session's ``PulsarStandalone``, and what it
+did is read back through the broker's admin REST by a client of its own
+(``PulsarStandalone.admin``), not by the client under test. Names are unique per test, so the
+session's broker can be shared. Tokens, TLS and hostname validation on the admin plane are in
+tests/test_pulsar_tls.py (a broker with TLS and authentication).
+
+The recording fake (tests/pulsar_admin_fake.py) stays for two answers one real standalone broker
+cannot be made to give: a 500 (a failing metadata store) and a 307 redirect (sent by a broker
+that does not own the namespace's bundle; a standalone owns them all).
+"""
 
 from __future__ import annotations
 
+import logging
 import socket
-import ssl
+import urllib.error
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
+import pulsar
 import pytest
 from pulsar_admin_fake import FakePulsarAdmin
 
+from fedtransport.brokers.standalone import PulsarStandalone
 from fedtransport.errors import BackendError, ConfigError
 from fedtransport.transport.pulsar_admin import PulsarAdmin
+
+pytestmark = pytest.mark.timeout(600)  # the session broker may be resolved and started first
 
 CLUSTER_A = {
     "serviceUrl": "http://party-a.fate.test:8080",
@@ -22,215 +39,223 @@ CLUSTER_A = {
     "proxyProtocol": "SNI",
     "peerClusterNames": [],
 }
+_quiet = logging.getLogger("test-pulsar-admin-client")
+_quiet.setLevel(logging.ERROR)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def read(broker: PulsarStandalone, path: str) -> Any:
+    """GET through the broker's admin REST (not the client under test); ``None`` for a 404."""
+    try:
+        return broker.admin("GET", path)
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return None
+        raise
+
+
+def status_of(broker: PulsarStandalone, method: str, path: str) -> int:
+    try:
+        broker.admin(method, path)
+    except urllib.error.HTTPError as err:
+        return err.code
+    return 200
 
 
 @pytest.fixture
-def fake() -> Iterator[FakePulsarAdmin]:
-    with FakePulsarAdmin() as server:
-        yield server
+def broker(pulsar_standalone: PulsarStandalone) -> PulsarStandalone:
+    return pulsar_standalone
 
 
 @pytest.fixture
-def admin(fake: FakePulsarAdmin) -> PulsarAdmin:
-    return PulsarAdmin(fake.url, timeout=5.0)
+def admin(broker: PulsarStandalone) -> PulsarAdmin:
+    return PulsarAdmin(broker.admin_url, timeout=30.0)
 
 
-def _setup_namespace(admin: PulsarAdmin) -> None:
-    admin.ensure_cluster("party-a", CLUSTER_A)
-    admin.ensure_tenant("fl-tenant", ["party-a"])
-    admin.create_namespace("fl-tenant", "job-1")
+@pytest.fixture
+def namespace(broker: PulsarStandalone, admin: PulsarAdmin) -> Iterator[tuple[str, str]]:
+    """A tenant of the test's own (allowed on the broker's cluster) with one namespace."""
+    tenant, ns = unique("tenant"), unique("job")
+    admin.ensure_tenant(tenant, [broker.cluster])
+    admin.create_namespace(tenant, ns)
+    yield tenant, ns
+    admin.delete_namespace(tenant, ns)
+    admin.delete_tenant(tenant)
 
 
-def test_cluster_put_then_post_when_it_exists(fake: FakePulsarAdmin, admin: PulsarAdmin) -> None:
-    assert admin.ensure_cluster("party-a", CLUSTER_A) is True
+# ---------------------------------------------------------------------------- clusters
+def test_cluster_put_then_post_read_back_and_delete(broker, admin):
+    name = unique("party-a")
+    assert admin.ensure_cluster(name, CLUSTER_A) is True  # PUT
+    stored = read(broker, f"/admin/v2/clusters/{name}")
+    assert {k: stored[k] for k in CLUSTER_A} == CLUSTER_A
     updated = {**CLUSTER_A, "brokerServiceUrl": "pulsar://party-a.fate.test:6660"}
-    assert admin.ensure_cluster("party-a", updated) is False
-    assert fake.calls() == [
-        ("PUT", "/admin/v2/clusters/party-a"),
-        ("PUT", "/admin/v2/clusters/party-a"),
-        ("POST", "/admin/v2/clusters/party-a"),
-    ]
-    assert fake.requests[0].body == CLUSTER_A
-    assert fake.requests[0].headers["content-type"] == "application/json"
-    assert fake.requests[2].body == updated
-    assert fake.state.clusters["party-a"]["brokerServiceUrl"] == "pulsar://party-a.fate.test:6660"
-    assert admin.get_clusters() == ["party-a"]
-    assert admin.get_cluster("party-a") == updated
-    assert admin.get_cluster("nope") is None
+    assert admin.ensure_cluster(name, updated) is False  # 409, then POST
+    assert read(broker, f"/admin/v2/clusters/{name}")["brokerServiceUrl"] == "pulsar://party-a.fate.test:6660"
+    assert admin.get_cluster(name) == read(broker, f"/admin/v2/clusters/{name}")
+    assert admin.get_cluster(unique("nope")) is None
+    assert {name, broker.cluster} <= set(admin.get_clusters())
+    assert set(admin.get_clusters()) == set(read(broker, "/admin/v2/clusters"))
+    assert admin.delete_cluster(name) is True
+    assert read(broker, f"/admin/v2/clusters/{name}") is None
+    assert admin.delete_cluster(name) is False  # 404 = already gone
 
 
-def test_cluster_none_values_are_not_sent(fake: FakePulsarAdmin, admin: PulsarAdmin) -> None:
-    admin.ensure_cluster("party-b", {"serviceUrl": "http://b:8080", "proxyServiceUrl": None})
-    assert fake.requests[0].body == {"serviceUrl": "http://b:8080"}
+def test_cluster_none_values_are_not_sent(broker, admin):
+    name = unique("party-b")
+    admin.ensure_cluster(name, {"serviceUrl": "http://b.fate.test:8080", "proxyServiceUrl": None})
+    try:
+        stored = read(broker, f"/admin/v2/clusters/{name}")
+        assert stored["serviceUrl"] == "http://b.fate.test:8080"
+        assert stored.get("proxyServiceUrl") is None
+    finally:
+        admin.delete_cluster(name)
 
 
-def test_tenant_create_and_extend(fake: FakePulsarAdmin, admin: PulsarAdmin) -> None:
-    admin.ensure_cluster("party-a", CLUSTER_A)
-    admin.ensure_cluster("party-b", {"serviceUrl": "http://b:8080"})
-    fake.clear()
-    assert admin.ensure_tenant("fl-tenant", ["party-a"]) is True
-    assert fake.requests[0].method == "PUT"
-    assert fake.requests[0].path == "/admin/v2/tenants/fl-tenant"
-    assert fake.requests[0].body == {"adminRoles": [], "allowedClusters": ["party-a"]}
-    fake.clear()
-    # Already there with everything allowed: nothing to update.
-    assert admin.ensure_tenant("fl-tenant", ["party-a"]) is False
-    assert fake.calls() == [("PUT", "/admin/v2/tenants/fl-tenant"), ("GET", "/admin/v2/tenants/fl-tenant")]
-    fake.clear()
-    # A party joining later: its cluster is added, the existing one kept.
-    assert admin.ensure_tenant("fl-tenant", ["party-b"]) is False
-    assert fake.calls()[-1] == ("POST", "/admin/v2/tenants/fl-tenant")
-    assert fake.requests[-1].body == {"adminRoles": [], "allowedClusters": ["party-a", "party-b"]}
+# ---------------------------------------------------------------------------- tenants
+def test_tenant_create_extend_and_delete(broker, admin):
+    tenant, other = unique("tenant"), unique("party-x")
+    admin.ensure_cluster(other, {"serviceUrl": "http://x.fate.test:8080"})
+    try:
+        assert admin.ensure_tenant(tenant, [broker.cluster]) is True
+        assert read(broker, f"/admin/v2/tenants/{tenant}") == {"adminRoles": [], "allowedClusters": [broker.cluster]}
+        assert admin.ensure_tenant(tenant, [broker.cluster]) is False  # there with everything: unchanged
+        # a party joining later: its cluster and role are added, the existing ones kept
+        assert admin.ensure_tenant(tenant, [other], admin_roles=["ops"]) is False
+        stored = read(broker, f"/admin/v2/tenants/{tenant}")
+        assert sorted(stored["allowedClusters"]) == sorted([broker.cluster, other])
+        assert stored["adminRoles"] == ["ops"]
+        assert admin.get_tenant(tenant) == stored
+        assert admin.get_tenant(unique("nope")) is None
+        # a tenant with a namespace is not deleted: the broker's own reason comes through
+        admin.create_namespace(tenant, "busy")
+        with pytest.raises(BackendError) as info:
+            admin.delete_tenant(tenant)
+        assert info.value.status == 409 and info.value.broker_message == "The tenant still has active namespaces"
+        admin.delete_namespace(tenant, "busy")
+        assert admin.delete_tenant(tenant) is True
+        assert read(broker, f"/admin/v2/tenants/{tenant}") is None
+        assert admin.delete_tenant(tenant) is False
+    finally:
+        if admin.get_tenant(tenant) is not None:
+            admin.delete_namespace(tenant, "busy")
+            admin.delete_tenant(tenant)
+        admin.delete_cluster(other)
 
 
-def test_namespace_lifecycle_paths_and_bodies(fake: FakePulsarAdmin, admin: PulsarAdmin) -> None:
-    _setup_namespace(admin)
-    assert admin.create_namespace("fl-tenant", "job-1") is False  # 409 = exists = fine
-    fake.clear()
-    admin.set_replication_clusters("fl-tenant", "job-1", ["party-a"])
-    admin.set_retention("fl-tenant", "job-1", 60, 1024)
-    admin.set_message_ttl("fl-tenant", "job-1", 86400)
-    admin.set_publish_rate("fl-tenant", "job-1", 1000, 64 * 1024 * 1024)
-    base = "/admin/v2/namespaces/fl-tenant/job-1"
-    assert [(r.method, r.path, r.body) for r in fake.requests] == [
-        ("POST", f"{base}/replication", ["party-a"]),
-        ("POST", f"{base}/retention", {"retentionTimeInMinutes": 60, "retentionSizeInMB": 1024}),
-        ("POST", f"{base}/messageTTL", 86400),
-        (
-            "POST",
-            f"{base}/publishRate",
-            {"publishThrottlingRateInMsg": 1000, "publishThrottlingRateInByte": 64 * 1024 * 1024},
-        ),
-    ]
-    policies = admin.get_namespace_policies("fl-tenant", "job-1")
-    assert policies["message_ttl_in_seconds"] == 86400
-    assert policies["replication_clusters"] == ["party-a"]
+# ---------------------------------------------------------------------------- namespaces
+def test_namespace_policies_read_back(broker, admin, namespace):
+    tenant, ns = namespace
+    path = f"/admin/v2/namespaces/{tenant}/{ns}"
+    assert admin.create_namespace(tenant, ns) is False  # 409 = exists = fine
+    admin.set_replication_clusters(tenant, ns, [broker.cluster])
+    admin.set_retention(tenant, ns, 60, 1024)
+    admin.set_message_ttl(tenant, ns, 86400)
+    admin.set_publish_rate(tenant, ns, 1000, 64 << 20)
+    admin.set_auto_topic_creation(tenant, ns, False)
+    assert read(broker, f"{path}/replication") == [broker.cluster]
+    assert admin.get_replication_clusters(tenant, ns) == [broker.cluster]
+    assert read(broker, f"{path}/retention") == {"retentionTimeInMinutes": 60, "retentionSizeInMB": 1024}
+    assert read(broker, f"{path}/messageTTL") == 86400
+    assert read(broker, f"{path}/publishRate") == {
+        "publishThrottlingRateInMsg": 1000,
+        "publishThrottlingRateInByte": 64 << 20,
+    }
+    assert read(broker, f"{path}/autoTopicCreation")["allowAutoTopicCreation"] is False
+    admin.set_auto_topic_creation(tenant, ns, True)
+    assert read(broker, f"{path}/autoTopicCreation") == {"allowAutoTopicCreation": True, "topicType": "non-partitioned"}
+    policies = admin.get_namespace_policies(tenant, ns)
+    assert policies == read(broker, path)
+    assert policies["message_ttl_in_seconds"] == 86400 and policies["replication_clusters"] == [broker.cluster]
 
 
-def test_create_namespace_sends_no_body_unless_policies(fake: FakePulsarAdmin, admin: PulsarAdmin) -> None:
-    _setup_namespace(admin)
-    put = [r for r in fake.requests if r.method == "PUT" and r.path.startswith("/admin/v2/namespaces/")]
-    assert put[0].body is None
-    admin.create_namespace("fl-tenant", "job-2", {"replication_clusters": ["party-a"]})
-    assert fake.requests[-1].body == {"replication_clusters": ["party-a"]}
+def test_create_namespace_with_initial_policies(broker, admin, namespace):
+    tenant, _ = namespace
+    ns = unique("job")
+    assert admin.create_namespace(tenant, ns, {"message_ttl_in_seconds": 60}) is True
+    try:
+        assert read(broker, f"/admin/v2/namespaces/{tenant}/{ns}/messageTTL") == 60
+        assert f"{tenant}/{ns}" in read(broker, f"/admin/v2/namespaces/{tenant}")
+    finally:
+        admin.delete_namespace(tenant, ns)
 
 
-def test_topics_list_and_idempotent_deletes(fake: FakePulsarAdmin, admin: PulsarAdmin) -> None:
-    _setup_namespace(admin)
-    topics = [f"persistent://fl-tenant/job-1/guest-9999-host-10000-{lane}" for lane in range(2)]
-    for t in topics:
-        fake.add_topic(t)
-    assert admin.list_topics("fl-tenant", "job-1") == topics
-    fake.clear()
-    assert admin.delete_topic(topics[0]) is True
-    assert admin.delete_topic(topics[0]) is False  # 404 = already gone
-    assert [(r.method, r.path, r.query) for r in fake.requests] == [
-        ("DELETE", "/admin/v2/persistent/fl-tenant/job-1/guest-9999-host-10000-0", {"force": "true"}),
-    ] * 2
-    assert admin.delete_namespace("fl-tenant", "job-1") is True
-    assert fake.requests[-1].path == "/admin/v2/namespaces/fl-tenant/job-1"
-    assert fake.requests[-1].query == {"force": "true"}
-    assert fake.state.topics == set()
-    assert admin.delete_namespace("fl-tenant", "job-1") is False  # idempotent
-    assert admin.delete_tenant("fl-tenant") is True
-    assert admin.delete_tenant("fl-tenant") is False
-    assert admin.delete_cluster("party-a") is True
-    assert admin.delete_cluster("party-a") is False
+def test_errors_carry_the_brokers_status_and_reason(admin, namespace):
+    tenant, _ = namespace
+    with pytest.raises(BackendError) as info:
+        admin.set_message_ttl(tenant, "missing", 60)
+    err = info.value
+    assert err.status == 404 and err.broker_message == "Namespace does not exist"
+    assert f"POST /admin/v2/namespaces/{tenant}/missing/messageTTL" in str(err) and "HTTP 404" in str(err)
+    # 409 is fine for create_namespace; a 404 there (no such tenant) is an error
+    with pytest.raises(BackendError) as info:
+        admin.create_namespace(unique("no-tenant"), "job-1")
+    assert info.value.status == 404 and info.value.broker_message == "Tenant does not exist"
 
 
-def test_delete_topic_short_name_and_bad_names(fake: FakePulsarAdmin, admin: PulsarAdmin) -> None:
-    _setup_namespace(admin)
-    fake.add_topic("persistent://fl-tenant/job-1/lane-0")
-    assert admin.delete_topic("fl-tenant/job-1/lane-0") is True
+# ---------------------------------------------------------------------------- topics
+def test_topics_are_listed_and_deleted_with_subscriptions_attached(broker, admin, namespace):
+    tenant, ns = namespace
+    topics = [f"persistent://{tenant}/{ns}/guest-9999-host-10000-{lane}" for lane in range(2)]
+    client = pulsar.Client(broker.service_url, logger=_quiet, operation_timeout_seconds=10)
+    try:
+        consumers = [client.subscribe(t, "fedtransport-host-10000") for t in topics]
+        client.create_producer(topics[0]).send(b"x")
+        assert admin.list_topics(tenant, ns) == topics
+        assert read(broker, f"/admin/v2/namespaces/{tenant}/{ns}/topics") == topics
+        stats = admin.get_topic_stats(topics[0])
+        assert stats is not None and list(stats["subscriptions"]) == ["fedtransport-host-10000"]
+        assert admin.get_topic_stats(f"persistent://{tenant}/{ns}/missing") is None
+        # Why force=true: without it Pulsar refuses a topic with connected producers or consumers.
+        assert status_of(broker, "DELETE", f"/admin/v2/persistent/{tenant}/{ns}/guest-9999-host-10000-0") == 412
+        # and the consumers would re-create their topics on reconnecting, were that allowed
+        admin.set_auto_topic_creation(tenant, ns, False)
+        assert admin.delete_topic(topics[0]) is True
+        assert admin.delete_topic(topics[0]) is False  # 404 = already gone
+        assert admin.delete_topic(f"{tenant}/{ns}/guest-9999-host-10000-1") is True  # the short form
+        assert read(broker, f"/admin/v2/namespaces/{tenant}/{ns}/topics") == []
+        del consumers
+    finally:
+        client.close()
+
+
+def test_partitioned_topics_are_listed_and_deleted(broker, admin, namespace):
+    tenant, ns = namespace
+    broker.admin("PUT", f"/admin/v2/persistent/{tenant}/{ns}/wide/partitions", 3)
+    assert admin.list_partitioned_topics(tenant, ns) == [f"persistent://{tenant}/{ns}/wide"]
+    assert len(admin.list_topics(tenant, ns)) == 3  # the partitions, as topics
+    assert admin.delete_partitioned_topic(f"persistent://{tenant}/{ns}/wide") is True
+    assert read(broker, f"/admin/v2/persistent/{tenant}/{ns}/partitioned") == []
+    assert read(broker, f"/admin/v2/namespaces/{tenant}/{ns}/topics") == []
+    assert admin.delete_partitioned_topic(f"persistent://{tenant}/{ns}/wide") is False
+
+
+def test_delete_namespace_when_forced_deletion_is_refused(broker, admin, namespace):
+    """Pulsar's default (forceDeleteNamespaceAllowed=false) answers 405 to a forced delete: the
+    namespace is emptied, partitioned topics included, and deleted with a plain DELETE."""
+    tenant, ns = namespace
+    path = f"/admin/v2/namespaces/{tenant}/{ns}"
+    broker.admin("PUT", f"/admin/v2/persistent/{tenant}/{ns}/wide/partitions", 2)
+    broker.admin("PUT", f"/admin/v2/persistent/{tenant}/{ns}/plain")
+    assert status_of(broker, "DELETE", f"{path}?force=true") == 405
+    assert status_of(broker, "DELETE", path) == 409  # "Cannot delete non empty namespace"
+    assert admin.delete_namespace(tenant, ns) is True
+    assert read(broker, path) is None
+    assert f"{tenant}/{ns}" not in read(broker, f"/admin/v2/namespaces/{tenant}")
+    assert admin.delete_namespace(tenant, ns) is False  # idempotent
+
+
+def test_bad_names_are_refused_before_any_request(admin):
     with pytest.raises(ConfigError):
         admin.delete_topic("just-a-topic")
     with pytest.raises(ConfigError):
         admin.create_namespace("fl/tenant", "job-1")
 
 
-def test_delete_namespace_when_force_is_refused(admin: PulsarAdmin) -> None:
-    with FakePulsarAdmin(allow_force_delete=False) as strict:
-        a = PulsarAdmin(strict.url)
-        a.ensure_cluster("party-a", CLUSTER_A)
-        a.ensure_tenant("fl-tenant", ["party-a"])
-        a.create_namespace("fl-tenant", "job-1")
-        strict.add_topic("persistent://fl-tenant/job-1/lane-0")
-        strict.clear()
-        assert a.delete_namespace("fl-tenant", "job-1") is True
-        assert strict.calls() == [
-            ("DELETE", "/admin/v2/namespaces/fl-tenant/job-1"),
-            ("GET", "/admin/v2/namespaces/fl-tenant/job-1/topics"),
-            ("DELETE", "/admin/v2/persistent/fl-tenant/job-1/lane-0"),
-            ("DELETE", "/admin/v2/namespaces/fl-tenant/job-1"),
-        ]
-        assert strict.requests[-1].query == {}
-        assert strict.state.namespaces == {}
-
-
-def test_bearer_token_is_sent() -> None:
-    with FakePulsarAdmin(token="jwt-abc") as secured:
-        with pytest.raises(BackendError) as info:
-            PulsarAdmin(secured.url).get_clusters()
-        assert info.value.status == 401
-        assert info.value.broker_message == "Authentication required"
-        assert PulsarAdmin(secured.url, token="jwt-abc").get_clusters() == []
-        assert secured.requests[-1].headers["authorization"] == "Bearer jwt-abc"
-        assert PulsarAdmin(secured.url, token="token:jwt-abc").get_clusters() == []
-
-
-def test_token_from_file(tmp_path: Path) -> None:
-    token_file = tmp_path / "admin.jwt"
-    token_file.write_text("jwt-from-file\n")
-    with FakePulsarAdmin(token="jwt-from-file") as secured:
-        assert PulsarAdmin(secured.url, token=f"file://{token_file}").get_clusters() == []
-
-
-def test_error_carries_status_and_reason(fake: FakePulsarAdmin, admin: PulsarAdmin) -> None:
-    with pytest.raises(BackendError) as info:
-        admin.set_message_ttl("fl-tenant", "missing", 60)
-    err = info.value
-    assert err.status == 404
-    assert err.broker_message == "Namespace does not exist"
-    assert "POST /admin/v2/namespaces/fl-tenant/missing/messageTTL" in str(err)
-    assert "404" in str(err) and "Namespace does not exist" in str(err)
-
-    fake.fail("GET", "/admin/v2/clusters", 500, "Internal error: metadata store down")
-    with pytest.raises(BackendError) as info:
-        admin.get_clusters()
-    assert info.value.status == 500
-    assert info.value.broker_message == "Internal error: metadata store down"
-
-
-def test_tolerated_statuses_only_for_the_right_calls(fake: FakePulsarAdmin, admin: PulsarAdmin) -> None:
-    # 409 is fine for create_namespace, but a 409 on delete (namespace not empty) is an error.
-    _setup_namespace(admin)
-    fake.fail("DELETE", "/admin/v2/namespaces/fl-tenant/job-1", 409, "Cannot delete non empty namespace")
-    with pytest.raises(BackendError) as info:
-        admin.delete_namespace("fl-tenant", "job-1")
-    assert info.value.status == 409
-    # And a 404 on create (tenant missing) is an error too.
-    with pytest.raises(BackendError) as info:
-        admin.create_namespace("no-tenant", "job-1")
-    assert info.value.status == 404
-    assert info.value.broker_message == "Tenant does not exist"
-
-
-def test_redirect_is_followed_with_method_body_and_token() -> None:
-    with FakePulsarAdmin(token="t0k") as server:
-        a = PulsarAdmin(server.url, token="t0k")
-        a.ensure_cluster("party-a", CLUSTER_A)
-        a.ensure_tenant("fl-tenant", ["party-a"])
-        a.create_namespace("fl-tenant", "job-1")
-        server.redirect_once("POST", "/admin/v2/namespaces/fl-tenant/job-1/messageTTL")
-        server.clear()
-        a.set_message_ttl("fl-tenant", "job-1", 120)
-        first, second = server.requests
-        assert (second.method, second.path, second.body) == ("POST", first.path, 120)
-        assert second.query == {"redirected": "1"}
-        assert second.headers["authorization"] == "Bearer t0k"
-        assert server.state.namespaces["fl-tenant/job-1"]["message_ttl_in_seconds"] == 120
-
-
+# ---------------------------------------------------------------------------- no broker needed
 def test_connection_refused_names_the_url() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -251,29 +276,29 @@ def test_bad_configuration() -> None:
         PulsarAdmin("http://127.0.0.1:8080", timeout=0)
 
 
-def test_https_trust_file_and_hostname_validation(tmp_path: Path) -> None:
-    pytest.importorskip("cryptography")
-    ca_file, server_context = _tls_material(tmp_path, "admin.fate.test")
-    with FakePulsarAdmin(ssl_context=server_context) as tls:
-        # The certificate names admin.fate.test, the URL says 127.0.0.1.
+# ---------------------------------------------------------------------------- the fake: what a standalone cannot answer
+def test_a_server_error_carries_status_and_reason() -> None:
+    # A 500 needs a broker whose metadata store fails; a healthy standalone never answers one.
+    with FakePulsarAdmin() as fake:
+        fake.fail("GET", "/admin/v2/clusters", 500, "Internal error: metadata store down")
         with pytest.raises(BackendError) as info:
-            PulsarAdmin(tls.url, tls_trust_certs_file_path=str(ca_file), timeout=5.0).get_clusters()
-        assert tls.url in str(info.value)
-        relaxed = PulsarAdmin(tls.url, tls_trust_certs_file_path=str(ca_file), tls_validate_hostname=False, timeout=5.0)
-        assert relaxed.get_clusters() == []
-        # Without the trust file the chain itself is rejected, hostname check or not.
-        with pytest.raises(BackendError):
-            PulsarAdmin(tls.url, tls_validate_hostname=False, timeout=5.0).get_clusters()
+            PulsarAdmin(fake.url, timeout=5.0).get_clusters()
+    assert info.value.status == 500
+    assert info.value.broker_message == "Internal error: metadata store down"
 
 
-def _tls_material(tmp_path: Path, host: str) -> tuple[Path, ssl.SSLContext]:
-    """A CA file and a server context whose certificate (signed by that CA) names ``host``."""
-    from fedtransport import certs  # needs cryptography: imported after the importorskip
-
-    ca_key, ca_cert = certs.make_ca("fedtransport test CA")
-    key, cert = certs.issue(ca_key, ca_cert, host)
-    ca_file = certs.write_cert(tmp_path / "ca.pem", ca_cert)
-    server_pem = certs.write_pem(tmp_path / "server.pem", cert, key)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(server_pem)
-    return ca_file, context
+def test_redirect_is_followed_with_method_body_and_token() -> None:
+    # A 307 comes from a broker that does not own the namespace's bundle; a standalone owns all.
+    with FakePulsarAdmin(token="t0k") as server:
+        a = PulsarAdmin(server.url, token="t0k")
+        a.ensure_cluster("party-a", CLUSTER_A)
+        a.ensure_tenant("fl-tenant", ["party-a"])
+        a.create_namespace("fl-tenant", "job-1")
+        server.redirect_once("POST", "/admin/v2/namespaces/fl-tenant/job-1/messageTTL")
+        server.clear()
+        a.set_message_ttl("fl-tenant", "job-1", 120)
+        first, second = server.requests
+        assert (second.method, second.path, second.body) == ("POST", first.path, 120)
+        assert second.query == {"redirected": "1"}
+        assert second.headers["authorization"] == "Bearer t0k"
+        assert server.state.namespaces["fl-tenant/job-1"]["message_ttl_in_seconds"] == 120

@@ -13,11 +13,15 @@ What it does
   a JSON list), ``set_auto_topic_creation()`` (POST ``.../autoTopicCreation``), ``set_retention()``
   (POST ``.../retention``), ``set_message_ttl()`` (POST ``.../messageTTL``, an int of seconds),
   ``set_publish_rate()`` (POST ``.../publishRate``), ``list_topics()`` (GET ``.../topics``),
+  ``list_partitioned_topics()`` (GET ``/admin/v2/persistent/{tenant}/{ns}/partitioned``),
   ``delete_namespace()`` (DELETE ``?force=true``; 404 = already gone; when the broker refuses
-  forced deletion (405) the topics are deleted one by one first).
+  forced deletion (405, Pulsar's default) partitioned topics, then topics, are deleted and the
+  namespace with a plain DELETE, again while that is refused (409) because a client still
+  connected re-created a topic, at most 5 times).
 - Topics: ``delete_topic()`` (DELETE ``/admin/v2/persistent/{tenant}/{ns}/{topic}?force=true``,
-  404 = already gone), ``get_topic_stats()`` (GET ``.../{topic}/stats``: producers,
-  subscriptions, and per remote cluster its replicator).
+  404 = already gone), ``delete_partitioned_topic()`` (DELETE ``.../{topic}/partitions?force=true``),
+  ``get_topic_stats()`` (GET ``.../{topic}/stats``: producers, subscriptions, and per remote
+  cluster its replicator).
 - ``request()`` for any other endpoint.
 
 Connection options and defaults
@@ -33,7 +37,10 @@ Connection options and defaults
   the same method, body and credentials, at most 5 hops.
 
 Errors: any other non-success answer raises :class:`~fedtransport.errors.BackendError` naming the
-method, path and status, with ``status`` set and ``broker_message`` = Pulsar's ``{"reason": ...}``;
+method, path and status, with ``status`` set and ``broker_message`` = Pulsar's ``{"reason": ...}``
+(or the title of Jetty's error page); a 401 from Pulsar's authentication filter says
+"authentication failed" (no token, or one the broker rejected), a 401/403 from a handler "not
+authorized";
 an unreachable server raises ``BackendError`` naming the URL. Standard library only (urllib).
 """
 
@@ -42,6 +49,7 @@ from __future__ import annotations
 import json
 import re
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -57,6 +65,8 @@ _MAX_REDIRECTS = 5
 _REDIRECT_CODES = (301, 302, 303, 307, 308)
 _TOPIC_RE = re.compile(r"^(persistent|non-persistent)://([^/]+)/([^/]+)/(.+)$")
 _NO_BODY: Any = object()
+_HTML_TITLE_RE = re.compile(r"<title>\s*(?:Error\s+\d+\s+)?([^<]*?)\s*</title>", re.IGNORECASE)
+_DELETE_ATTEMPTS = 5
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -159,8 +169,9 @@ class PulsarAdmin:
                 if e.code in tolerated:
                     return e.code, payload
                 reason = _reason(payload) or (e.reason if isinstance(e.reason, str) else "")
+                refusal = _refusal(e.code, payload, bool(self._token))
                 raise BackendError(
-                    f"Pulsar admin {method} {path} failed: HTTP {e.code}" + (f": {reason}" if reason else ""),
+                    f"Pulsar admin {method} {path} failed: {refusal}HTTP {e.code}" + (f": {reason}" if reason else ""),
                     broker_message=reason,
                     status=e.code,
                 ) from None
@@ -277,22 +288,41 @@ class PulsarAdmin:
         _, payload = self.request("GET", self._ns_path(tenant, namespace) + "/topics")
         return sorted(payload or [])
 
+    def list_partitioned_topics(self, tenant: str, namespace: str) -> list[str]:
+        """Full names of the namespace's partitioned topics (their partitions are in ``list_topics``)."""
+        path = f"/admin/v2/persistent/{_segment('tenant', tenant)}/{_segment('namespace', namespace)}/partitioned"
+        _, payload = self.request("GET", path)
+        return sorted(payload or [])
+
     def delete_namespace(self, tenant: str, namespace: str) -> bool:
-        """Delete the namespace and everything in it; False when it was already gone."""
+        """Delete the namespace and everything in it; False when it was already gone.
+
+        Forced deletion first. A broker that refuses it (405: Pulsar's default
+        ``forceDeleteNamespaceAllowed=false``) gets the namespace emptied and a plain DELETE,
+        which Pulsar refuses (409) while a topic or a partitioned topic's metadata is left;
+        a client still connected may re-create a topic in between, so empty and try again.
+        """
         path = self._ns_path(tenant, namespace)
         status, _ = self.request("DELETE", path, query={"force": "true"}, tolerate=(404, 405))
-        if status == 404:
-            return False
-        if status == 405:
-            # The broker forbids forced namespace deletion: empty it first, then delete.
-            status_list, topics = self.request("GET", path + "/topics", tolerate=(404,))
-            if status_list == 404:
-                return False
-            for topic in topics or []:
-                self.delete_topic(topic)
-            status, _ = self.request("DELETE", path, tolerate=(404,))
+        if status != 405:
             return status != 404
-        return True
+        for attempt in range(_DELETE_ATTEMPTS):
+            try:
+                # Partitioned topics first: deleting one takes its partitions along.
+                for topic in self.list_partitioned_topics(tenant, namespace):
+                    self.delete_partitioned_topic(topic)
+                for topic in self.list_topics(tenant, namespace):
+                    self.delete_topic(topic)
+            except BackendError as exc:
+                if exc.status == 404:  # the namespace went meanwhile (the deletions tolerate 404)
+                    return False
+                raise
+            again = attempt + 1 < _DELETE_ATTEMPTS
+            status, _ = self.request("DELETE", path, tolerate=(404, 409) if again else (404,))
+            if status != 409:
+                break
+            time.sleep(0.1 * 2**attempt)
+        return status != 404
 
     # ------------------------------------------------------------------ topics
     def delete_topic(self, topic: str) -> bool:
@@ -301,6 +331,13 @@ class PulsarAdmin:
         False when it did not exist.
         """
         status, _ = self.request("DELETE", _topic_path(topic), query={"force": "true"}, tolerate=(404,))
+        return status != 404
+
+    def delete_partitioned_topic(self, topic: str) -> bool:
+        """Delete a partitioned topic, its partitions and its metadata, with force; False when it
+        did not exist."""
+        path = _topic_path(topic) + "/partitions"
+        status, _ = self.request("DELETE", path, query={"force": "true"}, tolerate=(404,))
         return status != 404
 
     def get_topic_stats(self, topic: str) -> dict[str, Any] | None:
@@ -343,5 +380,21 @@ def _reason(payload: Any) -> str:
         reason = payload.get("reason") or payload.get("message") or payload.get("error")
         return str(reason) if reason else json.dumps(payload)
     if isinstance(payload, str):
-        return payload.strip()[:500]
+        title = _HTML_TITLE_RE.search(payload)  # Jetty's error page: "<title>Error 401 Authentication required"
+        return title.group(1) if title else payload.strip()[:500]
     return "" if payload is None else str(payload)
+
+
+def _refusal(status: int, payload: Any, token: bool) -> str:
+    """What a 401 or 403 means, put before the status in an error message.
+
+    Pulsar's authentication filter refuses a missing or invalid token before any handler runs,
+    with no ``{"reason": ...}`` body ("Authentication required" in Jetty's); a handler refuses a
+    role it does not authorize with one ("Unauthorized to ...").
+    """
+    handler = isinstance(payload, Mapping) and "reason" in payload
+    if status == 401 and (not handler or "authenticat" in _reason(payload).lower()):
+        return "authentication failed (" + ("the broker rejected the token" if token else "no token given") + "), "
+    if status in (401, 403):
+        return "not authorized, "
+    return ""
