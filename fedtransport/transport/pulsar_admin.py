@@ -328,10 +328,22 @@ class PulsarAdmin:
     def delete_topic(self, topic: str) -> bool:
         """Delete ``persistent://tenant/ns/topic`` (or ``tenant/ns/topic``) with force.
 
-        False when it did not exist.
+        False when it did not exist. A loaded broker may take longer than ``timeout`` to delete
+        a replicated topic and goes on after we stopped waiting; asked again meanwhile it answers
+        500 "Topic is already fenced". Such a delete is asked again with a back-off until the
+        topic is gone, for up to ``timeout`` seconds more.
         """
-        status, _ = self.request("DELETE", _topic_path(topic), query={"force": "true"}, tolerate=(404,))
-        return status != 404
+        deadline = time.monotonic() + self.timeout
+        delay = 0.5
+        while True:
+            try:
+                status, _ = self.request("DELETE", _topic_path(topic), query={"force": "true"}, tolerate=(404,))
+                return status != 404
+            except BackendError as exc:
+                if exc.status not in (500, None) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)  # a bounded back-off: the broker gives no event to wait on
+            delay = min(delay * 2, 5.0)
 
     def delete_partitioned_topic(self, topic: str) -> bool:
         """Delete a partitioned topic, its partitions and its metadata, with force; False when it
