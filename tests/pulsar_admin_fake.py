@@ -1,5 +1,9 @@
 """A stateful fake of the Pulsar admin REST v2 API, for tests (pulsar-lite has no admin API).
 
+The Pulsar backend's own control-plane tests run on the real broker (tests/test_pulsar_admin.py);
+this fake serves the answers a standalone broker cannot give there (a 500, a 307 redirect) and
+upper-layer tests that run on pulsar-lite (tests/test_cli.py, tests/test_fate_adapter.py).
+
 It keeps clusters, tenants, namespaces (with their policies) and topics, and answers like a
 Pulsar broker: 409 for a resource that exists, 404 for one that does not, 412 for an unknown
 cluster, 204/200 on success, ``{"reason": "..."}`` bodies on errors. Every request is recorded
@@ -270,6 +274,9 @@ class FakePulsarAdmin:
         if method == "POST" and sub == "publishRate":
             policies["publishMaxMessageRate"] = body
             return 204, None
+        if method == "POST" and sub == "autoTopicCreation":
+            policies["autoTopicCreationOverride"] = body
+            return 204, None
         return 405, {"reason": "Method Not Allowed"}
 
     def _topics(self, domain: str, method: str, rest: list[str]) -> tuple[int, Any]:
@@ -279,6 +286,8 @@ class FakePulsarAdmin:
         full = f"{domain}://{rest[0]}/{rest[1]}/{rest[2]}"
         if f"{rest[0]}/{rest[1]}" not in st.namespaces:
             return 404, {"reason": "Namespace does not exist"}
+        if rest[2] == "partitioned" and method == "GET":
+            return 200, []  # the fake keeps no partitioned topics
         if method == "PUT":
             if full in st.topics:
                 return 409, {"reason": "This topic already exists"}

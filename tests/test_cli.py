@@ -339,7 +339,10 @@ def test_pulsar_cleanup_of_a_crashed_job(
     ]
     assert ("GET", f"{ns_path}/topics") in fake_admin.calls()
     assert not fake_admin.state.namespaces and not fake_admin.state.topics
-    assert not any(r.method in ("PUT", "POST") for r in fake_admin.requests)  # cleanup creates nothing
+    # cleanup creates nothing; it only stops connected clients from re-creating deleted topics
+    assert [(r.method, r.path) for r in fake_admin.requests if r.method in ("PUT", "POST")] == [
+        ("POST", f"{ns_path}/autoTopicCreation")
+    ]
 
     code, out, _ = run(capsys, "cleanup --backend pulsar --job", job_id, "--option", f"admin_url={fake_admin.url}")
     assert code == 0 and "already clean" in out  # idempotent

@@ -29,7 +29,8 @@ Features
       broker holds for the subscription is dispatched to the new consumer, which gets
       a lane going again that a broker stopped dispatching to (seen with pulsar-lite).
     * Modes: ``shared`` (every party on one broker), ``direct`` (produce to the
-      destination's broker from the route table, consume from our own),
+      destination's broker from the route table, consume from our own; a producer waits
+      up to ``subscribe_timeout`` for the destination to make the namespace there),
       ``replication`` (produce to our own cluster with ``replication_clusters=[the
       destination's cluster]`` on every message; clusters registered from the route table;
       every party makes the job namespace on its own cluster, sessions only ever add
@@ -37,11 +38,16 @@ Features
       replicator to the destination exists: a replicator starts at the end of its topic).
     * Control plane (whenever ``admin_url`` is given; required in replication mode):
       tenant, cluster registrations (PUT, then POST when they exist), the job namespace
-      with its replication clusters, retention and message TTL as a safety net, an
-      optional publish-rate limit; ``cleanup()`` deletes the job's topics and namespace.
+      with its replication clusters, topic auto-creation (on, non-partitioned), retention
+      and message TTL as a safety net, an optional publish-rate limit; ``cleanup()`` turns
+      auto-creation off (connected clients would re-create deleted topics), deletes the
+      job's topics (partitioned ones too) and namespace.
       Without ``admin_url``, ``cleanup()`` drops this party's subscriptions.
     * TLS (``pulsar+ssl://``, trust certs, hostname validation) and JWT tokens, for the
-      data plane and the admin calls alike.
+      data plane and the admin calls alike. ``connect()`` sends the broker one CONNECT of
+      its own first (``pulsar_probe``): a token the broker refuses, or a missing one, is a
+      ``BackendError`` saying "authentication failed" at once, where pulsar-client would
+      retry until its operation timeout and report ``Timeout``.
 
 Connection options (``options=`` of ``Federation.connect``) and defaults
     ``service_url``               ``None``: an embedded pulsar-lite broker for the process
@@ -67,7 +73,8 @@ Connection options (``options=`` of ``Federation.connect``) and defaults
     ``client``                    ``{}``: extra keyword arguments for ``pulsar.Client``
 
 Errors
-    ``BackendError`` carrying pulsar-client's result or the admin API's reason;
+    ``BackendError`` carrying pulsar-client's result or the admin API's reason ("authentication
+    failed" for a refused or missing token on either plane);
     ``ConfigError`` for inconsistent options; ``RouteError`` for a party the route table
     cannot resolve.
 """
@@ -88,6 +95,7 @@ from ..errors import BackendError, ConfigError, RouteError
 from ..party import Party
 from .base import DeliverFn, Delivery, JobContext, Transport
 from .pulsar_admin import PulsarAdmin, read_token
+from .pulsar_probe import probe_connect
 
 __all__ = ["PulsarTransport"]
 
@@ -223,10 +231,35 @@ class PulsarTransport(Transport):
             self._admin = self._make_admin()
             self._setup_namespace()
         # One round trip now, so a wrong URL, certificate or token fails connect(), not the first send.
+        note = self._check_credentials()
         own = self.topic(self.ctx.party, self.ctx.party, 0)
         self._pulsar_call(
-            f"reaching {self._service_url}", lambda: self._client(self._service_url).get_topic_partitions(own)
+            f"reaching {self._service_url}{note}", lambda: self._client(self._service_url).get_topic_partitions(own)
         )
+
+    def _check_credentials(self) -> str:
+        """Ask the broker itself whether it takes our token (or none): pulsar-client would retry a
+        refusal until its operation timeout and then say only ``Timeout``. Raises BackendError
+        saying authentication failed; else returns a note for a failing round trip (" (why)")."""
+        kwargs = self._client_kwargs()
+        if "authentication" in dict(self.ctx.options["client"]):
+            return ""  # an authentication plugin of the caller's: only pulsar-client can speak it
+        answer = probe_connect(
+            self._service_url,
+            token=read_token(self.ctx.options["token"]),
+            tls_trust_certs_file_path=kwargs.get("tls_trust_certs_file_path"),
+            tls_validate_hostname=bool(kwargs.get("tls_validate_hostname", True)),
+            tls_allow_insecure_connection=bool(kwargs.get("tls_allow_insecure_connection", False)),
+            timeout=min(10.0, float(kwargs["operation_timeout_seconds"])),
+        )
+        if answer.authentication_refused:
+            given = "the broker rejected the token" if self.ctx.options["token"] else "no token given"
+            raise BackendError(
+                f"Pulsar: authentication failed at {self._service_url} ({given}): "
+                f"the broker answered {answer.error}: {answer.message}",
+                broker_message=answer.message,
+            )
+        return f" ({answer.problem})" if answer.problem else ""
 
     def _make_admin(self) -> PulsarAdmin:
         o = self.ctx.options
@@ -240,8 +273,20 @@ class PulsarTransport(Transport):
     def _setup_namespace(self) -> None:
         assert self._admin is not None
         a, o = self._admin, self.ctx.options
-        a.ensure_tenant(self.tenant, [self.cluster])
+        try:
+            a.ensure_tenant(self.tenant, [self.cluster])
+        except BackendError as exc:
+            if exc.status != 412:  # "Clusters do not exist": the tenant must be allowed on the broker's own
+                raise
+            raise BackendError(
+                f"Pulsar: the broker at {o['admin_url']} has no cluster {self.cluster!r} (it has "
+                f"{a.get_clusters()}): set option 'cluster', or 'cluster' in the route table, to its name",
+                broker_message=exc.broker_message,
+                status=exc.status,
+            ) from exc
         a.create_namespace(self.tenant, self.namespace)
+        # Lanes are made by producing and subscribing, as plain topics, whatever the broker's defaults.
+        a.set_auto_topic_creation(self.tenant, self.namespace, True)
         if self.mode == "replication":
             # No global configuration store: every party makes the namespace on its own cluster.
             self._add_replication_clusters([self.cluster])
@@ -372,9 +417,10 @@ class PulsarTransport(Transport):
         admin = self._admin or (self._make_admin() if self.ctx.options["admin_url"] else None)
         if admin is not None:
             try:
+                # Clients still connected (the peers' consumers and producers, in replication mode a
+                # peer's replicator) would re-create what we delete when they reconnect.
+                admin.set_auto_topic_creation(self.tenant, self.namespace, False)
                 if self.mode == "replication":
-                    # A peer's replicator that still runs would re-create what we delete.
-                    admin.set_auto_topic_creation(self.tenant, self.namespace, False)
                     # Ours stop; Pulsar refuses (412) to delete a namespace replicated elsewhere.
                     admin.set_replication_clusters(self.tenant, self.namespace, [self.cluster])
                 topics = admin.list_topics(self.tenant, self.namespace)
@@ -421,6 +467,22 @@ class PulsarTransport(Transport):
 
     # data plane ----------------------------------------------------------------------------
 
+    def _create_producer(self, client: pulsar.Client, topic: str, kwargs: dict[str, Any]) -> pulsar.Producer:
+        """In direct mode the topic is in the destination's namespace on its broker, which the
+        destination makes when it connects: until then Pulsar answers TopicNotFound ("Namespace
+        not found"). Wait for it, up to ``subscribe_timeout`` seconds."""
+        deadline = time.monotonic() + float(self.ctx.options["subscribe_timeout"])
+        delay = 0.2
+        while True:
+            try:
+                return client.create_producer(topic, **kwargs)
+            except pulsar.exceptions.TopicNotFound:
+                if self.mode != "direct" or self._closed.is_set() or time.monotonic() + delay > deadline:
+                    raise
+                log.info("no namespace for %s on the destination's broker yet; retrying in %.1f s", topic, delay)
+                self._closed.wait(delay)
+                delay = min(delay * 2, 5.0)
+
     def _produce_url(self, dst: Party) -> str:
         if self.mode != "direct":
             return self._service_url
@@ -448,7 +510,9 @@ class PulsarTransport(Transport):
             "batching_enabled": False,  # messages are already up to 4 MiB; batching would only add latency
             **dict(o["producer"]),
         }
-        producer = self._pulsar_call(f"creating a producer on {topic}", lambda: client.create_producer(topic, **kwargs))
+        producer = self._pulsar_call(
+            f"creating a producer on {topic}", lambda: self._create_producer(client, topic, kwargs)
+        )
         if self.mode == "replication":
             assert self.ctx.route_table is not None
             cluster = self.ctx.route_table.cluster_name(dst)
