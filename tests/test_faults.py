@@ -1,12 +1,14 @@
-"""Faults against real brokers: the ones tests/test_pulsar.py and tests/test_rabbitmq.py do not cover.
+"""Faults against real brokers: the Pulsar backend's, and the RabbitMQ ones tests/test_rabbitmq.py does not cover.
 
-Already covered there (docs/reliability.md has the whole table):
-- Pulsar broker SIGKILLed and restarted mid-transfer: ``test_pulsar.py::test_broker_killed_and_restarted_mid_transfer``;
-- receiver stopped mid-transfer and restarted: ``test_pulsar.py::test_receiver_terminated_mid_transfer_...``
-  (SIGTERM) and ``test_rabbitmq.py::test_receiver_killed_mid_transfer_...`` (SIGKILL);
-- RabbitMQ node restarted (SIGTERM) mid-transfer: ``test_rabbitmq.py::test_node_restarted_mid_transfer``.
+Pulsar runs on the real Apache Pulsar broker, the session's ``PulsarStandalone`` (a test that
+kills, freezes or restarts it brings it back before it ends). Already covered for RabbitMQ in
+tests/test_rabbitmq.py (docs/reliability.md has the whole table): a receiver SIGKILLed
+mid-transfer (``test_receiver_killed_mid_transfer_...``) and a node restarted (SIGTERM)
+mid-transfer (``test_node_restarted_mid_transfer``).
 
-Added here:
+Here:
+- the Pulsar broker SIGKILLed mid-transfer, with a receiver subscribed, and restarted;
+- a Pulsar receiver process SIGKILLed mid-transfer and started again;
 - a RabbitMQ node SIGKILLed and restarted mid-transfer;
 - a RabbitMQ federation peer (the sending party's broker) stopped and started again mid-transfer;
 - a sender SIGKILLed mid-``remote`` (Pulsar and RabbitMQ): the receiver's ``get`` times out naming
@@ -15,6 +17,7 @@ Added here:
   window, measured as messages in flight and RSS, never as time.
 
 Timeouts are liveness bounds only. Every process and broker a test starts, the test stops.
+Values are compared exactly: nothing lost, nothing duplicated.
 """
 
 from __future__ import annotations
@@ -31,11 +34,11 @@ import numpy as np
 import pulsar
 import pytest
 from conftest import GUEST, HOST
-from party_proc import PeakRSS, big_array, digest, gate, rss, wait_for
+from party_proc import PeakRSS, big_array, digest, gate, receiver, rss, wait_for
 
 import fedtransport as ft
-from fedtransport.brokers import EmbeddedPulsar
 from fedtransport.brokers._process import port_open
+from fedtransport.brokers.standalone import PulsarStandalone
 from fedtransport.framing import transfer_id
 
 try:
@@ -77,10 +80,18 @@ def faults_node() -> Iterator[BootingNode]:
         boot.stop()
 
 
-@pytest.fixture(scope="module")
-def pulsar_broker(faults_node_started: None) -> Iterator[EmbeddedPulsar]:
-    with EmbeddedPulsar() as b:
-        yield b
+@pytest.fixture
+def pulsar_broker(faults_node_started: None, pulsar_standalone: PulsarStandalone) -> Iterator[PulsarStandalone]:
+    """The session's real Pulsar broker, running again after the test whatever the test did."""
+    yield pulsar_standalone
+    if pulsar_standalone.pid is not None:
+        os.kill(pulsar_standalone.pid, signal.SIGCONT)  # no-op unless a test left it frozen
+    if not pulsar_standalone.running:
+        pulsar_standalone.restart()
+
+
+def pulsar_opts(broker: PulsarStandalone, **extra: Any) -> dict[str, Any]:
+    return {"service_url": broker.service_url, "admin_url": broker.admin_url, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +144,7 @@ def partial_timeout(h: ft.Federation, published: int) -> ft.TransferTimeout:
 @pytest.mark.parametrize("backend", ["pulsar", pytest.param("rabbitmq", marks=[pytest.mark.rabbitmq, needs_rabbitmq])])
 def test_sender_killed_mid_remote_then_the_same_remote_completes(request, backend, job_id):
     if backend == "pulsar":
-        options = {"service_url": request.getfixturevalue("pulsar_broker").service_url}
+        options = pulsar_opts(request.getfixturevalue("pulsar_broker"))
     else:
         options = rabbit_opts(request.getfixturevalue("rabbit_node"))
     options.update(max_message_size=65536, redelivery_after=2.0)
@@ -163,8 +174,7 @@ def test_sender_killed_mid_remote_then_the_same_remote_completes(request, backen
             if sender.is_alive():
                 sender.kill()
                 sender.join(30)
-    if backend == "rabbitmq":
-        ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options).cleanup()
+    ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options).cleanup()
 
 
 # ==================================================================================================
@@ -217,7 +227,7 @@ class InFlight:
             return len(self.now) == lanes and all(n == window for n in self.now.values())
 
 
-def test_sender_blocks_on_its_window_while_the_broker_is_stalled(monkeypatch, job_id):
+def test_sender_blocks_on_its_window_while_the_broker_is_stalled(monkeypatch, pulsar_broker, job_id):
     """Nobody consumes and the broker is frozen (SIGSTOP): no confirms come back.
 
     The sender must stop at ``send_window`` messages per lane, not keep framing the value into
@@ -229,39 +239,134 @@ def test_sender_blocks_on_its_window_while_the_broker_is_stalled(monkeypatch, jo
     total_messages = -(-value.nbytes // (size - 80))
     spy = InFlight()
     spy.install(monkeypatch)
-    with EmbeddedPulsar() as broker:
-        opts = {"service_url": broker.service_url, "max_message_size": size, "send_window": window,
-                "send_timeout": 120.0}  # fmt: skip
-        with ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=opts) as g:
-            g.remote(1, "warm-up", "0", [HOST])  # producers and connection made before the baseline
-            result: dict[str, Any] = {}
-            sender = threading.Thread(target=lambda: result.update(sent=g.remote(value, "w", "0", [HOST])))
-            stopped = False
-            with PeakRSS() as mem:
-                try:
-                    sender.start()
-                    wait_for(lambda: spy.sent >= 2 * window * lanes, "the first messages")
-                    os.kill(broker.pid, signal.SIGSTOP)
-                    stopped = True
-                    # Receipts the broker wrote before it froze still arrive for a moment; then nothing moves.
-                    wait_for(spy.settled(window, lanes), "every lane's window to fill and stay full")
-                    assert spy.sent < total_messages, "the transfer went on while the broker was frozen"
-                    assert spy.full(window, lanes)  # blocked on exactly its window, on every lane
-                    stalled_growth = rss() - mem.start
-                finally:
-                    if stopped:
-                        os.kill(broker.pid, signal.SIGCONT)
-                sender.join(300)
-            assert "sent" in result
-        assert spy.peak == window  # reached, never passed
-        total = value.nbytes
-        # in flight: 4 lanes x 4 messages x 1 MiB = 16 MiB; buffering the value would be 128 MiB more
-        assert stalled_growth < 48 << 20, f"RSS grew {stalled_growth >> 20} MiB while blocked on the window"
-        assert mem.growth < 64 << 20, f"RSS grew {mem.growth >> 20} MiB sending {total >> 20} MiB"
-        # the consumer, slow to the point of absent until now, gets every byte
-        with ft.Federation.connect("pulsar", job_id=job_id, party=HOST, options={**opts, "redelivery_after": 2.0}) as h:
-            [back] = h.get("w", "0", [GUEST], timeout=300)
-        assert np.array_equal(back, value)
+    broker = pulsar_broker
+    assert broker.pid is not None
+    opts = pulsar_opts(broker, max_message_size=size, send_window=window, send_timeout=120.0)
+    with ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=opts) as g:
+        g.remote(1, "warm-up", "0", [HOST])  # producers and connection made before the baseline
+        result: dict[str, Any] = {}
+        sender = threading.Thread(target=lambda: result.update(sent=g.remote(value, "w", "0", [HOST])))
+        stopped = False
+        with PeakRSS() as mem:
+            try:
+                sender.start()
+                wait_for(lambda: spy.sent >= 2 * window * lanes, "the first messages")
+                os.kill(broker.pid, signal.SIGSTOP)
+                stopped = True
+                # Receipts the broker wrote before it froze still arrive for a moment; then nothing moves.
+                wait_for(spy.settled(window, lanes), "every lane's window to fill and stay full")
+                assert spy.sent < total_messages, "the transfer went on while the broker was frozen"
+                assert spy.full(window, lanes)  # blocked on exactly its window, on every lane
+                stalled_growth = rss() - mem.start
+            finally:
+                if stopped:
+                    os.kill(broker.pid, signal.SIGCONT)
+            sender.join(300)
+        assert "sent" in result
+    assert spy.peak == window  # reached, never passed
+    total = value.nbytes
+    # in flight: 4 lanes x 4 messages x 1 MiB = 16 MiB; buffering the value would be 128 MiB more
+    assert stalled_growth < 48 << 20, f"RSS grew {stalled_growth >> 20} MiB while blocked on the window"
+    assert mem.growth < 64 << 20, f"RSS grew {mem.growth >> 20} MiB sending {total >> 20} MiB"
+    # the consumer, slow to the point of absent until now, gets every byte
+    with ft.Federation.connect("pulsar", job_id=job_id, party=HOST, options={**opts, "redelivery_after": 2.0}) as h:
+        [back] = h.get("w", "0", [GUEST], timeout=300)
+    assert np.array_equal(back, value)
+    h.cleanup()
+
+
+# ==================================================================================================
+# Pulsar: the broker SIGKILLed and restarted; a receiver SIGKILLed and started again
+# ==================================================================================================
+
+
+def fault_table() -> ft.Table:
+    """4 partitions of 1000 records (1 KiB values): 16 messages of 64 KiB per partition."""
+    rng = np.random.default_rng(7)
+    return ft.Table.from_partitions([[((p, i), rng.bytes(1024)) for i in range(1000)] for p in range(4)])
+
+
+def test_pulsar_broker_sigkilled_and_restarted_mid_transfer(pulsar_broker, job_id):
+    """An object and a table in flight, every lane 8 messages in, the receiver subscribed: the
+    broker dies (SIGKILL), the rest is published while it is down and while it boots, and it
+    comes back on the same ports and data. Producers and consumers reconnect by themselves."""
+    broker = pulsar_broker
+    a, table = big_array(8), fault_table()  # 128 + 64 messages of 64 KiB
+    # 8 workers: both transfers reach the gate on every lane at once
+    opts = pulsar_opts(broker, max_message_size=65536, send_timeout=240.0, redelivery_after=3.0, send_workers=8)
+    g = ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=opts)
+    h = ft.Federation.connect("pulsar", job_id=job_id, party=HOST, options=opts)
+    with g, h:
+        g.remote("warm-up", "warm-up", "0", [HOST])
+        assert h.get("warm-up", "0", [GUEST], timeout=60) == ["warm-up"]  # listening on every lane
+        reached, down = threading.Barrier(9), threading.Event()  # 4 lanes of the object, 4 of the table
+        gate(g, 8, down, reached)
+        result: dict[str, Any] = {}
+        getter = threading.Thread(
+            target=lambda: result.update(
+                w=h.get("w", "0", [GUEST], timeout=300), t=h.get("t", "0", [GUEST], timeout=300)
+            )
+        )
+        senders = [
+            threading.Thread(target=lambda: result.update(sent_w=g.remote(a, "w", "0", [HOST]))),
+            threading.Thread(target=lambda: result.update(sent_t=g.remote(table, "t", "0", [HOST]))),
+        ]
+        getter.start()
+        for s in senders:
+            s.start()
+        try:
+            reached.wait(120)
+            wait_for(lambda: received(h, "w", "0", GUEST) >= 1, "a first message at the receiver")
+            broker.kill()
+            assert not broker.running
+            down.set()
+            broker.restart()  # same ports, same data directory
+        finally:
+            down.set()
+            for s in senders:
+                s.join(300)
+            getter.join(300)
+        assert "sent_w" in result and "sent_t" in result, "a remote did not complete after the broker came back"
+        assert digest(result["w"][0]) == digest(a)
+        got = result["t"][0]
+        assert got.num_partitions == 4 and got == table  # every record once, in its partition
+        assert h.stats["messages_received"] == g.stats["messages_sent"]
+    g.cleanup()
+
+
+def test_pulsar_receiver_sigkilled_mid_transfer_then_restarted(pulsar_broker, job_id):
+    """The receiving party's process is SIGKILLed with part of a transfer handed to it but nothing
+    handed over to its caller, so nothing acknowledged. The broker sees the connection drop and
+    gives the subscription's unacknowledged messages to the restarted process."""
+    a = big_array(16)  # 256 messages of 64 KiB
+    options = pulsar_opts(pulsar_broker, max_message_size=65536, redelivery_after=3.0)
+    # A queue each: a process SIGKILLed may hold a queue's write lock for good (its feeder thread
+    # releases it after the write the parent has already read), and the next writer would block.
+    q1, q2 = SPAWN.Queue(), SPAWN.Queue()
+    args = ("pulsar", job_id, ("host", "10000"), ("guest", "9999"), options, "w", "0")
+    first = SPAWN.Process(target=receiver, args=(*args, q1, 50))
+    second = SPAWN.Process(target=receiver, args=(*args, q2))
+    with ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=options) as g:
+        try:
+            first.start()
+            sender = threading.Thread(target=g.remote, args=(a, "w", "0", [HOST]))
+            sender.start()
+            kind, n = q1.get(timeout=120)
+            assert kind == "progress" and n >= 50
+            first.kill()  # SIGKILL: no unwinding, the socket just closes
+            first.join(30)
+            assert first.exitcode == -signal.SIGKILL
+            sender.join(120)
+            second.start()
+            kind, got = q2.get(timeout=280)
+            second.join(30)
+            assert (kind, got) == ("done", digest(a))
+        finally:
+            for p in (first, second):
+                if p.is_alive():
+                    p.kill()
+                    p.join(30)
+    g.cleanup()
 
 
 # ==================================================================================================
