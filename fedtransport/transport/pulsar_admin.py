@@ -333,13 +333,15 @@ class PulsarAdmin:
         500 "Topic is already fenced". Such a delete is asked again with a back-off until the
         topic is gone, for up to ``timeout`` seconds more.
         """
-        deadline = time.monotonic() + self.timeout
+        deadline: float | None = None  # counted from the first failure: that one may be a timeout
         delay = 0.5
         while True:
             try:
                 status, _ = self.request("DELETE", _topic_path(topic), query={"force": "true"}, tolerate=(404,))
                 return status != 404
             except BackendError as exc:
+                if deadline is None:
+                    deadline = time.monotonic() + self.timeout
                 if exc.status not in (500, None) or time.monotonic() + delay > deadline:
                     raise
             time.sleep(delay)  # a bounded back-off: the broker gives no event to wait on
