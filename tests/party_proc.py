@@ -6,11 +6,14 @@ Run with multiprocessing's spawn context; results come back on a queue.
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import fedtransport as ft
@@ -201,3 +204,56 @@ def gate(fed: ft.Federation, at: int, release: threading.Event, reached: threadi
         return real_send(dst, lane, gated())
 
     fed._transport.send = gated_send  # type: ignore[method-assign]
+
+
+def pid_gone(pid: int) -> bool:
+    """Whether no process ``pid`` exists any more."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def _address(hex_addr: str, v6: bool) -> str:
+    raw = bytes.fromhex(hex_addr)
+    if not v6:
+        return socket.inet_ntoa(raw[::-1])
+    # /proc stores an IPv6 address as four host-order 32-bit words.
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    return socket.inet_ntop(socket.AF_INET6, words)
+
+
+def socket_addresses(pid: int) -> dict[str, list[tuple[str, int]]]:
+    """The process's TCP listeners and bound UDP sockets: ``{"tcp": [(addr, port)], "udp": [...]}``.
+
+    Read from /proc (both IPv4 and IPv6 tables), so a socket on 0.0.0.0 or :: shows as such.
+    """
+    inodes = _socket_inodes(pid)
+    found: dict[str, list[tuple[str, int]]] = {"tcp": [], "udp": []}
+    for kind, table, v6 in (("tcp", "tcp", False), ("tcp", "tcp6", True), ("udp", "udp", False), ("udp", "udp6", True)):
+        path = Path(f"/proc/{pid}/net/{table}")
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if inode not in inodes:
+                continue
+            if kind == "tcp" and state != "0A":  # 0A = LISTEN; connections are not listeners
+                continue
+            addr_hex, port_hex = local.split(":")
+            found[kind].append((_address(addr_hex, v6), int(port_hex, 16)))
+    return found

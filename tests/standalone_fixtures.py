@@ -10,17 +10,21 @@ Maven Central the fixture raises, and every test using it errors: nothing is ski
 
 from __future__ import annotations
 
-import os
-import socket
+import urllib.error
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fedtransport.brokers.standalone import PulsarStandalone
 
-__all__ = ["pulsar_standalone", "socket_addresses", "unique_topic"]
+try:
+    from tests.party_proc import socket_addresses
+except ImportError:  # tests/ itself on sys.path
+    from party_proc import socket_addresses  # type: ignore[no-redef]
+
+__all__ = ["admin_read", "pulsar_standalone", "socket_addresses", "unique_topic"]
 
 
 @pytest.fixture(scope="session")
@@ -30,49 +34,15 @@ def pulsar_standalone() -> Iterator[PulsarStandalone]:
         yield broker
 
 
+def admin_read(broker: PulsarStandalone, path: str) -> Any:
+    """GET ``path`` through the broker's admin REST (not the client under test); ``None`` for a 404."""
+    try:
+        return broker.admin("GET", path)
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return None
+        raise
+
+
 def unique_topic(prefix: str = "t") -> str:
     return f"persistent://public/default/{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    return inodes
-
-
-def _address(hex_addr: str, v6: bool) -> str:
-    raw = bytes.fromhex(hex_addr)
-    if not v6:
-        return socket.inet_ntoa(raw[::-1])
-    # /proc stores an IPv6 address as four host-order 32-bit words.
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-    return socket.inet_ntop(socket.AF_INET6, words)
-
-
-def socket_addresses(pid: int) -> dict[str, list[tuple[str, int]]]:
-    """The process's TCP listeners and bound UDP sockets: ``{"tcp": [(addr, port)], "udp": [...]}``.
-
-    Read from /proc (both IPv4 and IPv6 tables), so a socket on 0.0.0.0 or :: shows as such.
-    """
-    inodes = _socket_inodes(pid)
-    found: dict[str, list[tuple[str, int]]] = {"tcp": [], "udp": []}
-    for kind, table, v6 in (("tcp", "tcp", False), ("tcp", "tcp6", True), ("udp", "udp", False), ("udp", "udp6", True)):
-        path = Path(f"/proc/{pid}/net/{table}")
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if inode not in inodes:
-                continue
-            if kind == "tcp" and state != "0A":  # 0A = LISTEN; connections are not listeners
-                continue
-            addr_hex, port_hex = local.split(":")
-            found[kind].append((_address(addr_hex, v6), int(port_hex, 16)))
-    return found

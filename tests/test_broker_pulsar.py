@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from party_proc import pid_gone, socket_addresses
 
 from fedtransport.brokers import pulsar as pulsar_broker
 from fedtransport.brokers.pulsar import EmbeddedPulsar, find_pulsar_lite_binary, shared_embedded_pulsar
@@ -28,42 +29,6 @@ def _client(url: str) -> pulsar.Client:
 
 def _topic() -> str:
     return f"persistent://public/default/t-{uuid.uuid4().hex[:12]}"
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
-def _listening(pid: int) -> list[tuple[str, int]]:
-    """(address, port) of every TCP socket the process listens on, from /proc."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    found = []
-    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        if not Path(table).exists():
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state != "0A" or inode not in inodes:  # 0A = LISTEN
-                continue
-            addr_hex, port_hex = local.split(":")
-            if v6:
-                addr = "::" if set(addr_hex) == {"0"} else addr_hex
-            else:
-                addr = socket.inet_ntoa(bytes.fromhex(addr_hex)[::-1])
-            found.append((addr, int(port_hex, 16)))
-    return found
 
 
 @pytest.fixture
@@ -91,7 +56,7 @@ def test_round_trip(broker: EmbeddedPulsar) -> None:
 
 def test_listens_on_loopback_only_and_serves_metrics(broker: EmbeddedPulsar) -> None:
     assert broker.pid is not None and broker.metrics_port is not None
-    sockets = _listening(broker.pid)
+    sockets = socket_addresses(broker.pid)["tcp"]
     assert sorted(port for _, port in sockets) == sorted([broker.port, broker.metrics_port])
     assert all(addr == "127.0.0.1" for addr, _ in sockets), sockets
     assert broker.metrics_url == f"http://127.0.0.1:{broker.metrics_port}/metrics"
@@ -105,7 +70,7 @@ def test_metrics_disabled_still_binds_nothing_public() -> None:
     with EmbeddedPulsar(metrics=False) as b:
         assert b.metrics_url is None
         assert b.pid is not None
-        assert _listening(b.pid) == [("127.0.0.1", b.port)]
+        assert socket_addresses(b.pid)["tcp"] == [("127.0.0.1", b.port)]
         assert b.config_path is not None
         text = b.config_path.read_text()
         assert "enabled = false" in text and 'addr = "127.0.0.1:' in text
@@ -119,7 +84,7 @@ def test_stop_removes_temp_dirs_and_process() -> None:
         assert (data_dir / "pulsar-lite.rocksdb").is_dir() and log.is_file()
     finally:
         b.stop()
-    assert _gone(pid)
+    assert pid_gone(pid)
     assert not data_dir.exists() and not run_dir.exists()
     assert not b.running and b.pid is None
     b.stop()  # idempotent
@@ -148,7 +113,7 @@ def test_kill_and_restart_keep_port_and_data(tmp_path: Path) -> None:
         old_pid = b.pid
         assert old_pid is not None
         b.kill()
-        assert not b.running and _gone(old_pid)
+        assert not b.running and pid_gone(old_pid)
         b.restart()
         assert b.running and b.port == port and b.pid != old_pid
         client = _client(b.service_url)

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import shutil
 import socket
@@ -39,8 +38,10 @@ from fedtransport.brokers.standalone import (
 from fedtransport.errors import BackendError, ConfigError
 
 try:
+    from tests.party_proc import pid_gone
     from tests.standalone_fixtures import socket_addresses, unique_topic
 except ModuleNotFoundError:  # plain `pytest` without the repository root on sys.path
+    from party_proc import pid_gone  # type: ignore[no-redef]
     from standalone_fixtures import socket_addresses, unique_topic  # type: ignore[no-redef]
 
 # The session fixture may resolve the jars with Maven first (~35 s cold) before a 5-10 s start.
@@ -75,14 +76,6 @@ def _get(url: str, token: str | None = None, context: ssl.SSLContext | None = No
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, None
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 # ---------------------------------------------------------------------------- plain broker
@@ -142,7 +135,7 @@ def test_kill_and_restart_keep_unacknowledged_message(pulsar_standalone: PulsarS
     old_pid = p.pid
     assert old_pid is not None
     p.kill()
-    assert not p.running and _gone(old_pid)
+    assert not p.running and pid_gone(old_pid)
     p.restart()
     assert p.running and p.pid != old_pid and p.ports == ports and p.run_dir == run_dir
     client = _client(p.service_url)
@@ -241,7 +234,7 @@ def test_stop_leaves_no_process_and_no_run_dir(secure_standalone: PulsarStandalo
     pid, run_dir = p.pid, p.run_dir
     assert pid is not None and run_dir is not None and (run_dir / "data").is_dir()
     p.stop()
-    assert _gone(pid) and not run_dir.exists()
+    assert pid_gone(pid) and not run_dir.exists()
     assert not p.running and p.pid is None and p.run_dir is None
     p.stop()  # idempotent
 

@@ -11,17 +11,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from party_proc import wait_for
+from party_proc import pid_gone, wait_for
 
 pytest.importorskip("numpy")
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def _script(body: str) -> list[str]:
@@ -45,11 +37,11 @@ def test_sigterm_of_the_owner_stops_its_brokers_and_removes_their_files() -> Non
     )
     assert owner.stdout is not None
     children = json.loads(owner.stdout.readline())
-    assert children and all(not _gone(pid) for pid, _ in children)
+    assert children and all(not pid_gone(pid) for pid, _ in children)
     owner.send_signal(signal.SIGTERM)
     assert owner.wait(60) == -signal.SIGTERM  # it still ends as SIGTERM ends a process
     for pid, run_dir in children:
-        wait_for(lambda pid=pid: _gone(pid), f"broker child {pid} of the SIGTERMed owner", 30)
+        wait_for(lambda pid=pid: pid_gone(pid), f"broker child {pid} of the SIGTERMed owner", 30)
         assert not Path(run_dir).exists()
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
-import urllib.error
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import ARBITER, GUEST, HOST
 from party_proc import big_array
+from standalone_fixtures import admin_read as read
 
 import fedtransport as ft
 from fedtransport.brokers.standalone import PulsarStandalone
@@ -41,16 +41,6 @@ def broker(pulsar_standalone: PulsarStandalone, job_id: str) -> Iterator[PulsarS
 def connect(job_id: str, party: ft.Party, broker: PulsarStandalone, **options: Any) -> ft.Federation:
     opts = {"service_url": broker.service_url, "admin_url": broker.admin_url, **options}
     return ft.Federation.connect("pulsar", job_id=job_id, party=party, options=opts)
-
-
-def read(broker: PulsarStandalone, path: str) -> Any:
-    """GET ``path`` from the broker's admin REST; ``None`` for a 404."""
-    try:
-        return broker.admin("GET", path)
-    except urllib.error.HTTPError as err:
-        if err.code == 404:
-            return None
-        raise
 
 
 def lanes(src: ft.Party, dst: ft.Party, job_id: str, n: int = 4) -> set[str]:

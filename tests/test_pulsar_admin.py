@@ -18,11 +18,11 @@ import socket
 import urllib.error
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pulsar
 import pytest
 from pulsar_admin_fake import FakePulsarAdmin
+from standalone_fixtures import admin_read as read
 
 from fedtransport.brokers.standalone import PulsarStandalone
 from fedtransport.errors import BackendError, ConfigError
@@ -45,16 +45,6 @@ _quiet.setLevel(logging.ERROR)
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def read(broker: PulsarStandalone, path: str) -> Any:
-    """GET through the broker's admin REST (not the client under test); ``None`` for a 404."""
-    try:
-        return broker.admin("GET", path)
-    except urllib.error.HTTPError as err:
-        if err.code == 404:
-            return None
-        raise
 
 
 def status_of(broker: PulsarStandalone, method: str, path: str) -> int:

@@ -333,6 +333,7 @@ def _file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         deadline = time.monotonic() + timeout
+        delay = 0.05
         while True:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -340,7 +341,8 @@ def _file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise BackendError(f"{what}: another process held {path} for {timeout:.0f} s") from None
-                time.sleep(0.5)
+                time.sleep(delay)  # flock has no timeout: poll with a bounded back-off
+                delay = min(delay * 2, 1.0)
         try:
             yield
         finally:
