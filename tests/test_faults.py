@@ -286,6 +286,10 @@ def fault_table() -> ft.Table:
     return ft.Table.from_partitions([[((p, i), rng.bytes(1024)) for i in range(1000)] for p in range(4)])
 
 
+# In 1 of 2 full-suite rehearsals the sender's remote never got its receipts back after the
+# restart (still waiting 300 s in PulsarTransport.send, past its 240 s send_timeout); it passed
+# in the other and when run alone. Under investigation (issue 12).
+@pytest.mark.quarantine
 def test_pulsar_broker_sigkilled_and_restarted_mid_transfer(pulsar_broker, job_id):
     """An object and a table in flight, every lane 8 messages in, the receiver subscribed: the
     broker dies (SIGKILL), the rest is published while it is down and while it boots, and it
