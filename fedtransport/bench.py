@@ -1,12 +1,15 @@
 """End-to-end throughput: raw broker client vs fedtransport, sender and receiver in separate processes.
 
-    fedtransport bench --backend pulsar [--mib 256] [--repeat 2] [--json FILE] [--chart FILE.png]
+    fedtransport bench --backend pulsar [--broker standalone|embedded] [--mib 256] [--repeat 3]
+                       [--replication] [--json FILE] [--chart FILE.png]
     fedtransport bench --backend rabbitmq [--mode shared|federated]
     fedtransport bench --chart docs/benchmarks.png --from-json benchmarks/results/throughput-*.json
 
-(``python benchmarks/throughput.py`` takes the same flags.) All workloads of one run use one
-local broker (an embedded pulsar-lite, or throw-away RabbitMQ nodes), so the ratios compare
-like with like on the same machine at the same time:
+(``python benchmarks/throughput.py`` takes the same flags.) All workloads of one run use the
+brokers started for it, so the ratios compare like with like on the same machine at the same
+time. ``--broker`` picks the Pulsar broker: ``standalone`` (the default) is the real Apache
+Pulsar broker in standalone mode (``fedtransport.brokers.PulsarStandalone``), ``embedded`` is
+pulsar-lite (``EmbeddedPulsar``). RabbitMQ runs on throw-away local nodes.
 
   raw-large    the raw client: --mib MiB (default 256) in messages of at most 4 MiB,
                producer -> consumer (the ceiling)
@@ -17,13 +20,33 @@ like with like on the same machine at the same time:
   small        1000 objects of 1 KiB, each remote() returning before the next, then 1000 gets
   small-async  the same 1000 objects with remote_async, all in flight together
 
+With ``--replication`` (Pulsar only; two more standalone brokers, ~1 GiB of RAM), geo-replication
+between two clusters, fl-pulsar-9999 (A) and fl-pulsar-10000 (B), registered with each other:
+
+  raw-repl     the raw client: producer on A, every message with replication_clusters=[B],
+               consumer on B; --mib MiB in messages of at most 4 MiB
+  object-repl  the object workload in ``mode: replication``: guest connected to A, host to B
+  table-repl   the table workload (8 partitions) in the same way
+
 --mib sizes every large workload, so each one moves exactly the bytes of its raw baseline and
 its ratio compares equal transfers. A workload's ``bytes`` is its payload as received: the
 array's bytes for ``object``, the rows' array bytes for a table (its int keys are not counted,
 as the raw client has nothing that matches them).
 
-Timing starts when the sender begins (both sides connected and subscribed) and ends when
-the receiver holds the last byte. Each workload runs --repeat times; the best run is kept.
+Timing starts when the sender begins (both sides connected and subscribed; in replication, the
+broker's replicator to B exists) and ends when the receiver holds the last byte. Each workload
+runs --repeat times, interleaved with its raw baseline repetition by repetition (raw-large 1,
+object 1, table 1, raw-large 2, ...), so every fedtransport run has a raw run next to it in
+time. Reported, never the best alone:
+
+  * per workload: every run, the ``median`` (of MB/s and of seconds) and the ``worst`` run
+    (lowest MB/s); ``best`` is kept in the JSON as well;
+  * per ratio to the baseline: the ratio of the medians, and the ``worst`` of the
+    per-repetition ratios fed_i / raw_i (all of them under ``per_repeat``).
+
+The chart draws the median as the bar and the worst run as a whisker below it; each
+fedtransport bar is labelled with its median ratio and its worst per-repetition ratio.
+Result files written before this (only ``best`` and ``runs``) are charted from their runs.
 
 Extending (e.g. a Spark workload from benchmarks/throughput.py or another module):
 
@@ -32,13 +55,15 @@ Extending (e.g. a Spark workload from benchmarks/throughput.py or another module
     ``ctx.raw(count, size, sync)`` and ``ctx.fed(kind, **cfg)``) and returns the function that
     runs one repetition and returns ``{"seconds", "bytes", "MB_per_s"}``, or ``None`` when the
     workload does not apply to this backend. ``default=False`` workloads run only when named
-    with ``--only`` or when a flag of the same name is set (``--spark`` for ``spark``).
+    with ``--only`` or when a flag of the same name is set (``--spark`` for ``spark``), or the
+    flag given as ``flag=`` (``--replication`` for the ``*-repl`` workloads).
   * ``register_fed_kind(kind, prepare, send, receive)``: a new sender/receiver pair for
     ``ctx.fed``; it must be registered at import time of a module both processes import (the
     children are spawned, so a script's top level runs again in them).
   * ``register_arguments(fn)``: ``fn(parser)`` adds flags (``--spark``) before parsing.
 
-Needs the ``bench`` extra (numpy; matplotlib for ``--chart``).
+Needs the ``bench`` extra (numpy; matplotlib for ``--chart``); ``--broker standalone`` needs
+Java 17 and Maven (see ``fedtransport.brokers.standalone``).
 """
 
 from __future__ import annotations
@@ -47,6 +72,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -101,7 +127,8 @@ class BenchContext:
     raw: Callable[[int, int, bool], Go]
     #: ``fed(kind, **cfg)`` -> a fedtransport sender/receiver workload of a registered kind
     fed: Callable[..., Go]
-    #: backend specifics: ``service_url`` (pulsar) or ``nodes`` / ``routes`` / ``options`` (rabbitmq)
+    #: backend specifics: ``service_url``, ``admin_url``, ``kind`` (pulsar; ``replication`` with
+    #: ``--replication``) or ``nodes`` / ``routes`` / ``options`` (rabbitmq)
     broker: dict[str, Any] = field(default_factory=dict)
 
 
@@ -110,6 +137,7 @@ class _Workload:
     factory: Callable[[BenchContext], Go | None]
     baseline: str | None
     default: bool
+    flag: str | None = None  # the argparse dest that turns a default=False workload on
 
 
 @dataclass(frozen=True)
@@ -125,10 +153,19 @@ _ARGUMENT_HOOKS: list[Callable[[argparse.ArgumentParser], None]] = []
 
 
 def register_workload(
-    name: str, factory: Callable[[BenchContext], Go | None], *, baseline: str | None = None, default: bool = True
+    name: str,
+    factory: Callable[[BenchContext], Go | None],
+    *,
+    baseline: str | None = None,
+    default: bool = True,
+    flag: str | None = None,
 ) -> None:
-    """Add (or replace) workload ``name``; ``baseline`` names the raw workload its ratio is to."""
-    WORKLOADS[name] = _Workload(factory, baseline, default)
+    """Add (or replace) workload ``name``; ``baseline`` names the raw workload its ratio is to.
+
+    A ``default=False`` workload runs when named in ``--only``, or when the flag whose argparse
+    dest is ``flag`` (default: the name with ``-`` as ``_``) is set.
+    """
+    WORKLOADS[name] = _Workload(factory, baseline, default, flag)
 
 
 def register_fed_kind(
@@ -191,6 +228,8 @@ def fed_sender(cfg: dict[str, Any], q: Any) -> None:
         kind.send(fed, value, cfg, host)
         q.put(("start", start))
         fed.get("sync", "done", [host], timeout=600)  # keep our session until the receiver is done
+        if cfg.get("cleanup_sender"):
+            _bounded_cleanup(fed, cfg, "guest")
 
 
 def fed_receiver(cfg: dict[str, Any], q: Any) -> None:
@@ -203,7 +242,36 @@ def fed_receiver(cfg: dict[str, Any], q: Any) -> None:
         fed.remote("bye", "sync", "done", [guest])
         q.put(("end", end, nbytes))
         if cfg.get("cleanup"):
+            _bounded_cleanup(fed, cfg, "host")
+
+
+CLEANUP_TIMEOUT = 60.0  # seconds a party's cleanup may take before the benchmark moves on without it
+
+
+def _bounded_cleanup(fed: Any, cfg: dict[str, Any], who: str) -> None:
+    """``fed.cleanup()``, after the clock stopped; a failure or a hang is logged, never fatal.
+
+    A forced topic delete on a replicating Pulsar standalone now and then never answers (see
+    tests/test_pulsar_replication.py): the measurement is in by then, so it must not wait on that.
+    """
+    import threading
+
+    failure: list[BaseException] = []
+
+    def clean() -> None:
+        try:
             fed.cleanup()
+        except BaseException as exc:  # reported below; the run's result stands
+            failure.append(exc)
+
+    worker = threading.Thread(target=clean, name="bench-cleanup", daemon=True)
+    worker.start()
+    worker.join(float(cfg.get("cleanup_timeout", CLEANUP_TIMEOUT)))
+    if worker.is_alive():
+        print(f"bench: {who}'s cleanup of {cfg['job_id']} still running after "
+              f"{cfg.get('cleanup_timeout', CLEANUP_TIMEOUT)} s; left behind", file=sys.stderr, flush=True)  # fmt: skip
+    elif failure:
+        print(f"bench: {who}'s cleanup of {cfg['job_id']} failed: {failure[0]!r}", file=sys.stderr, flush=True)
 
 
 def _prepare_object(cfg: dict[str, Any]) -> Any:
@@ -303,23 +371,42 @@ def raw_pulsar_sender(cfg: dict[str, Any], q: Any) -> None:
     count, size = cfg["count"], cfg["size"]
     payload = os.urandom(size)
     done = threading.Semaphore(0)
+    extra: dict[str, Any] = {}
+    if cfg.get("replicate_to"):  # geo-replication: every message names its destination cluster
+        extra["replication_clusters"] = [cfg["replicate_to"]]
+        _await_replicator(cfg["admin_url"], cfg["topic"], cfg["replicate_to"])
     start = time.time()
     if cfg["sync"]:
         for _ in range(count):
-            producer.send(payload)
+            producer.send(payload, **extra)
     else:
         for _ in range(count):
-            producer.send_async(payload, lambda res, _id: done.release())
+            producer.send_async(payload, lambda res, _id: done.release(), **extra)
         for _ in range(count):
             done.acquire()
     q.put(("start", start))
     client.close()
 
 
+def _await_replicator(admin_url: str, topic: str, cluster: str, timeout: float = 120.0) -> None:
+    """Before the clock: the broker replicates ``topic`` to ``cluster`` (a replicator starts at the
+    topic's end when it is created, so a message sent before would never leave)."""
+    from .transport.pulsar_admin import PulsarAdmin
+
+    admin = PulsarAdmin(admin_url)
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while cluster not in ((admin.get_topic_stats(topic) or {}).get("replication") or {}):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no replicator of {topic} to {cluster} after {timeout} s")
+        time.sleep(delay)  # polling the broker's stats: nothing to wait on but time
+        delay = min(delay * 2, 1.0)
+
+
 def raw_pulsar_receiver(cfg: dict[str, Any], q: Any) -> None:
     import pulsar
 
-    client = pulsar.Client(cfg["service_url"], logger=client_logger())
+    client = pulsar.Client(cfg.get("receive_url") or cfg["service_url"], logger=client_logger())
     consumer = client.subscribe(cfg["topic"], "bench", consumer_type=pulsar.ConsumerType.Shared,
                                 receiver_queue_size=1, initial_position=pulsar.InitialPosition.Earliest)  # fmt: skip
     q.put(("ready",))
@@ -406,30 +493,90 @@ def run_pair(sender: Callable[..., None], receiver: Callable[..., None], cfg: di
     return {"seconds": round(seconds, 3), "bytes": nbytes, "MB_per_s": round(nbytes / 1e6 / seconds, 1)}
 
 
-def _pulsar_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
-    from .brokers import EmbeddedPulsar
+PULSAR_BROKERS = {"standalone": "standalone", "embedded": "pulsar-lite"}  # --broker -> chart label
+REPL_CLUSTERS = ("fl-pulsar-9999", "fl-pulsar-10000")  # the route table's names for guest's and host's
+REPL_TENANT = "bench"  # the raw client's replicated namespace: bench/raw on both clusters
 
-    broker = stack.enter_context(EmbeddedPulsar())
-    url = broker.service_url
+
+def _pulsar_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
+    """The Pulsar broker(s) of the run, started when a workload first needs them."""
+    from .brokers import EmbeddedPulsar, PulsarStandalone
+
+    kind = getattr(args, "broker", "standalone")
+    started: dict[str, Any] = {}
+
+    def single() -> Any:
+        if "single" not in started:
+            broker = EmbeddedPulsar() if kind == "embedded" else PulsarStandalone()
+            started["single"] = stack.enter_context(broker)
+        return started["single"]
 
     def raw(count: int, size: int, sync: bool) -> Go:
         def go(i: int) -> Result:
-            cfg = {"service_url": url, "topic": f"persistent://bench/raw/t{time.time_ns()}", "count": count,
+            b = single()
+            ns = "bench/raw" if kind == "embedded" else "public/default"  # a real broker has no tenant bench
+            cfg = {"service_url": b.service_url, "topic": f"persistent://{ns}/t{time.time_ns()}", "count": count,
                    "size": size, "sync": sync}  # fmt: skip
             return run_pair(raw_pulsar_sender, raw_pulsar_receiver, cfg, wait_ready=True)
 
         return go
 
-    def fed(kind: str, **extra: Any) -> Go:
+    def fed(kind_: str, **extra: Any) -> Go:
         def go(i: int) -> Result:
-            opts = {"service_url": url}
-            cfg = {"backend": "pulsar", "job_id": f"bench-{kind}-{time.time_ns()}", "workload": kind,
-                   "mib": args.mib, "options": {"guest": opts, "host": opts}, **extra}  # fmt: skip
+            b = single()
+            opts = {"service_url": b.service_url}
+            if kind != "embedded":  # retention for what is sent before the peer subscribes, and cleanup
+                opts["admin_url"] = b.admin_url
+            cfg = {"backend": "pulsar", "job_id": f"bench-{kind_}-{time.time_ns()}", "workload": kind_,
+                   "mib": args.mib, "options": {"guest": opts, "host": opts},
+                   "cleanup": kind != "embedded", **extra}  # fmt: skip
             return run_pair(fed_sender, fed_receiver, cfg, wait_ready=False)
 
         return go
 
-    return BenchContext(args, "pulsar", stack, raw, fed, {"service_url": url})
+    def clusters() -> tuple[Any, Any]:
+        """Two standalone clusters, A (guest's) and B (host's), registered with each other, and the
+        raw client's namespace bench/raw replicated between them."""
+        if "repl" not in started:
+            a, b = (stack.enter_context(PulsarStandalone(cluster=name)) for name in REPL_CLUSTERS)
+            for here, there in ((a, b), (b, a)):
+                here.admin("PUT", f"/admin/v2/clusters/{there.cluster}",
+                           {"serviceUrl": there.admin_url, "brokerServiceUrl": there.service_url})  # fmt: skip
+            for here in (a, b):
+                here.admin("PUT", f"/admin/v2/tenants/{REPL_TENANT}", {"allowedClusters": list(REPL_CLUSTERS)})
+                here.admin("PUT", f"/admin/v2/namespaces/{REPL_TENANT}/raw")
+                here.admin("POST", f"/admin/v2/namespaces/{REPL_TENANT}/raw/replication", list(REPL_CLUSTERS))
+            started["repl"] = (a, b)
+        return started["repl"]
+
+    def raw_repl(count: int, size: int) -> Go:
+        def go(i: int) -> Result:
+            a, b = clusters()
+            cfg = {"service_url": a.service_url, "receive_url": b.service_url, "admin_url": a.admin_url,
+                   "replicate_to": b.cluster, "topic": f"persistent://{REPL_TENANT}/raw/t{time.time_ns()}",
+                   "count": count, "size": size, "sync": False}  # fmt: skip
+            return run_pair(raw_pulsar_sender, raw_pulsar_receiver, cfg, wait_ready=True)
+
+        return go
+
+    def fed_repl(kind_: str, **extra: Any) -> Go:
+        def go(i: int) -> Result:
+            a, b = clusters()
+            routes = {party_id: {"host": "127.0.0.1", "port": c.port, "mngPort": c.web_port}
+                      for party_id, c in (("9999", a), ("10000", b))}  # fmt: skip
+            options = {
+                who: {"mode": "replication", "service_url": c.service_url, "admin_url": c.admin_url}
+                for who, c in (("guest", a), ("host", b))
+            }
+            cfg = {"backend": "pulsar", "job_id": f"bench-{kind_}-{time.time_ns()}", "workload": kind_,
+                   "mib": args.mib, "options": options, "routes": routes, "cleanup": True,
+                   "cleanup_sender": True, **extra}  # fmt: skip
+            return run_pair(fed_sender, fed_receiver, cfg, wait_ready=False)
+
+        return go
+
+    broker = {"kind": kind, "replication": {"raw": raw_repl, "fed": fed_repl}}
+    return BenchContext(args, "pulsar", stack, raw, fed, broker)
 
 
 def _rabbit_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
@@ -484,6 +631,17 @@ register_workload("small", lambda c: c.fed("small"), baseline="raw-small")
 register_workload("small-async", lambda c: c.fed("small-async"), baseline="raw-small")
 
 
+def _repl(make: Callable[[BenchContext, dict[str, Any]], Go]) -> Callable[[BenchContext], Go | None]:
+    """A replication workload: Pulsar only (``None`` elsewhere)."""
+    return lambda c: make(c, c.broker["replication"]) if "replication" in c.broker else None
+
+
+_REPL = {"default": False, "flag": "replication"}
+register_workload("raw-repl", _repl(lambda c, r: r["raw"](*raw_messages(c.args.mib))), **_REPL)
+register_workload("object-repl", _repl(lambda c, r: r["fed"]("object")), baseline="raw-repl", **_REPL)
+register_workload("table-repl", _repl(lambda c, r: r["fed"]("table", partitions=8)), baseline="raw-repl", **_REPL)
+
+
 def _suite(ctx: BenchContext) -> dict[str, tuple[Go, str | None]]:
     """The workloads to run now: defaults, --only names, --partitions scaling runs."""
     only = set(ctx.args.only or ())
@@ -492,7 +650,8 @@ def _suite(ctx: BenchContext) -> dict[str, tuple[Go, str | None]]:
         raise ConfigError(f"unknown workload(s) {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
     suite: dict[str, tuple[Go, str | None]] = {}
     for name, w in WORKLOADS.items():
-        wanted = name in only if only else (w.default or getattr(ctx.args, name.replace("-", "_"), False))
+        flag = w.flag or name.replace("-", "_")
+        wanted = name in only if only else (w.default or getattr(ctx.args, flag, False))
         if not wanted:
             continue
         go = w.factory(ctx)
@@ -509,6 +668,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's flags (shared by ``fedtransport bench`` and benchmarks/throughput.py)."""
     ap.add_argument("--backend", choices=sorted(_CONTEXTS), default="pulsar")
     ap.add_argument("--mode", choices=["shared", "federated"], default="shared", help="RabbitMQ mode")
+    ap.add_argument("--broker", choices=sorted(PULSAR_BROKERS), default="standalone",
+                    help="Pulsar: standalone (real Apache Pulsar; default) or embedded (pulsar-lite)")  # fmt: skip
+    ap.add_argument("--replication", action="store_true",
+                    help="Pulsar: also run raw-repl, object-repl, table-repl on two standalone clusters")  # fmt: skip
     ap.add_argument("--mib", type=_positive, default=256, metavar="N",
                     help="MiB moved by every large workload: raw-large, object, table and table-N (default 256); "
                     "the raw client moves the same bytes, so each ratio compares equal transfers")  # fmt: skip
@@ -540,29 +703,96 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return add_arguments(ap)
 
 
+def _rate(run: Mapping[str, float]) -> float:
+    """Bytes per second, unrounded (``MB_per_s`` is rounded to 0.1, too coarse for 1 MB of small objects)."""
+    return run["bytes"] / run["seconds"]
+
+
+def summarize(runs: Sequence[Result]) -> dict[str, Any]:
+    """A workload's record: every run, the median (of MB/s and of seconds), the worst and the best run."""
+    if not runs:
+        raise ValueError("no runs to summarize")
+    median = {
+        "seconds": round(statistics.median(r["seconds"] for r in runs), 3),
+        "bytes": runs[0]["bytes"],
+        "MB_per_s": round(statistics.median(_rate(r) for r in runs) / 1e6, 3),
+    }
+    worst = min(runs, key=_rate)
+    best = max(runs, key=_rate)
+    return {"median": median, "worst": worst, "best": best, "runs": list(runs)}
+
+
+def compare(fed: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A workload's ratio to its baseline: of the medians, and the worst per-repetition ratio.
+
+    Repetition ``i`` of the workload ran right after repetition ``i`` of the baseline, so
+    ``fed_i / raw_i`` compares runs made under the same load.
+    """
+    per_repeat = [round(_rate(f) / _rate(r), 3) for f, r in zip(fed["runs"], raw["runs"], strict=False)]
+    return {
+        "median": round(_rate(fed["median"]) / _rate(raw["median"]), 3),
+        "worst": min(per_repeat) if per_repeat else None,
+        "per_repeat": per_repeat,
+    }
+
+
+def _schedule(suite: Mapping[str, tuple[Go, str | None]]) -> list[list[str]]:
+    """Workloads in groups: a raw baseline first, then the workloads measured against it."""
+    groups: dict[str, list[str]] = {}
+    for name, (_go, baseline) in suite.items():
+        head = baseline if baseline in suite else name
+        groups.setdefault(head, [head] if head != name else [])
+        if name not in groups[head]:
+            groups[head].append(name)
+    return list(groups.values())
+
+
+def _line(backend: str, name: str, record: Mapping[str, Any]) -> str:
+    median, worst = record["median"], record["worst"]
+    runs = " ".join(f"{r['MB_per_s']:.1f}" for r in record["runs"])
+    extra = ""
+    if name.startswith("small") or name == "raw-small":
+        extra = f"  {SMALL_COUNT / median['seconds']:6.0f} objects/s (worst {SMALL_COUNT / worst['seconds']:.0f})"
+    return (f"{backend:8s} {name:12s} median {median['MB_per_s']:8.1f} MB/s {median['seconds']:7.2f} s  "
+            f"worst {worst['MB_per_s']:8.1f} MB/s {worst['seconds']:7.2f} s{extra}  runs: {runs}")  # fmt: skip
+
+
 def run(args: argparse.Namespace, out: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Run the suite for ``args.backend``; print one line per workload; return the results."""
+    """Run the suite for ``args.backend``; print one line per workload and ratio; return the results.
+
+    Each raw baseline runs repetition by repetition with the workloads measured against it
+    (raw 1, fed 1, fed' 1, raw 2, ...), so every per-repetition ratio compares neighbours in time.
+    """
     results: dict[str, Any] = {"backend": args.backend, "mode": args.mode, "cpu_count": os.cpu_count(),
-                               "date": time.strftime("%Y-%m-%d"), "workloads": {}}  # fmt: skip
+                               "date": time.strftime("%Y-%m-%d"), "repeat": args.repeat,
+                               "load_average": list(os.getloadavg()), "workloads": {}}  # fmt: skip
+    if args.backend == "pulsar":
+        results["broker"] = getattr(args, "broker", "standalone")
     baselines: dict[str, str] = {}
+    ratios: dict[str, Any] = {}
+    w = results["workloads"]
     with ExitStack() as stack:
         ctx = _CONTEXTS[args.backend](args, stack)
-        for name, (go, baseline) in _suite(ctx).items():
-            runs = [go(i) for i in range(args.repeat)]
-            best = max(runs, key=lambda r: r["MB_per_s"])
-            results["workloads"][name] = {"best": best, "runs": runs}
-            if baseline:
-                baselines[name] = baseline
-            extra = ""
-            if name.startswith("small") or name == "raw-small":
-                extra = f"  {SMALL_COUNT / best['seconds']:8.0f} objects/s"
-            out(f"{args.backend:8s} {name:12s} {best['MB_per_s']:8.1f} MB/s  {best['seconds']:7.2f} s{extra}")
-    w = results["workloads"]
-    ratios = {}
-    for name, base in baselines.items():
-        if name in w and base in w:
-            ratios[name] = round(w[name]["best"]["MB_per_s"] / w[base]["best"]["MB_per_s"], 2)
-            out(f"ratio {name} / {base}: {ratios[name]:.2f}")
+        suite = _suite(ctx)
+        for group in _schedule(suite):
+            runs: dict[str, list[Result]] = {name: [] for name in group}
+            for i in range(args.repeat):
+                for name in group:
+                    runs[name].append(suite[name][0](i))
+            for name in group:
+                w[name] = summarize(runs[name])
+                out(_line(args.backend, name, w[name]))
+            for name in group:
+                base = suite[name][1]
+                if base and base in w:
+                    baselines[name] = base
+                    ratios[name] = r = compare(w[name], w[base])
+                    each = " ".join(f"{x:.2f}" for x in r["per_repeat"])
+                    out(f"ratio {name} / {base}: median {r['median']:.2f}, worst {r['worst']:.2f}"
+                        f"  (per repetition: {each})")  # fmt: skip
+                elif base:
+                    baselines[name] = base
+    results["load_average_after"] = list(os.getloadavg())
     results["ratios"] = ratios
     results["baselines"] = baselines
     return results
@@ -600,7 +830,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 # --- the chart ----------------------------------------------------------------------------------
 
 # Default baselines for result files written before they recorded their own.
-_DEFAULT_BASELINES = {"object": "raw-large", "table": "raw-large", "small": "raw-small", "small-async": "raw-small"}
+_DEFAULT_BASELINES = {"object": "raw-large", "table": "raw-large", "small": "raw-small", "small-async": "raw-small",
+                      "object-repl": "raw-repl", "table-repl": "raw-repl"}  # fmt: skip
 _RAW_COLOUR = "#8c8c8c"
 _COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
@@ -616,10 +847,40 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def median_and_worst(record: Mapping[str, Any]) -> tuple[Mapping[str, float], Mapping[str, float] | None]:
+    """A workload record's median and worst run.
+
+    Files written before medians were recorded hold ``runs`` (and ``best``): the median and the
+    worst come from the runs; a record with nothing but ``best`` has it as its median, no worst.
+    """
+    if "median" in record:
+        return record["median"], record.get("worst")
+    runs = record.get("runs") or []
+    if runs:
+        summary = summarize(runs)
+        return summary["median"], summary["worst"]
+    return record["best"], None
+
+
+def _worst_ratio(result: Mapping[str, Any], name: str) -> float | None:
+    """The worst per-repetition ratio recorded for ``name`` (none in files from before it was)."""
+    ratio = (result.get("ratios") or {}).get(name)
+    return ratio.get("worst") if isinstance(ratio, Mapping) else None
+
+
 def _label(result: Mapping[str, Any]) -> str:
-    """The backend (with the RabbitMQ mode); a run with Spark workloads is ``spark + BACKEND``."""
+    """The backend (with the RabbitMQ mode, or the Pulsar broker); Spark runs are ``spark + BACKEND``.
+
+    Pulsar results written before ``--broker`` existed ran on pulsar-lite.
+    """
     backend, mode = str(result["backend"]), result.get("mode")
     label = f"{backend} ({mode})" if backend == "rabbitmq" and mode else backend
+    if backend == "pulsar":
+        broker = str(result.get("broker") or "embedded")
+        kind = PULSAR_BROKERS.get(broker, broker)
+        if any(str(name).endswith("-repl") for name in result["workloads"]):
+            kind += ", replication"
+        label = f"{backend} ({kind})"
     if any(str(name).startswith("spark") for name in result["workloads"]):
         label = f"spark + {label}"
     return label
@@ -655,23 +916,28 @@ def _panels(results: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, list[s
     for base, names in by_base.items():
         if base == "raw-small":
             panels.append(("1 KiB objects, one confirm each", "objects/s", names))
+        elif base == "raw-repl":
+            panels.append(("geo-replication, cluster A to B", "MB/s", names))
         else:
             panels.append(("large transfers", "MB/s", names))
     return panels
 
 
-def _value(best: Mapping[str, float], unit: str) -> float:
-    return best["bytes"] / SMALL / best["seconds"] if unit == "objects/s" else float(best["MB_per_s"])
+def _value(run: Mapping[str, float], unit: str) -> float:
+    return run["bytes"] / SMALL / run["seconds"] if unit == "objects/s" else float(run["MB_per_s"])
 
 
 @dataclass(frozen=True)
 class ChartBar:
-    """One bar: a workload of one result set, at ``x`` on its panel."""
+    """One bar: a workload of one result set, at ``x`` on its panel; ``value`` is its median run."""
 
     workload: str
     x: float
     value: float
-    note: str  # "raw" on the baseline, else the ratio to it ("1.22×"); "" when the set lacks the baseline
+    #: "raw" on the baseline, else the ratio of the medians ("1.22×"), with the worst per-repetition
+    #: ratio when the set recorded one ("1.22×, worst 0.91×"); "" when the set lacks the baseline
+    note: str
+    worst: float | None = None  # the worst run's value (the whisker), None when unknown
 
 
 @dataclass(frozen=True)
@@ -717,12 +983,16 @@ def chart_layout(results: Iterable[Mapping[str, Any]]) -> list[ChartPanel]:
             present = [name for name in names if name in w]
             if all(name == base for name in present):
                 continue  # nothing of this panel to compare in this set
-            raw = _value(w[base]["best"], unit) if base in w else None
+            raw = _value(median_and_worst(w[base])[0], unit) if base in w else None
             bars = []
             for k, name in enumerate(present):
-                value = _value(w[name]["best"], unit)
+                median, worst = median_and_worst(w[name])
+                value = _value(median, unit)
                 note = "raw" if name == base else (f"{value / raw:.2f}×" if raw else "")
-                bars.append(ChartBar(name, cursor + k, value, note))
+                worst_ratio = _worst_ratio(r, name)
+                if raw and name != base and worst_ratio is not None:
+                    note += f", worst {worst_ratio:.2f}×"
+                bars.append(ChartBar(name, cursor + k, value, note, _value(worst, unit) if worst else None))
             groups.append(ChartGroup(label, cursor + (len(bars) - 1) / 2, tuple(bars)))
             cursor += len(bars) + _GROUP_GAP
         if groups:
@@ -732,8 +1002,9 @@ def chart_layout(results: Iterable[Mapping[str, Any]]) -> list[ChartPanel]:
 
 def render_chart(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Grouped bars, one labelled group per result set (``chart_layout``): the raw client (grey) next
-    to fedtransport's workloads, each fedtransport bar labelled with its ratio to the raw client.
-    One panel per raw baseline."""
+    to fedtransport's workloads. A bar is the median run, its whisker reaches down to the worst run;
+    each fedtransport bar is labelled with its median ratio to the raw client and its worst
+    per-repetition ratio. One panel per raw baseline."""
     try:
         import matplotlib
 
@@ -758,7 +1029,10 @@ def render_chart(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
                 continue
             colour = _RAW_COLOUR if j == 0 else _COLOURS[(j - 1) % len(_COLOURS)]
             label = f"{name} (raw client)" if j == 0 else f"{name} (fedtransport)"
-            drawn = ax.bar([b.x for b in bars], [b.value for b in bars], _BAR_WIDTH, color=colour, label=label)
+            below = [b.value - b.worst if b.worst is not None else 0.0 for b in bars]
+            whisker = {"ecolor": "#333333", "capsize": 2, "lw": 1}
+            drawn = ax.bar([b.x for b in bars], [b.value for b in bars], _BAR_WIDTH, color=colour, label=label,
+                           yerr=[below, [0.0] * len(bars)], error_kw=whisker)  # fmt: skip
             for rect, bar in zip(drawn, bars, strict=True):
                 top = (rect.get_x() + rect.get_width() / 2, rect.get_height())
                 ax.annotate(bar.note, top, ha="center", va="bottom", fontsize=8, rotation=90, xytext=(0, 3),
@@ -772,7 +1046,7 @@ def render_chart(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     dates = sorted({str(r.get("date", "")) for r in results} - {""})
     cpus = sorted({str(r.get("cpu_count", "?")) for r in results})
-    fig.suptitle(f"fedtransport vs the raw broker client (best run; {', '.join(cpus)} cores"
+    fig.suptitle(f"fedtransport vs the raw broker client (bar: median run, whisker: worst run; {', '.join(cpus)} cores"
                  + (f"; {', '.join(dates)}" if dates else "") + ")", fontsize=11)  # fmt: skip
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

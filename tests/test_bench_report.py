@@ -1,14 +1,18 @@
-"""The benchmark report: the chart's groups, and workloads that move the bytes of their raw baseline.
+"""The benchmark report: medians and worst runs, interleaved repetitions, the chart's groups, and
+workloads that move the bytes of their raw baseline.
 
 The chart test renders the committed results the way docs/cli.md does
 (``fedtransport bench --from-json benchmarks/results/throughput-*.json --chart ...``) and reads
-the group labels and bars from the calls made to matplotlib, not from pixels.
+the group labels and bars from the calls made to matplotlib, not from pixels. The report tests
+run the harness on a fake backend whose repetitions take times the test chose.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +42,12 @@ def drawn(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, dict[str, list[
         return set_xticks(self, ticks, labels, **kwargs)
 
     def record_bars(self: Axes, x: Any, height: Any, *args: Any, **kwargs: Any) -> Any:
-        entry = calls.setdefault(id(self), {"ticks": [], "labels": [], "bars": []})
+        entry = calls.setdefault(id(self), {"ticks": [], "labels": [], "bars": [], "whiskers": []})
         entry["bars"] += [(float(a), float(h)) for a, h in zip(x, height, strict=True)]
+        below, above = kwargs["yerr"]
+        entry.setdefault("whiskers", [])
+        entry["whiskers"] += [(float(a), float(h) - float(b)) for a, h, b in zip(x, height, below, strict=True)]
+        assert not any(above), "the whisker reaches down to the worst run, never up"
         return bar(self, x, height, *args, **kwargs)
 
     monkeypatch.setattr(Axes, "set_xticks", record_ticks)
@@ -81,13 +89,14 @@ def test_chart_of_the_committed_results_has_distinct_nonempty_groups(
         seen.append({label.replace("\n", " ") for label in labels})
     large, small = seen
     assert large == {
-        "pulsar",
+        "pulsar (pulsar-lite)",
         "rabbitmq (shared)",
         "rabbitmq (federated)",
-        "spark + pulsar",
+        "spark + pulsar (pulsar-lite)",
         "spark + rabbitmq (shared)",
     }
-    assert small == {"pulsar", "rabbitmq (shared)", "rabbitmq (federated)"}  # the Spark runs have no small objects
+    # the Spark runs have no small objects
+    assert small == {"pulsar (pulsar-lite)", "rabbitmq (shared)", "rabbitmq (federated)"}
 
 
 def test_chart_layout_matches_the_drawing(tmp_path: Path, drawn: dict[int, dict[str, list[Any]]]) -> None:
@@ -110,14 +119,15 @@ def test_result_labels_tell_every_set_apart() -> None:
     plain = result("pulsar", "2026-11-29", "raw-large", "table")
     spark = result("pulsar", "2026-11-29", "raw-large", "table", "spark-table")
     rabbit = result("rabbitmq", "2026-11-29", "raw-large", "table", mode="federated")
-    assert bench.result_labels([plain, spark, rabbit]) == ["pulsar", "spark + pulsar", "rabbitmq (federated)"]
+    lite = "pulsar (pulsar-lite)"  # a file from before --broker: the embedded broker
+    assert bench.result_labels([plain, spark, rabbit]) == [lite, f"spark + {lite}", "rabbitmq (federated)"]
     later = result("pulsar", "2026-12-01", "raw-large", "table")
-    assert bench.result_labels([plain, later]) == ["pulsar, 2026-11-29", "pulsar, 2026-12-01"]
-    assert bench.result_labels([plain, dict(plain)]) == ["pulsar #1", "pulsar #2"]
+    assert bench.result_labels([plain, later]) == [f"{lite}, 2026-11-29", f"{lite}, 2026-12-01"]
+    assert bench.result_labels([plain, dict(plain)]) == [f"{lite} #1", f"{lite} #2"]
     # a set without any workload of a panel is not a group there
     only_small = result("rabbitmq", "2026-11-29", "raw-small", "small")
     [large, small] = bench.chart_layout([plain, only_small])
-    assert [g.label for g in large.groups] == ["pulsar"]
+    assert [g.label for g in large.groups] == [lite]
     assert [g.label for g in small.groups] == ["rabbitmq (shared)"]
 
 
@@ -136,13 +146,173 @@ def test_table_moves_the_bytes_of_its_raw_baseline(capsys: pytest.CaptureFixture
     table and a table of 3 partitions each move exactly 5 MiB, so their ratios compare equal transfers."""
     pytest.importorskip("numpy")
     result = tmp_path / "sub" / "r.json"  # the directory is made before the run
-    argv = ["bench", "--backend", "pulsar", "--mib", "5", "--partitions", "3", "--repeat", "1"]
+    argv = ["bench", "--backend", "pulsar", "--broker", "embedded", "--mib", "5", "--partitions", "3", "--repeat", "1"]
     code = main([*argv, "--only", "raw-large", "object", "table", "table-3", "--json", str(result)])
     out = capsys.readouterr().out
     assert code == 0, out
     doc = json.loads(result.read_text())
-    moved = {name: w["best"]["bytes"] for name, w in doc["workloads"].items()}
+    moved = {name: w["median"]["bytes"] for name, w in doc["workloads"].items()}
+    assert doc["broker"] == "embedded"
     assert moved == {"raw-large": 5 * MiB, "object": 5 * MiB, "table": 5 * MiB, "table-3": 5 * MiB}
     assert set(doc["ratios"]) == {"object", "table", "table-3"}
     assert doc["baselines"]["table"] == doc["baselines"]["table-3"] == "raw-large"
     assert "ratio table / raw-large" in out
+
+
+# ---------------------------------------------------------------------------- median, worst, interleaving
+
+# Seconds per repetition, chosen so that median, mean, best and worst all differ, and the worst
+# per-repetition ratio is not the ratio of the worst runs.
+RAW_SECONDS = [1.0, 4.0, 2.0]  # 4.0 is the worst raw run
+OBJECT_SECONDS = [1.25, 4.0, 4.0]  # per repetition 0.8, 1.0, 0.5; median 4.0 s
+SMALL_SECONDS = [2.0, 1.0, 3.0]
+RAW_SMALL_SECONDS = [1.0, 1.0, 1.0]
+
+
+def _fake_run(capsys: pytest.CaptureFixture[str], *only: str) -> tuple[dict[str, Any], list[str], str]:
+    """``bench.run`` on a backend whose workloads take the seconds above; (results, call order, output)."""
+    order: list[str] = []
+    seconds = {"raw-large": RAW_SECONDS, "object": OBJECT_SECONDS, "raw-small": RAW_SMALL_SECONDS,
+               "small": SMALL_SECONDS}  # fmt: skip
+
+    def go(name: str, nbytes: int) -> bench.Go:
+        def one(i: int) -> bench.Result:
+            order.append(f"{name} {i}")
+            t = seconds[name][i]
+            return {"seconds": t, "bytes": nbytes, "MB_per_s": round(nbytes / 1e6 / t, 1)}
+
+        return one
+
+    def context(args: argparse.Namespace, stack: ExitStack) -> bench.BenchContext:
+        def raw(count: int, size: int, sync: bool) -> bench.Go:
+            return go("raw-small" if sync else "raw-large", count * size)
+
+        def fed(kind: str, **extra: Any) -> bench.Go:
+            return go(kind, 5 * MiB if kind == "object" else bench.SMALL * bench.SMALL_COUNT)
+
+        return bench.BenchContext(args, "fake", stack, raw, fed)
+
+    args = bench.build_parser().parse_args(["--mib", "5", "--repeat", "3", "--only", *only])
+    args.backend = "fake"
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(bench._CONTEXTS, "fake", context)
+        results = bench.run(args, lines.append)
+    return results, order, "\n".join(lines)
+
+
+def test_each_repetition_of_a_workload_runs_next_to_one_of_its_baseline(capsys: pytest.CaptureFixture[str]) -> None:
+    _, order, _ = _fake_run(capsys, "small", "object", "raw-large", "raw-small")
+    assert order == [
+        "raw-large 0", "object 0", "raw-large 1", "object 1", "raw-large 2", "object 2",
+        "raw-small 0", "small 0", "raw-small 1", "small 1", "raw-small 2", "small 2",
+    ]  # fmt: skip
+    # without its baseline a workload runs on its own, and has no ratio
+    results, order, out = _fake_run(capsys, "object")
+    assert order == ["object 0", "object 1", "object 2"] and results["ratios"] == {}
+    assert "ratio" not in out
+
+
+def test_the_report_holds_every_run_the_median_and_the_worst(capsys: pytest.CaptureFixture[str]) -> None:
+    results, _, out = _fake_run(capsys, "raw-large", "object", "raw-small", "small")
+    w = results["workloads"]
+    mb = 5 * MiB / 1e6
+    raw, obj = w["raw-large"], w["object"]
+    assert [r["seconds"] for r in raw["runs"]] == RAW_SECONDS
+    assert raw["median"]["seconds"] == 2.0 and raw["median"]["MB_per_s"] == pytest.approx(mb / 2.0, abs=1e-3)
+    assert raw["worst"]["seconds"] == 4.0 and raw["best"]["seconds"] == 1.0
+    assert obj["median"]["seconds"] == 4.0 and obj["worst"]["seconds"] == 4.0
+    small = w["small"]
+    assert small["median"]["seconds"] == 2.0 and small["worst"]["seconds"] == 3.0
+    # ratio of the medians; the worst of fed_i / raw_i (0.8, 1.0, 0.5), not worst / worst (1.0)
+    ratio = results["ratios"]["object"]
+    assert ratio["per_repeat"] == [0.8, 1.0, 0.5]
+    assert ratio["median"] == pytest.approx(0.5) and ratio["worst"] == pytest.approx(0.5)
+    small_ratio = results["ratios"]["small"]
+    # 1 KiB objects: the ratios come from the seconds, not from MB/s rounded to 0.1 (all ~0.5 or ~1.0 here)
+    assert small_ratio["per_repeat"] == [0.5, 1.0, pytest.approx(0.333, abs=1e-3)]
+    assert small_ratio["median"] == pytest.approx(0.5) and small_ratio["worst"] == pytest.approx(0.333, abs=1e-3)
+    assert results["baselines"] == {"object": "raw-large", "small": "raw-small"}
+    # printed: median and worst of each workload, both ratios and every per-repetition ratio
+    assert f"fake     raw-large    median {mb / 2:8.1f} MB/s    2.00 s  worst {mb / 4:8.1f} MB/s    4.00 s" in out
+    assert "ratio object / raw-large: median 0.50, worst 0.50  (per repetition: 0.80 1.00 0.50)" in out
+    assert "small" in out and "500 objects/s (worst 333)" in out
+    assert "best" not in out
+
+
+def test_chart_bars_are_medians_with_the_worst_run_as_whisker(
+    tmp_path: Path, drawn: dict[int, dict[str, list[Any]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    results, _, _ = _fake_run(capsys, "raw-large", "object")
+    results["broker"] = "standalone"
+    results["backend"] = "pulsar"
+    [panel] = bench.chart_layout([results])
+    [group] = panel.groups
+    assert group.label == "pulsar (standalone)"
+    raw, obj = group.bars
+    mb = 5 * MiB / 1e6
+    assert raw.value == pytest.approx(mb / 2.0, abs=1e-3) and raw.worst == pytest.approx(mb / 4.0, abs=0.1)
+    assert obj.value == pytest.approx(mb / 4.0, abs=1e-3) and obj.worst == pytest.approx(mb / 4.0, abs=0.1)
+    assert raw.note == "raw" and obj.note == "0.50×, worst 0.50×"
+    bench.render_chart([results], tmp_path / "c.png")
+    [entry] = drawn.values()
+    assert sorted(entry["bars"]) == sorted((b.x, b.value) for b in group.bars)
+    assert sorted(entry["whiskers"]) == sorted((b.x, b.worst) for b in group.bars)
+
+
+def test_older_result_files_chart_from_their_runs() -> None:
+    """Files from before medians: the median and worst come from ``runs``; with ``best`` alone it is the bar."""
+
+    def run(seconds: float) -> dict[str, float]:
+        return {"seconds": seconds, "bytes": 100 * MiB, "MB_per_s": round(100 * MiB / 1e6 / seconds, 1)}
+
+    runs = [run(1.0), run(3.0), run(2.0)]
+    old = {"backend": "pulsar", "mode": "shared", "date": "2026-11-29", "ratios": {"object": 1.2},
+           "workloads": {"raw-large": {"best": run(1.0), "runs": runs},
+                         "object": {"best": run(2.0)}}}  # fmt: skip
+    [panel] = bench.chart_layout([old])
+    [group] = panel.groups
+    assert group.label == "pulsar (pulsar-lite)"  # no "broker": before --broker, Pulsar was pulsar-lite
+    raw, obj = group.bars
+    assert raw.value == pytest.approx(100 * MiB / 1e6 / 2.0, abs=1e-3)  # the median of 1, 3 and 2 s
+    assert raw.worst == pytest.approx(run(3.0)["MB_per_s"])
+    assert obj.value == pytest.approx(run(2.0)["MB_per_s"]) and obj.worst is None
+    assert obj.note == "1.00×"  # no per-repetition ratios recorded: no worst ratio
+
+
+def test_pulsar_groups_are_labelled_with_their_broker() -> None:
+    one = {"seconds": 1.0, "bytes": MiB, "MB_per_s": 1.0}
+
+    def result(broker: str | None, *names: str) -> dict[str, Any]:
+        r: dict[str, Any] = {"backend": "pulsar", "mode": "shared", "workloads": {n: {"best": one} for n in names}}
+        if broker:
+            r["broker"] = broker
+        return r
+
+    sets = [
+        result("standalone", "raw-large", "object"),
+        result("embedded", "raw-large", "object"),
+        result("standalone", "raw-repl", "object-repl"),
+        result(None, "raw-large", "table", "spark-table"),
+    ]
+    assert bench.result_labels(sets) == [
+        "pulsar (standalone)",
+        "pulsar (pulsar-lite)",
+        "pulsar (standalone, replication)",
+        "spark + pulsar (pulsar-lite)",
+    ]
+    large, repl = bench.chart_layout(sets)
+    assert repl.title.startswith("geo-replication") and [g.label for g in repl.groups] == [
+        "pulsar (standalone, replication)"
+    ]
+    assert "pulsar (standalone, replication)" not in [g.label for g in large.groups]
+
+
+def test_broker_and_replication_flags() -> None:
+    args = bench.build_parser().parse_args([])
+    assert args.broker == "standalone" and args.replication is False
+    args = bench.build_parser().parse_args(["--broker", "embedded", "--replication"])
+    assert args.broker == "embedded" and args.replication is True
+    assert {"raw-repl", "object-repl", "table-repl"} <= set(bench.WORKLOADS)
+    assert not any(bench.WORKLOADS[n].default for n in ("raw-repl", "object-repl", "table-repl"))
+    assert bench.WORKLOADS["object-repl"].baseline == bench.WORKLOADS["table-repl"].baseline == "raw-repl"
