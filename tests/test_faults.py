@@ -286,10 +286,8 @@ def fault_table() -> ft.Table:
     return ft.Table.from_partitions([[((p, i), rng.bytes(1024)) for i in range(1000)] for p in range(4)])
 
 
-# In 1 of 2 full-suite rehearsals the sender's remote never got its receipts back after the
-# restart (still waiting 300 s in PulsarTransport.send, past its 240 s send_timeout); it passed
-# in the other and when run alone. Under investigation (issue 12).
-@pytest.mark.quarantine
+# Once, in a full-suite run, the client never called back for some messages after the restart;
+# remote() now sends those again after 1.5 × send_timeout (test_pulsar_lost_receipts_...).
 def test_pulsar_broker_sigkilled_and_restarted_mid_transfer(pulsar_broker, job_id):
     """An object and a table in flight, every lane 8 messages in, the receiver subscribed: the
     broker dies (SIGKILL), the rest is published while it is down and while it boots, and it
@@ -297,7 +295,7 @@ def test_pulsar_broker_sigkilled_and_restarted_mid_transfer(pulsar_broker, job_i
     broker = pulsar_broker
     a, table = big_array(8), fault_table()  # 128 + 64 messages of 64 KiB
     # 8 workers: both transfers reach the gate on every lane at once
-    opts = pulsar_opts(broker, max_message_size=65536, send_timeout=240.0, redelivery_after=3.0, send_workers=8)
+    opts = pulsar_opts(broker, max_message_size=65536, send_timeout=90.0, redelivery_after=3.0, send_workers=8)
     g = ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=opts)
     h = ft.Federation.connect("pulsar", job_id=job_id, party=HOST, options=opts)
     with g, h:
@@ -335,6 +333,56 @@ def test_pulsar_broker_sigkilled_and_restarted_mid_transfer(pulsar_broker, job_i
         got = result["t"][0]
         assert got.num_partitions == 4 and got == table  # every record once, in its partition
         assert h.stats["messages_received"] == g.stats["messages_sent"]
+    g.cleanup()
+
+
+def dropping_receipts(monkeypatch: pytest.MonkeyPatch, count: int | None) -> list[int]:
+    """Make the client lose the receipts of its next ``count`` messages (every one when None):
+    each is still published, but its callback never runs. Seen once from pulsar-client across a
+    broker restart; no broker can be made to cause it on demand. Returns the dropped tally."""
+    dropped = [0]
+    real = pulsar.Producer.send_async
+
+    def send_async(self: pulsar.Producer, content: bytes, callback: Any, *args: Any, **kwargs: Any) -> None:
+        if count is None or dropped[0] < count:
+            dropped[0] += 1
+            callback = lambda result, msg_id: None  # noqa: E731
+        real(self, content, callback, *args, **kwargs)
+
+    monkeypatch.setattr(pulsar.Producer, "send_async", send_async)
+    return dropped
+
+
+def test_pulsar_lost_receipts_are_sent_again_and_arrive_once(pulsar_broker, job_id, monkeypatch):
+    """A receipt that never comes does not hang remote(): after 1.5 × send_timeout without one,
+    a new producer publishes what was not confirmed, and the receiver keeps each message once."""
+    a = big_array(1)  # 16 messages of 64 KiB
+    opts = pulsar_opts(pulsar_broker, max_message_size=65536, send_timeout=2.0, lanes=1)
+    with ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=opts) as g, \
+            ft.Federation.connect("pulsar", job_id=job_id, party=HOST, options=opts) as h:  # fmt: skip
+        dropped = dropping_receipts(monkeypatch, 3)
+        g.remote(a, "w", "0", [HOST])
+        assert dropped[0] == 3
+        assert digest(h.get("w", "0", [GUEST], timeout=60)[0]) == digest(a)
+        assert h.stats["messages_received"] == g.stats["messages_sent"]  # the copies sent twice were dropped
+        monkeypatch.undo()
+        g.remote("after", "next", "0", [HOST])  # the lane's new producer carries on
+        assert h.get("next", "0", [GUEST], timeout=60) == ["after"]
+    g.cleanup()
+
+
+def test_pulsar_receipts_never_coming_fail_remote_in_bounded_time(pulsar_broker, job_id, monkeypatch):
+    """When the new producer's receipts do not come either, remote() raises BackendError naming
+    the wait rather than hanging, and may be called again once the client behaves."""
+    opts = pulsar_opts(pulsar_broker, send_timeout=1.0, lanes=1)
+    with ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=opts) as g, \
+            ft.Federation.connect("pulsar", job_id=job_id, party=HOST, options=opts) as h:  # fmt: skip
+        dropping_receipts(monkeypatch, None)
+        with pytest.raises(ft.BackendError, match=r"no receipt within 1\.5 s"):
+            g.remote("x", "w", "0", [HOST])  # two rounds of 1.5 s each
+        monkeypatch.undo()
+        g.remote("x", "w", "0", [HOST])  # not recorded as sent: the retry is allowed
+        assert h.get("w", "0", [GUEST], timeout=60) == ["x"]
     g.cleanup()
 
 

@@ -81,7 +81,6 @@ Errors
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -148,7 +147,92 @@ _MODES = ("shared", "direct", "replication")
 # Shared: the only type on which pulsar-lite honours redelivery requests, and a restarted
 # receiver may attach before a real broker has noticed that the old one is gone.
 _CONSUMER_TYPE = pulsar.ConsumerType.Shared
+_RECEIPT_PATIENCE = 1.5  # × send_timeout without any receipt before the missing ones count as lost
 _RECEIVE_POLL_MS = 200  # how often a receive loop looks up to notice close()
+
+
+class _Receipts:
+    """The messages of one ``send`` that the broker has not confirmed, and the window over them:
+    at most ``max_count`` messages and ``max_bytes`` in flight. A wait gives up (``lost``) when
+    no receipt came for ``patience`` seconds; ``renew`` then hands back what is unconfirmed, and
+    only receipts of the newest round count as failures (an older round may still answer Ok).
+    """
+
+    def __init__(self, max_count: int, max_bytes: int, patience: float) -> None:
+        self._cond = threading.Condition()
+        self._max_count, self._max_bytes, self._patience = max_count, max_bytes, patience
+        self._unconfirmed: dict[int, bytes] = {}
+        self._bytes = 0
+        self._receipts = 0  # receipts so far: progress restarts the patience
+        self._round = 0
+        self._next_key = 0
+        self.failure = ""
+        self.lost = False
+
+    def reserve(self, msg: bytes) -> int:
+        with self._cond:
+            key, self._next_key = self._next_key, self._next_key + 1
+            self._unconfirmed[key] = msg
+            self._bytes += len(msg)
+            return key
+
+    def callback(self, key: int) -> Callable[[pulsar.Result, Any], None]:
+        round_ = self._round
+
+        def receipt(result: pulsar.Result, _msg_id: Any) -> None:
+            with self._cond:
+                self._receipts += 1
+                if result == pulsar.Result.Ok:
+                    self._settle(key)
+                elif round_ == self._round and key in self._unconfirmed:
+                    self._settle(key)
+                    self.failure = self.failure or str(result)
+                self._cond.notify_all()
+
+        return receipt
+
+    def refuse(self, key: int, reason: str) -> None:
+        with self._cond:
+            self._settle(key)
+            self.failure = self.failure or reason
+
+    def _settle(self, key: int) -> None:
+        msg = self._unconfirmed.pop(key, None)
+        if msg is not None:
+            self._bytes -= len(msg)
+
+    def renew(self) -> list[tuple[int, bytes]]:
+        """Start a new round: the unconfirmed messages, to be published again."""
+        with self._cond:
+            self._round += 1
+            self.lost = False
+            return sorted(self._unconfirmed.items())
+
+    def wait_for_room(self, size: int) -> bool:
+        """Wait until one more message of ``size`` bytes fits; False on a failure or a loss."""
+        return self._wait(
+            lambda: (
+                bool(self._unconfirmed)
+                and (len(self._unconfirmed) >= self._max_count or self._bytes + size > self._max_bytes)
+            )
+        )
+
+    def wait_for_all(self) -> bool:
+        """Wait until every message is confirmed; False on a failure or a loss."""
+        return self._wait(lambda: bool(self._unconfirmed))
+
+    def _wait(self, busy: Callable[[], bool]) -> bool:
+        with self._cond:
+            seen, deadline = self._receipts, time.monotonic() + self._patience
+            while busy() and not self.failure:
+                if self._receipts != seen:
+                    seen, deadline = self._receipts, time.monotonic() + self._patience
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.lost = True
+                    return False
+                self._cond.wait(left)
+            return not self.failure
 
 
 class PulsarTransport(Transport):
@@ -359,6 +443,28 @@ class PulsarTransport(Transport):
             self._closed.wait(delay)
             delay = min(delay * 2, 1.0)
 
+    def _await_replicators_stopped(self, admin: PulsarAdmin, topics: Sequence[str]) -> None:
+        """Cleanup in replication mode: wait (up to the admin timeout) until the broker has closed
+        the replicators of ``topics`` that the namespace no longer asks for.
+
+        A forced topic delete that lands while a replicator is still closing can hang on a
+        standalone broker and is then refused as "already fenced"; waiting first avoids that
+        race. Past the bound the deletes go ahead, as they would without the wait.
+        """
+        deadline = time.monotonic() + admin.timeout
+        delay = 0.05
+        for topic in topics:
+            while True:
+                stats = admin.get_topic_stats(topic) or {}
+                remote = [c for c in (stats.get("replication") or {}) if c != self.cluster]
+                if not remote:
+                    break
+                if time.monotonic() + delay > deadline:
+                    log.info("Pulsar cleanup: %s still replicates to %s; deleting anyway", topic, remote)
+                    return
+                time.sleep(delay)  # a bounded back-off: the broker gives no event to wait on
+                delay = min(delay * 2, 1.0)
+
     def _client_kwargs(self) -> dict[str, Any]:
         o = self.ctx.options
         kwargs: dict[str, Any] = {
@@ -428,6 +534,8 @@ class PulsarTransport(Transport):
                 if exc.status != 404:
                     raise
                 topics = []  # the namespace is gone already: cleanup is idempotent
+            if self.mode == "replication":
+                self._await_replicators_stopped(admin, topics)
             for topic in topics:
                 admin.delete_topic(topic)
             admin.delete_namespace(self.tenant, self.namespace)
@@ -527,46 +635,61 @@ class PulsarTransport(Transport):
             raise BackendError("the Pulsar transport is closed")
         clusters = self._ensure_peer(dst)  # first: a topic made before would start unreplicated
         producer = self._producer(dst, lane)
-        max_count, max_bytes = int(self.ctx.options["send_window"]), int(self.ctx.options["send_window_bytes"])
-        failures: list[str] = []
-        pending = [0, 0]  # messages, bytes in flight
-        done = threading.Condition()
-
-        def receipt(size: int, result: pulsar.Result, _msg_id: Any) -> None:
-            with done:
-                if result != pulsar.Result.Ok:
-                    failures.append(str(result))
-                pending[0] -= 1
-                pending[1] -= size
-                done.notify_all()
-
+        o = self.ctx.options
+        # The client fails a message send_timeout after it was queued, so a receipt is due by then.
+        patience = float(o["send_timeout"]) * _RECEIPT_PATIENCE
+        receipts = _Receipts(int(o["send_window"]), int(o["send_window_bytes"]), patience)
         extra = {"replication_clusters": [clusters]} if clusters else {}
+        resent = False
         count = 0
-        for msg in messages:
-            size = len(msg)
-            with done:  # the window: at most send_window messages and send_window_bytes in flight
-                while pending[0] and (pending[0] >= max_count or pending[1] + size > max_bytes) and not failures:
-                    done.wait()
-                if failures:
-                    break
-                pending[0] += 1
-                pending[1] += size
+
+        def publish(key: int, msg: bytes) -> bool:
             try:
-                producer.send_async(msg, functools.partial(receipt, size), **extra)
+                producer.send_async(msg, receipts.callback(key), **extra)
             except Exception as exc:
-                with done:
-                    pending[0] -= 1
-                    pending[1] -= size
-                    failures.append(str(exc))
+                receipts.refuse(key, str(exc))
+                return False
+            return True
+
+        def send_again() -> bool:
+            """After a loss, once: a new producer publishes what was not confirmed."""
+            # A receipt lost by the client (seen once across a broker restart) must not hang the
+            # transfer; the receiver drops whatever arrives twice.
+            nonlocal resent, producer
+            if receipts.failure or resent:
+                return False
+            resent, producer = True, self._replace_producer(dst, lane, producer)
+            return all(publish(key, msg) for key, msg in receipts.renew())
+
+        for msg in messages:
+            while not receipts.wait_for_room(len(msg)):
+                if not send_again():
+                    break
+            if receipts.failure or receipts.lost:
+                break
+            if not publish(receipts.reserve(msg), msg):
                 break
             count += 1
-        with done:
-            while pending[0]:
-                done.wait()
-        if failures:
+        while not receipts.wait_for_all():
+            if not send_again():
+                break
+        lost = f"no receipt within {patience:g} s ({_RECEIPT_PATIENCE:g} × send_timeout)" if receipts.lost else ""
+        failure = receipts.failure or lost
+        if failure:
             topic = self.topic(self.ctx.party, dst, lane)
-            raise BackendError(f"Pulsar refused a message on {topic}: {failures[0]}", broker_message=failures[0])
+            raise BackendError(f"Pulsar refused a message on {topic}: {failure}", broker_message=failure)
         return count
+
+    def _replace_producer(self, dst: Party, lane: int, old: pulsar.Producer) -> pulsar.Producer:
+        """A new producer for the lane, in place of ``old`` in the cache. ``old`` stays open (its
+        client closes it): another transfer on the lane may still be waiting on its receipts."""
+        log.warning(
+            "Pulsar: receipts missing on %s lane %d past send_timeout; sending again on a new producer", dst, lane
+        )
+        with self._lock:
+            if self._producers.get((dst, lane)) is old:
+                del self._producers[(dst, lane)]
+        return self._producer(dst, lane)
 
     def listen(self, src: Party, lane: int, deliver: DeliverFn) -> None:
         key = (src, lane)
