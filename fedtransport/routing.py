@@ -23,7 +23,6 @@ the naming PowerFL uses).
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,9 +246,6 @@ class RouteTable:
 
     def cluster_name(self, party: Party | str | int) -> str:
         return self.resolve(party).cluster
-
-    def to_json(self, party: Party | str | int) -> str:
-        return json.dumps(self.pulsar_cluster(party), indent=2)
 
     def __repr__(self) -> str:
         return f"RouteTable({self.source!r}, kind={self.kind!r}, parties={self.parties()})"

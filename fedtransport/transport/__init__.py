@@ -23,6 +23,8 @@ _BUILTIN = {
     "pulsar": "fedtransport.transport.pulsar:PulsarTransport",
     "rabbitmq": "fedtransport.transport.rabbitmq:RabbitTransport",
 }
+# The broker client each built-in backend drives: (module, the PyPI package that provides it).
+_DRIVERS = {"pulsar": ("pulsar", "pulsar-client"), "rabbitmq": ("pika", "pika")}
 _registered: dict[str, type[Transport]] = {}
 
 
@@ -40,17 +42,26 @@ def _entry_points() -> dict[str, object]:
 def available() -> list[str]:
     """Every backend name that ``get_backend`` would accept."""
     names = set(_registered) | set(_entry_points())
-    for name, target in _BUILTIN.items():
-        if importlib.util.find_spec(target.split(":")[0]) is not None:
-            names.add(name)
+    names.update(name for name in _BUILTIN if _missing_driver(name) is None)
     return sorted(names)
+
+
+def _missing_driver(name: str) -> str | None:
+    """The PyPI package a built-in backend needs and cannot import, else None."""
+    module, package = _DRIVERS.get(name, (None, None))
+    if module is None or importlib.util.find_spec(module) is not None:
+        return None
+    return package
 
 
 def get_backend(name: str) -> type[Transport]:
     if name in _registered:
         return _registered[name]
     target = _BUILTIN.get(name)
-    if target is not None and importlib.util.find_spec(target.split(":")[0]) is not None:
+    if target is not None:
+        missing = _missing_driver(name)
+        if missing is not None:
+            raise ConfigError(f"the {name} backend needs its broker client: pip install {missing}")
         module, _, attr = target.partition(":")
         cls = getattr(importlib.import_module(module), attr)
     else:
