@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from party_proc import pid_gone, wait_for
+from rabbit_fixtures import requires_rabbitmq
 
 pytest.importorskip("numpy")
 
@@ -76,6 +81,186 @@ def test_a_forked_child_neither_stops_the_broker_nor_uses_the_session(job_id: st
         timeout=240,
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def _first_line(owner: subprocess.Popen[str], bound: float) -> Any:
+    """The JSON line the owner prints once its broker serves; ``bound`` s is a liveness bound."""
+    assert owner.stdout is not None
+    ready, _, _ = select.select([owner.stdout], [], [], bound)
+    line = owner.stdout.readline() if ready else ""
+    if not line:
+        _end(owner)
+        err = owner.stderr.read() if owner.stderr is not None else ""
+        raise AssertionError(f"the owner printed nothing within {bound:.0f} s:\n{err[-3000:]}")
+    return json.loads(line)
+
+
+def _end(owner: subprocess.Popen[str]) -> None:
+    """End the owner: SIGTERM first, so it still stops what it started, then SIGKILL."""
+    if owner.poll() is None:
+        owner.terminate()
+        try:
+            owner.wait(60)
+        except subprocess.TimeoutExpired:
+            owner.kill()
+            owner.wait(30)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (an exited child nobody reaped yet runs nothing)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _processes_naming(run_dir: str) -> list[int]:
+    """Live processes whose command line or environment names ``run_dir``: all a launcher started
+    there (a RabbitMQ node's wrapper shell, VM, helpers and epmd carry it in their environment)."""
+    needle = run_dir.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if (needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes()) and _running(
+                int(entry.name)
+            ):
+                found.append(int(entry.name))
+    return found
+
+
+def _sigterm_owner_and_check(owner: subprocess.Popen[str], pids: list[int], run_dir: str) -> None:
+    """SIGTERM the owner; it ends as SIGTERM ends a process, and leaves no child and no files."""
+    owner.send_signal(signal.SIGTERM)
+    assert owner.wait(90) == -signal.SIGTERM  # a liveness bound: stopping takes seconds
+    wait_for(lambda: not any(_running(pid) for pid in pids), f"the children {pids} of the SIGTERMed owner", 30)
+    assert _processes_naming(run_dir) == []
+    assert not Path(run_dir).exists()
+
+
+def _kill_leftovers(owner: subprocess.Popen[str], run_dir: str | None) -> None:
+    """After a failed test: nothing the owner started may outlive it."""
+    _end(owner)
+    for pipe in (owner.stdout, owner.stderr):
+        if pipe is not None:
+            pipe.close()
+    if run_dir is not None:
+        for pid in _processes_naming(run_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# Two forked children of the owner: one simply exits (its exit handlers run), one calls stop() on
+# the inherited launcher first. Neither may stop or delete what the owner started.
+_FORK_TWICE = """
+def fork_twice(launcher):
+    codes = []
+    for explicit_stop in (False, True):
+        pid = os.fork()
+        if pid == 0:
+            if explicit_stop:
+                launcher.stop()
+            sys.exit(0)
+        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    return codes
+"""
+
+
+def _owner(imports: str, body: str) -> list[str]:
+    """An owner process: ``imports``, ``fork_twice``, then ``body`` (each indented as it likes)."""
+    return [sys.executable, "-c", textwrap.dedent(imports) + _FORK_TWICE + textwrap.dedent(body)]
+
+
+@requires_rabbitmq
+@pytest.mark.rabbitmq
+def test_sigterm_of_the_owner_stops_its_rabbitmq_node_a_forked_child_does_not() -> None:
+    # No plugins: the node boots and stops in about a second, and binds no management port.
+    owner = subprocess.Popen(
+        _owner(
+            """
+            import json, os, sys, time
+            import pika
+            import fedtransport as ft
+            """,
+            """
+            node = ft.brokers.RabbitNode(name="sigterm", plugins=()).start()
+            before = sorted(node.processes())
+            codes = fork_twice(node)
+            # the node still serves: a message goes through a queue of it
+            conn = pika.BlockingConnection(pika.URLParameters(node.amqp_url))
+            ch = conn.channel()
+            queue = ch.queue_declare("", exclusive=True).method.queue
+            ch.basic_publish("", queue, b"after the forks")
+            for _ in range(100):
+                _, _, body = ch.basic_get(queue, auto_ack=True)
+                if body is not None:
+                    break
+                time.sleep(0.05)
+            conn.close()
+            pids = node.processes()
+            print(json.dumps({
+                "pids": pids, "names": [open(f"/proc/{p}/comm").read().strip() for p in pids],
+                "run_dir": str(node.data_dir), "fork_codes": codes, "running": node.running,
+                "same_processes": sorted(node.processes()) == before, "body": (body or b"").decode(),
+            }), flush=True)
+            time.sleep(3600)
+            """,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run_dir = None
+    try:
+        seen = _first_line(owner, 180)
+        run_dir = seen["run_dir"]
+        assert seen["fork_codes"] == [0, 0]
+        assert seen["running"] and seen["same_processes"] and seen["body"] == "after the forks", seen
+        named = dict(zip(seen["names"], seen["pids"], strict=True))
+        assert {"beam.smp", "epmd"} <= set(named), named  # the VM and the node's own epmd
+        assert {named["beam.smp"], named["epmd"]} <= set(_processes_naming(run_dir))  # found by the sweep too
+        _sigterm_owner_and_check(owner, seen["pids"], run_dir)
+    finally:
+        _kill_leftovers(owner, run_dir)
+
+
+@pytest.mark.timeout(1800)  # the first start of a machine resolves the broker's jars with Maven
+def test_sigterm_of_the_owner_stops_its_pulsar_standalone_a_forked_child_does_not() -> None:
+    owner = subprocess.Popen(
+        _owner(
+            """
+            import json, os, sys, time
+            import fedtransport as ft
+            """,
+            """
+            broker = ft.brokers.PulsarStandalone().start()
+            pid = broker.pid
+            codes = fork_twice(broker)
+            print(json.dumps({
+                "pid": pid, "run_dir": str(broker.run_dir), "fork_codes": codes,
+                "running": broker.running and broker.pid == pid and broker.data_dir.is_dir(),
+                "clusters": broker.admin("GET", "/admin/v2/clusters"),  # it still serves
+            }), flush=True)
+            time.sleep(3600)
+            """,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run_dir = None
+    try:
+        seen = _first_line(owner, 1500)
+        run_dir = seen["run_dir"]
+        assert seen["fork_codes"] == [0, 0]
+        assert seen["running"] and seen["clusters"] == ["standalone"], seen
+        assert _processes_naming(run_dir) == [seen["pid"]]  # the JVM, and nothing else runs there
+        _sigterm_owner_and_check(owner, [seen["pid"]], run_dir)
+    finally:
+        _kill_leftovers(owner, run_dir)
 
 
 def test_the_quickstart_parties_exit_cleanly_every_time(tmp_path: Path) -> None:
