@@ -263,6 +263,43 @@ def test_sigterm_of_the_owner_stops_its_pulsar_standalone_a_forked_child_does_no
         _kill_leftovers(owner, run_dir)
 
 
+@pytest.mark.timeout(1800)  # the first start of a machine resolves the broker's jars with Maven
+def test_sigterm_while_the_owner_starts_a_broker_stops_it_too() -> None:
+    """The window between spawning the JVM and its serving (5-10 s) is covered too."""
+    owner = subprocess.Popen(
+        _script("""
+            import time
+            import fedtransport as ft
+            ft.brokers.PulsarStandalone().start()
+            print("serving", flush=True)
+            time.sleep(3600)
+        """),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run_dir = None
+
+    def starting_jvm() -> int | None:
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == owner.pid and b"PulsarStandaloneStarter" in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+        return None
+
+    try:
+        jvm = wait_for(starting_jvm, "the owner's broker JVM", 1500)
+        args = Path(f"/proc/{jvm}/cmdline").read_bytes().split(b"\0")
+        [tmp] = [a.split(b"=", 1)[1].decode() for a in args if a.startswith(b"-Djava.io.tmpdir=")]
+        run_dir = str(Path(tmp).parent)
+        assert owner.stdout is not None
+        assert not select.select([owner.stdout], [], [], 0)[0]  # still starting: it has not said "serving"
+        _sigterm_owner_and_check(owner, [jvm], run_dir)
+    finally:
+        _kill_leftovers(owner, run_dir)
+
+
 def test_the_quickstart_parties_exit_cleanly_every_time(tmp_path: Path) -> None:
     """pulsar-client aborted 12 of 60 party processes at exit with a Python logger."""
     import fedtransport as ft

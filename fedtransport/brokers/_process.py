@@ -295,6 +295,9 @@ class ChildProcess(ABC):
         environment ``env`` or ours) and wait until that very process listens on each of ``ports``
         on 127.0.0.1."""
         self._owner_pid = os.getpid()
+        # Stopped at exit or SIGTERM from now on, not only once it serves (when the subclass puts
+        # it in its live set, under the same key): a SIGTERM while it starts would orphan it.
+        owned.add(self, self.stop)
         with open(log, "ab" if append else "wb") as log_file:
             # The child keeps its own copy of the descriptor; ours closes right away.
             self._proc = proc = subprocess.Popen(
