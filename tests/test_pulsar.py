@@ -222,3 +222,66 @@ def test_topic_naming():
     assert t.topic(GUEST, HOST, 3) == "persistent://fl-tenant/job-1/guest-9999-host-10000-3"
     shifted = PulsarTransport(dataclasses.replace(ctx, lane_offset=1024))
     assert shifted.topic(GUEST, HOST, 3) == "persistent://fl-tenant/job-1/guest-9999-host-10000-1027"
+
+
+def test_receive_lanes_listen_on_connections_of_their_own(broker, job_id):
+    """Lanes a session listens on are spread over ``receive_connections`` TCP connections apart from
+    the one it produces on: pulsar-lite stalls consumers that share a connection. Seen from outside:
+    the client address of each lane's consumer in the broker's topic stats, and this process's sockets."""
+    import os
+    from pathlib import Path
+
+    def client_port(address: str) -> int:  # "/127.0.0.1:41234"
+        return int(address.rsplit(":", 1)[1])
+
+    def consumer_ports(src: ft.Party, dst: ft.Party) -> list[int]:
+        ports = []
+        for topic in sorted(lanes(src, dst, job_id)):
+            stats = read(broker, f"/admin/v2/persistent/{topic.split('://')[1]}/stats")
+            [consumer] = stats["subscriptions"][PulsarTransport.subscription(dst)]["consumers"]
+            ports.append(client_port(consumer["address"]))
+        return ports
+
+    def publisher_ports(src: ft.Party, dst: ft.Party) -> set[int]:
+        ports = set()
+        for topic in lanes(src, dst, job_id):
+            stats = read(broker, f"/admin/v2/persistent/{topic.split('://')[1]}/stats")
+            ports |= {client_port(p["address"]) for p in (stats or {}).get("publishers", [])}
+        return ports
+
+    def our_connections() -> set[int]:
+        """Local ports of this process's established TCP connections to the broker's port."""
+        inodes = set()
+        for fd in Path("/proc/self/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+        ports = set()
+        for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
+            cols = line.split()  # sl, local, remote, state (01 = ESTABLISHED), ..., inode (index 9)
+            if cols[3] == "01" and cols[9] in inodes and int(cols[2].split(":")[1], 16) == broker.port:
+                ports.add(int(cols[1].split(":")[1], 16))
+        return ports
+
+    big = np.arange(1 << 18, dtype=np.float64)  # 2 MiB: spread over the 4 lanes
+    with connect(job_id, GUEST, broker) as g, connect(job_id, HOST, broker) as h, \
+         connect(job_id, ARBITER, broker, receive_connections=1) as a:  # fmt: skip
+        g.remote(big, "w", "0", [HOST, ARBITER])
+        h.remote(1, "x", "0", [GUEST])  # host and arbiter produce too, on their sessions' own connection
+        a.remote(2, "x", "0", [GUEST])
+        [got_h] = h.get("w", "0", [GUEST], timeout=60)
+        [got_a] = a.get("w", "0", [GUEST], timeout=60)
+        assert np.array_equal(got_h, big) and np.array_equal(got_a, big)
+        assert g.get("x", "0", [HOST, ARBITER], timeout=60) == [1, 2]
+
+        host_in, arbiter_in = consumer_ports(GUEST, HOST), consumer_ports(GUEST, ARBITER)
+        host_out, arbiter_out = publisher_ports(HOST, GUEST), publisher_ports(ARBITER, GUEST)
+        assert len(set(host_in)) == 4  # receive_connections=4 (the default): one connection per lane
+        assert len(set(arbiter_in)) == 1  # receive_connections=1: the four lanes share one
+        assert len(host_out) == 1 and len(arbiter_out) == 1
+        assert not host_out & set(host_in) and not arbiter_out & set(arbiter_in)  # apart from the producers'
+        # ... and each of them is a TCP connection of this very process to the broker
+        assert {*host_in, *arbiter_in, *host_out, *arbiter_out} <= our_connections()
