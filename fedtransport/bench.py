@@ -39,7 +39,7 @@ runs --repeat times, interleaved with its raw baseline repetition by repetition 
 object 1, table 1, raw-large 2, ...), so every fedtransport run has a raw run next to it in
 time. Reported, never the best alone:
 
-  * per workload: every run, the ``median`` (of MB/s and of seconds) and the ``worst`` run
+  * per workload: every run, the ``median`` (of the rates) and the ``worst`` run
     (lowest MB/s); ``best`` is kept in the JSON as well;
   * per ratio to the baseline: the ratio of the medians, and the ``worst`` of the
     per-repetition ratios fed_i / raw_i (all of them under ``per_repeat``).
@@ -709,13 +709,14 @@ def _rate(run: Mapping[str, float]) -> float:
 
 
 def summarize(runs: Sequence[Result]) -> dict[str, Any]:
-    """A workload's record: every run, the median (of MB/s and of seconds), the worst and the best run."""
+    """A workload's record: every run, the median (of the rates), the worst and the best run."""
     if not runs:
         raise ValueError("no runs to summarize")
-    median = {
-        "seconds": round(statistics.median(r["seconds"] for r in runs), 3),
+    rate = statistics.median(_rate(r) for r in runs)  # of an even count: the mean of the middle two
+    median = {  # seconds to match the median rate, so both say the same of an even count too
+        "seconds": round(runs[0]["bytes"] / rate, 3),
         "bytes": runs[0]["bytes"],
-        "MB_per_s": round(statistics.median(_rate(r) for r in runs) / 1e6, 3),
+        "MB_per_s": round(rate / 1e6, 3),
     }
     worst = min(runs, key=_rate)
     best = max(runs, key=_rate)
