@@ -178,7 +178,7 @@ def cleanup_job(
 
 def _target(backend: str, transport: Transport, opts: Mapping[str, Any]) -> str:
     if backend == "rabbitmq":
-        return f"RabbitMQ management API at {transport.admin().base_url}"  # type: ignore[attr-defined]
+        return f"RabbitMQ management API at {transport.management.admin().base_url}"  # type: ignore[attr-defined]
     if backend == "pulsar":
         return f"Pulsar admin API at {opts['admin_url']}"
     return transport.describe()
@@ -188,15 +188,7 @@ def _inventory(backend: str, transport: Transport, opts: Mapping[str, Any]) -> l
     """Names of the job's resources on the broker (built-in backends; [] for others)."""
     if backend == "rabbitmq":
         t: Any = transport
-        a = t.admin()
-        found: list[str] = []
-        if a.get_vhost(t.vhost) is not None:
-            found.append(f"vhost {t.vhost}")
-            found += [f"queue {q['name']}" for q in a.list_queues(t.vhost)]
-            found += [f"policy {p['name']}" for p in a.list_policies(t.vhost)]
-            found += [f"federation upstream {u['name']}" for u in a.list_federation_upstreams(t.vhost)]
-        found += [f"user {u['name']}" for u in a.list_users() if str(u.get("name", "")).startswith(f"{t.vhost}:")]
-        return found
+        return list(t.management.inventory())
     if backend == "pulsar":
         from .transport.pulsar_admin import PulsarAdmin
 
@@ -393,8 +385,7 @@ def _tls_context(ca_file: str | None, cert_file: str | None = None, key_file: st
 
 
 def _rabbit_checks(opts: Mapping[str, Any], timeout: float) -> list[Check]:
-    from .transport.rabbitmq import RabbitTransport
-    from .transport.rabbitmq_admin import RabbitAdmin
+    from .transport.rabbitmq import RabbitAdmin, RabbitTransport
 
     o = {**RabbitTransport.option_defaults, **opts}
     host, port, mng_port = str(o["host"]), int(o["port"]), int(o["mng_port"])

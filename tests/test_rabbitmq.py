@@ -156,7 +156,7 @@ def test_lane_qos_rises_for_small_messages_and_falls_for_big_ones(pool_nodes, jo
         for i in range(60):
             g.remote(i, "small", str(i), [HOST])
         assert [h.get("small", str(i), [GUEST], timeout=30)[0] for i in range(60)] == list(range(60))
-        lane0 = transport(h)._consumers[(GUEST, 0)]
+        lane0 = transport(h).consumers.lanes[(GUEST, 0)]
         wait_for(lambda: lane0.qos == 64, "prefetch_max")  # reached from prefetch 4
         big = np.random.default_rng(0).random(1 << 20)  # 8 MiB: two full messages on lanes 0 and 1
         g.remote(big, "big", "0", [HOST])
@@ -441,7 +441,7 @@ def test_names_and_permissions():
     assert t.queue(GUEST, HOST, 3) == "job-1.a:guest:9999:host:10000:3"
     assert t.user_name == "fedtransport-job-1.a:guest:9999"
     assert t.max_unacked_per_lane == RabbitTransport.option_defaults["prefetch"]
-    configure, write, read = t._data_permissions()
+    configure, write, read = t.names.data_permissions()
     assert t.exchange(GUEST) == "job-1.a:guest:9999"
     assert [bool(re.match(write, r)) for r in ("job-1.a:guest:9999", "amq.default", "job-1.a:host:10000",
                                               t.queue(GUEST, HOST, 0), t.queue(HOST, ARBITER, 0))] == [

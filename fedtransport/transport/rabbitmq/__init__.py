@@ -1,0 +1,387 @@
+"""RabbitMQ backend: pika data plane, management HTTP API control plane.
+
+Features
+    * A virtual host per job, ``{vhost_prefix}{job_id}``, and a user per party and job,
+      ``{vhost}:{role}:{party_id}``, whose permissions cover only that vhost and, inside it,
+      only the party's own queues and exchange (configure), its exchange
+      ``{job_id}:{role}:{party_id}``, to which only its outgoing queues are bound (write: it
+      cannot publish into another pair's queue), and the queues addressed to it (read). The data plane connects
+      as that user, never as the admin. Its password is derived from the admin password
+      (HMAC-SHA256), so every process of a party (Spark executors, a restarted receiver)
+      computes the same one without storing it.
+    * Queues ``{job_id}:{src_role}:{src_id}:{dst_role}:{dst_id}:{lane}``: parties x lanes per
+      job, never one per variable or partition. ``:`` cannot occur in job ids, roles or party
+      ids, so a name maps back to exactly one (src, dst, lane). Durable queues, persistent
+      messages (delivery mode 2). The sender declares the destination queue too, so what is
+      sent before the receiver listens is kept.
+    * Publisher confirms with a bounded window (``send_window`` unconfirmed messages per
+      ``send``): the sender blocks on the window, never buffers a lazy message stream, and
+      ``send`` returns once every message is confirmed. A nack, a returned (unroutable)
+      message or a channel error raises ``BackendError`` with the broker's reply text.
+    * Consumers with manual acknowledgement and a per-lane prefetch (the channel's qos), one
+      channel per (source, lane), each handing its deliveries to a thread of its own so that
+      checking and placing messages runs in parallel across lanes, off pika's I/O thread.
+      The qos adapts to message sizes (``prefetch_bytes``) and grows by what the receiver
+      holds unacknowledged (``make_room``), so a lane never stalls behind data nobody asked
+      for yet and nothing is acknowledged before its transfer is handed over
+      (``max_unacked_per_lane`` is ``prefetch``). ``redeliver`` is ``basic.recover(requeue=True)``
+      on that lane's channel; acknowledgements of deliveries made before it are dropped
+      (their messages come again and are deduplicated above). No cancel-and-requeue per get.
+    * One connection per session, owned by one I/O thread running pika's asynchronous
+      ``SelectConnection`` IOLoop: every channel operation happens on that thread; ``send``,
+      ``ack``, ``listen`` and ``redeliver`` hand work over with ``add_callback_threadsafe``.
+    * Reconnects with bounded exponential back-off when the connection drops (node
+      restarted): channels, queues and consumers come back and unconfirmed messages are
+      published again (duplicates are dropped by the framing layer). A ``send`` that sees no
+      confirm for ``send_timeout`` seconds raises ``BackendError`` naming the last
+      connection problem.
+    * Modes: ``shared`` (every party on one broker) and ``federated``: each party declares
+      its queues on its own broker and publishes there; the receiving broker pulls with the
+      federation plugin. Per job and remote party, the receiver creates one upstream
+      ``from:{role}:{party_id}`` (URI from the route table, ``ack-mode: on-confirm``, bounded
+      ``prefetch-count``) and one policy ``federate:{role}:{party_id}`` matching the queues
+      from that party to itself. Parties behind an SNI proxy (route table ``proxy``) are
+      reached with ``amqps://proxy?...&server_name_indication={party host}``.
+    * Upstream credentials: with a job ``secret`` (the common option every party sets for
+      sealing), the sender creates on its own broker, per receiving party, a link user
+      ``{vhost}:link:{src_role}:{src_id}:{dst_role}:{dst_id}`` that may only read (and
+      declare) the queues towards that party; both sides derive its password from the
+      secret (HMAC-SHA256), so no admin credential leaves a party. Without a secret, the
+      upstream uses the remote broker's admin credentials from ``peer_credentials``, else
+      this party's own admin ``user``/``password`` (FATE's convention of one admin account
+      on every broker); a warning says so.
+    * TLS: ``ssl`` gives an ``ssl.SSLContext`` (CA, optional client certificate) with host
+      name checking against ``server_hostname``; federation upstreams use ``amqps://`` with
+      ``verify_peer`` and ``server_name_indication``.
+    * ``ttl_seconds``: a policy expires queues unused for that long, the safety net for a
+      scheduler that never calls cleanup. ``cleanup()`` (idempotent, also after ``close()``)
+      deletes the job's policies, upstreams, vhost and users (its own and every job user
+      with permissions on the vhost) on this party's broker.
+
+Connection options (``options=`` of ``Federation.connect``) and defaults
+    ``host``                        ``"127.0.0.1"``: this party's broker
+    ``port``                        ``5672``; the AMQPS port when ``ssl`` is given
+    ``mng_port``                    ``15672``: management API, ``http://{host}:{mng_port}``
+    ``user`` / ``password``         ``"guest"`` / ``"guest"``: admin credentials for the
+                                    management API (never used on the data plane)
+    ``mode``                        ``"shared"`` | ``"federated"`` (needs a route table)
+    ``ssl``                         ``None``, or ``{"ca_file", "cert_file", "key_file",
+                                    "server_hostname"}`` (all optional; server_hostname
+                                    defaults to ``host``)
+    ``prefetch``                    ``4`` unacknowledged deliveries per lane consumer, the
+                                    floor, sized for full (4 MiB) messages
+    ``prefetch_bytes``              ``16 MiB``: the qos rises above ``prefetch`` while messages
+                                    are small, to keep about this much in flight per lane
+    ``prefetch_max``                ``64``: the ceiling of that qos
+    ``send_window``                 ``8`` unconfirmed messages per ``send`` (one lane of one transfer)
+    ``send_window_bytes``           ``8 MiB`` unconfirmed per ``send``: what bounds a sender's memory
+    ``send_timeout``                ``60.0`` seconds without a confirm before ``send`` fails
+    ``connect_timeout``             ``30.0`` seconds for the first connection and channel setup
+    ``heartbeat``                   ``60`` seconds (AMQP heartbeat; 0 disables)
+    ``blocked_connection_timeout``  ``300.0`` seconds blocked by a broker alarm before the
+                                    connection is dropped and made again
+    ``reconnect_max_delay``         ``5.0`` seconds: cap of the reconnect back-off
+    ``vhost_prefix``                ``"fedtransport-"``: must be the same for every party
+    ``ttl_seconds``                 ``172800``: queues unused this long expire
+    ``federation_prefetch``         ``16``: messages a federation link has in flight
+    ``federation_ssl``              ``None``: like ``ssl`` (TLS upstreams when ``ssl`` is set);
+                                    ``False``: plain ``amqp://``; or ``{"ca_file", "cert_file",
+                                    "key_file"}`` as paths the *broker* can read
+    ``peer_credentials``            ``{}``: ``{party_id: {"user": ..., "password": ...}}`` admin
+                                    credentials of remote brokers (federated mode, no secret)
+    ``secret``                      the common job secret, also read here (see above)
+
+Errors
+    ``BackendError`` carrying the broker's reply text (connection refused, access refused,
+    TLS failures, nacks, returns, channel errors) or the management API's status and reason;
+    ``ConfigError`` for inconsistent options; ``RouteError`` for a party the route table
+    cannot resolve or reach.
+
+Modules of this package (each imports only modules listed below it)
+    ``__init__``    ``RabbitTransport``: options, naming, wiring the parts below
+    ``management``  the control plane: vhost, users, permissions, federation upstreams and
+                    policies, expiry, inventory, cleanup
+    ``admin``       ``RabbitAdmin``, the management HTTP API client
+    ``publisher``   the confirming publish channel and the send window
+    ``consumer``    lane consumers: qos, acks, recover
+    ``connection``  the pika I/O thread, posting work onto it, reconnect with back-off
+    ``naming``      names of the job's queues, exchanges, users and their permission patterns
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence, Sized
+from typing import Any, ClassVar
+
+from ...errors import BackendError, ConfigError
+from ...party import Party
+from ..base import DeliverFn, JobContext, Transport
+from .admin import DEFAULT_FEDERATION_PREFETCH, RabbitAdmin
+from .connection import RabbitConnection
+from .consumer import Consumers
+from .management import RabbitManagement, derive_password
+from .naming import RabbitNames
+from .publisher import Publisher
+
+__all__ = ["DEFAULT_FEDERATION_PREFETCH", "RabbitAdmin", "RabbitManagement", "RabbitNames", "RabbitTransport"]
+
+log = logging.getLogger("fedtransport.rabbitmq")
+
+_MODES = ("shared", "federated")
+_SSL_KEYS = frozenset({"ca_file", "cert_file", "key_file", "server_hostname"})
+_FED_SSL_KEYS = frozenset({"ca_file", "cert_file", "key_file"})
+_VHOST_PREFIX = re.compile(r"[A-Za-z0-9_.-]{0,64}")
+
+
+class RabbitTransport(Transport):
+    """The ``rabbitmq`` backend (see the module docstring)."""
+
+    name: ClassVar[str] = "rabbitmq"
+    option_defaults: ClassVar[dict[str, Any]] = {
+        "host": "127.0.0.1",
+        "port": 5672,
+        "mng_port": 15672,
+        "user": "guest",
+        "password": "guest",
+        "mode": "shared",
+        "ssl": None,
+        "prefetch": 4,
+        "prefetch_bytes": 16 << 20,
+        "prefetch_max": 64,
+        "send_window": 8,
+        "send_window_bytes": 8 << 20,
+        "send_timeout": 60.0,
+        "connect_timeout": 30.0,
+        "heartbeat": 60,
+        "blocked_connection_timeout": 300.0,
+        "reconnect_max_delay": 5.0,
+        "vhost_prefix": "fedtransport-",
+        "ttl_seconds": 172800,
+        "federation_prefetch": 16,
+        "federation_ssl": None,
+        "peer_credentials": {},
+        # The common job secret (also validated there): declared so that it reaches this
+        # backend, which derives the federation link passwords from it.
+        "secret": None,
+    }
+
+    def __init__(self, ctx: JobContext) -> None:
+        super().__init__(ctx)
+        o = ctx.options
+        self.mode: str = o["mode"]
+        self._federated = self.mode == "federated"
+        ssl_settings, fed_ssl = self._check_options()
+        secret = o["secret"]
+
+        self.host: str = o["host"]
+        self.port: int = o["port"]
+        self.names = RabbitNames(ctx.job_id, ctx.party, f"{o['vhost_prefix']}{ctx.job_id}", ctx.lane_offset)
+        self.vhost = self.names.vhost
+        self.user_name = self.names.party_user(ctx.party)
+        # Derived from the admin password: every process of the party computes the same one.
+        self._password = derive_password(str(o["password"]).encode(), "data-user", f"{self.vhost}\0{self.user_name}")
+        prefetch: int = o["prefetch"]
+        # The qos of a lane only ever rises above `prefetch`, so the broker never stops short of this.
+        self.max_unacked_per_lane = prefetch
+
+        self.management = RabbitManagement(
+            self.names,
+            o,
+            route_table=ctx.route_table,
+            fed_ssl=fed_ssl,
+            peer_credentials=self._check_peers(o["peer_credentials"]),
+            secret=secret.encode() if isinstance(secret, str) else secret,
+            data_user=self.user_name,
+            data_password=self._password,
+        )
+        self.connection = RabbitConnection(
+            o,
+            vhost=self.vhost,
+            user=self.user_name,
+            password=self._password,
+            ssl_settings=ssl_settings,
+            job_id=ctx.job_id,
+            party=ctx.party,
+        )
+        # Listeners in this order: after a reconnect the publisher's channel opens first.
+        self.publisher = Publisher(
+            self.connection,
+            self.names.exchange(ctx.party),
+            window=o["send_window"],
+            window_bytes=o["send_window_bytes"],
+            timeout=float(o["send_timeout"]),
+        )
+        self.consumers = Consumers(
+            self.connection,
+            prefetch=prefetch,
+            prefetch_max=max(o["prefetch_max"], prefetch),
+            prefetch_bytes=o["prefetch_bytes"],
+            max_size=ctx.max_message_size,
+        )
+
+    # options -------------------------------------------------------------------------------
+
+    def _check_options(self) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+        """Refuse inconsistent options; return the TLS settings (``ssl``, federation's)."""
+        o = self.ctx.options
+        if self.mode not in _MODES:
+            raise ConfigError(f"option 'mode' must be one of {_MODES}, got {self.mode!r}")
+        if self.mode == "federated" and self.ctx.route_table is None:
+            raise ConfigError("RabbitMQ mode 'federated' needs a route_table to find the other parties' brokers")
+        for key in ("port", "mng_port"):
+            self._check_int(key, 1, 65535)
+        for key, lo, hi in (
+            ("prefetch", 1, 65535),
+            ("prefetch_max", 1, 65535),
+            ("prefetch_bytes", 1, 1 << 40),
+            ("send_window", 1, 1 << 16),
+            ("send_window_bytes", 1, 1 << 40),
+            ("heartbeat", 0, 3600),
+            ("ttl_seconds", 1, 1 << 31),
+            ("federation_prefetch", 1, 65535),
+        ):
+            self._check_int(key, lo, hi)
+        for key in ("send_timeout", "connect_timeout", "blocked_connection_timeout", "reconnect_max_delay"):
+            value = o[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"option {key!r} must be a positive number of seconds, got {value!r}")
+        for key in ("host", "user", "password"):
+            if not isinstance(o[key], str) or not o[key]:
+                raise ConfigError(f"option {key!r} must be a non-empty string, got {o[key]!r}")
+        prefix = o["vhost_prefix"]
+        if not isinstance(prefix, str) or not _VHOST_PREFIX.fullmatch(prefix):
+            raise ConfigError(f"option 'vhost_prefix' must match [A-Za-z0-9_.-]{{0,64}}, got {prefix!r}")
+        ssl_settings = self._check_ssl("ssl", o["ssl"], _SSL_KEYS)
+        fed_ssl = o["federation_ssl"]
+        if fed_ssl is None:
+            fed_ssl = None if ssl_settings is None else {k: v for k, v in ssl_settings.items() if k in _FED_SSL_KEYS}
+        elif fed_ssl is False:
+            fed_ssl = None
+        else:
+            fed_ssl = self._check_ssl("federation_ssl", fed_ssl, _FED_SSL_KEYS)
+        if self.mode == "federated" and fed_ssl is not None and not fed_ssl.get("ca_file"):
+            raise ConfigError("federation over TLS needs 'ca_file' (in 'federation_ssl' or 'ssl') for the broker")
+        return ssl_settings, fed_ssl
+
+    def _check_int(self, key: str, lo: int, hi: int) -> None:
+        value = self.ctx.options[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ConfigError(f"option {key!r} must be an integer in [{lo}, {hi}], got {value!r}")
+
+    @staticmethod
+    def _check_ssl(key: str, value: Any, allowed: frozenset[str]) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"option {key!r} must be a mapping with keys {sorted(allowed)}, got {value!r}")
+        unknown = set(value) - allowed
+        if unknown:
+            raise ConfigError(f"option {key!r} has unknown key(s) {sorted(unknown)}; known: {sorted(allowed)}")
+        out = {k: str(v) for k, v in value.items() if v is not None}
+        if "key_file" in out and "cert_file" not in out:
+            raise ConfigError(f"option {key!r}: 'key_file' needs 'cert_file'")
+        return out
+
+    @staticmethod
+    def _check_peers(value: Any) -> dict[str, tuple[str, str]]:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"option 'peer_credentials' must map party ids to {{user, password}}, got {value!r}")
+        out: dict[str, tuple[str, str]] = {}
+        for pid, cred in value.items():
+            if not isinstance(cred, Mapping) or not {"user", "password"} <= set(cred):
+                raise ConfigError(f"option 'peer_credentials' for party {pid!r} needs 'user' and 'password'")
+            out[str(pid)] = (str(cred["user"]), str(cred["password"]))
+        return out
+
+    # naming (see naming.py) ----------------------------------------------------------------
+
+    def queue(self, src: Party, dst: Party, lane: int) -> str:
+        return self.names.queue(src, dst, lane)
+
+    def exchange(self, src: Party) -> str:
+        return self.names.exchange(src)
+
+    def party_user(self, party: Party) -> str:
+        return self.names.party_user(party)
+
+    def link_user(self, src: Party, dst: Party) -> str:
+        return self.names.link_user(src, dst)
+
+    upstream_name = staticmethod(RabbitNames.upstream_name)
+    policy_name = staticmethod(RabbitNames.policy_name)
+
+    # lifecycle -----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.management.setup_vhost()
+        try:
+            self.connection.start()
+        except BackendError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if not self.connection.close():
+            return
+        self.publisher.fail_all("the RabbitMQ transport was closed")
+        self.consumers.stop_all()
+
+    def cleanup(self) -> None:
+        # The vhost goes away with the connection's channels: close ours first.
+        self.close()
+        self.management.cleanup()
+
+    # data plane (caller threads) -----------------------------------------------------------
+    # Only federated mode reaches into the control plane here: the link user for a receiving
+    # party and the upstream from a sending one are made on first use, as the job's parties
+    # are known only then.
+
+    def send(self, dst: Party, lane: int, messages: Iterable[bytes]) -> int:
+        if self.connection.closed:
+            raise BackendError("the RabbitMQ transport is closed")
+        if self._federated:
+            self.management.ensure_link_user(dst)
+        return self.publisher.send(self.queue(self.ctx.party, dst, lane), messages, self.ctx.max_message_size)
+
+    def listen(self, src: Party, lane: int, deliver: DeliverFn) -> None:
+        c = self.consumers.listen(src, lane, self.queue(src, self.ctx.party, lane), deliver)
+        if c is None:
+            return
+        if self._federated:
+            self.management.ensure_upstream(src)
+        # Connected: a refusal (access, a missing queue) is reported now, not as a timeout later.
+        self.consumers.start(c, self._connected, self.connection.connect_timeout)
+
+    def _connected(self) -> bool:
+        return self.connection.connected and self.publisher.ready
+
+    def ack(self, deliveries: Sequence[tuple[int, Party, Any]]) -> None:
+        if self.connection.closed or not deliveries:
+            return  # what was not acknowledged is delivered again and dropped as a duplicate
+        self.consumers.ack(deliveries)
+
+    def make_room(self, src: Party, lane: int, held: int) -> None:
+        if not self.connection.closed:
+            self.consumers.make_room(src, lane, held)
+
+    def redeliver(self, src: Party, lane: int) -> None:
+        if self._federated and lane == 0:
+            try:
+                self.management.ensure_upstream(src)  # in case listen() could not create it
+            except BackendError as exc:
+                log.warning("federation from %s cannot be set up: %s", src, exc)
+            self.management.warn_about_links(src)
+        if not self.connection.closed:
+            self.consumers.redeliver(src, lane)
+
+    @property
+    def _ops(self) -> Sized:
+        # tests/test_load.py counts the sends still in the books here; ``publisher.in_flight``
+        # is the same count.
+        return self.publisher._ops
+
+    def describe(self) -> str:
+        where = f"{self.connection.scheme}://{self.host}:{self.port}/{self.vhost}"
+        return f"rabbitmq {self.mode} via {where} as {self.user_name}"
