@@ -1001,6 +1001,11 @@ def chart_layout(results: Iterable[Mapping[str, Any]]) -> list[ChartPanel]:
     return panels
 
 
+def _tick(label: str) -> str:
+    """A group's label on the x-axis: the backend, then its broker or mode, then a date, one per line."""
+    return label.replace(" (", "\n(").replace("), ", "),\n")
+
+
 def render_chart(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Grouped bars, one labelled group per result set (``chart_layout``): the raw client (grey) next
     to fedtransport's workloads. A bar is the median run, its whisker reaches down to the worst run;
@@ -1038,11 +1043,11 @@ def render_chart(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
                 top = (rect.get_x() + rect.get_width() / 2, rect.get_height())
                 ax.annotate(bar.note, top, ha="center", va="bottom", fontsize=8, rotation=90, xytext=(0, 3),
                             textcoords="offset points")  # fmt: skip
-        ax.set_xticks([g.centre for g in panel.groups], [g.label.replace(" (", "\n(") for g in panel.groups])
+        ax.set_xticks([g.centre for g in panel.groups], [_tick(g.label) for g in panel.groups])
         ax.set_xlim(-1, panel.extent + 1)
         ax.set_ylabel(panel.unit)
         ax.set_title(panel.title)
-        ax.margins(y=0.2)
+        ax.margins(y=0.35)  # room for the rotated ratio labels above the bars
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     dates = sorted({str(r.get("date", "")) for r in results} - {""})

@@ -56,27 +56,33 @@ def drawn(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, dict[str, list[
 
 
 def _groups(entry: dict[str, list[Any]]) -> dict[str, list[float]]:
-    """Bar heights under each x label: the bars between the midpoints to the neighbouring ticks."""
+    """Bar heights under each x label: bars stand side by side (1 apart) within a group and further
+    apart between groups; each run of adjacent bars belongs to the tick at its middle."""
     ticks, labels = entry["ticks"], entry["labels"]
-    order = sorted(range(len(ticks)), key=lambda i: ticks[i])
+    runs: list[list[tuple[float, float]]] = []
+    for x, h in sorted(entry["bars"]):
+        if runs and x - runs[-1][-1][0] < 1.5:
+            runs[-1].append((x, h))
+        else:
+            runs.append([(x, h)])
     groups: dict[str, list[float]] = {}
-    for k, i in enumerate(order):
-        low = (ticks[order[k - 1]] + ticks[i]) / 2 if k > 0 else float("-inf")
-        high = (ticks[i] + ticks[order[k + 1]]) / 2 if k + 1 < len(order) else float("inf")
-        groups[labels[i]] = [h for x, h in entry["bars"] if low < x < high]
+    for run in runs:
+        middle = (run[0][0] + run[-1][0]) / 2
+        [label] = [label for t, label in zip(ticks, labels, strict=True) if abs(t - middle) < 1e-9]
+        groups[label] = [h for _, h in run]
     return groups
 
 
 def test_chart_of_the_committed_results_has_distinct_nonempty_groups(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, drawn: dict[int, dict[str, list[Any]]]
 ) -> None:
-    assert len(RESULTS) == 5, "benchmarks/results/ holds three plain and two Spark result sets"
+    assert len(RESULTS) == 8, "benchmarks/results/ holds six plain and two Spark result sets"
     png = tmp_path / "benchmarks.png"
     assert main(["bench", "--from-json", *map(str, RESULTS), "--chart", str(png)]) == 0
     assert f"chart written to {png}" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     panels = list(drawn.values())
-    assert len(panels) == 2
+    assert len(panels) == 3
     seen = []
     for entry in panels:
         labels = entry["labels"]
@@ -86,17 +92,21 @@ def test_chart_of_the_committed_results_has_distinct_nonempty_groups(
             # the raw client and at least one fedtransport workload, all measured
             assert len(heights) >= 2 and all(h > 0 for h in heights), f"group {label!r} holds {heights}"
         assert sum(len(h) for h in groups.values()) == len(entry["bars"]), "a bar outside every group"
-        seen.append({label.replace("\n", " ") for label in labels})
-    large, small = seen
+        seen.append({label.replace("),\n", "), ").replace("\n", " ") for label in labels})
+    large, repl, small = seen
     assert large == {
-        "pulsar (pulsar-lite)",
+        "pulsar (standalone)",
+        "pulsar (pulsar-lite), 2026-11-29",
+        "pulsar (pulsar-lite), 2026-12-05",
         "rabbitmq (shared)",
         "rabbitmq (federated)",
         "spark + pulsar (pulsar-lite)",
         "spark + rabbitmq (shared)",
     }
-    # the Spark runs have no small objects
-    assert small == {"pulsar (pulsar-lite)", "rabbitmq (shared)", "rabbitmq (federated)"}
+    assert repl == {"pulsar (standalone, replication)"}
+    # the Spark runs and the 10 embedded transfers have no small objects
+    lite = "pulsar (pulsar-lite), 2026-11-29"
+    assert small == {"pulsar (standalone)", lite, "rabbitmq (shared)", "rabbitmq (federated)"}
 
 
 def test_chart_layout_matches_the_drawing(tmp_path: Path, drawn: dict[int, dict[str, list[Any]]]) -> None:
@@ -104,7 +114,7 @@ def test_chart_layout_matches_the_drawing(tmp_path: Path, drawn: dict[int, dict[
     layout = bench.chart_layout(results)
     bench.render_chart(results, tmp_path / "chart.png")
     for panel, entry in zip(layout, drawn.values(), strict=True):
-        assert [g.label.replace(" (", "\n(") for g in panel.groups] == entry["labels"]
+        assert [g.label.replace(" (", "\n(").replace("), ", "),\n") for g in panel.groups] == entry["labels"]
         assert sorted((b.x, b.value) for g in panel.groups for b in g.bars) == sorted(entry["bars"])
         for group in panel.groups:
             assert group.bars[0].workload == panel.workloads[0] and group.bars[0].note == "raw"
