@@ -72,6 +72,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
 import time
@@ -478,8 +479,20 @@ def run_pair(sender: Callable[..., None], receiver: Callable[..., None], cfg: di
         send = ctx.Process(target=sender, args=(cfg, q))
         send.start()
         got: dict[str, Any] = {}
+        deadline = time.monotonic() + 900
         while len(got) < 2:
-            item = q.get(timeout=900)
+            try:
+                item = q.get(timeout=1.0)
+            except queue.Empty:
+                # A side that died before reporting would leave the other waiting for it until the deadline.
+                for who, proc in (("sender", send), ("receiver", recv)):
+                    if proc.exitcode not in (None, 0):
+                        what = cfg.get("workload") or "the raw client"
+                        raise RuntimeError(f"the {who} of {what} died (exit code {proc.exitcode}); "
+                                           "its traceback is above") from None  # fmt: skip
+                if time.monotonic() > deadline:
+                    raise
+                continue
             got[item[0]] = item[1:]
     finally:
         for proc in (send, recv):  # every child ends with the repetition, also on failure
