@@ -4,9 +4,10 @@
 
 Reads every ``throughput-*.json`` written by ``benchmarks/throughput.py --json`` (or
 ``fedtransport bench --json``) and draws, per result file (its own labelled group: the backend,
-``spark + BACKEND`` for a Spark run), the raw broker client next to fedtransport's workloads,
-each labelled with its ratio to the raw client. Needs matplotlib
-(``pip install 'fedtransport[bench]'``).
+with the Pulsar broker or the RabbitMQ mode; ``spark + BACKEND`` for a Spark run), the raw broker
+client next to fedtransport's workloads: each bar the median run, its whisker the worst run, each
+fedtransport bar labelled with its median ratio to the raw client and its worst per-repetition
+ratio. Needs matplotlib (``pip install 'fedtransport[bench]'``).
 """
 
 from __future__ import annotations
