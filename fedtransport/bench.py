@@ -512,7 +512,8 @@ REPL_TENANT = "bench"  # the raw client's replicated namespace: bench/raw on bot
 
 
 def _pulsar_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
-    """The Pulsar broker(s) of the run, started when a workload first needs them."""
+    """The Pulsar broker of the run (not for a run of replication workloads alone), and the two
+    replication clusters, started when a replication workload first needs them."""
     from .brokers import EmbeddedPulsar, PulsarStandalone
 
     kind = getattr(args, "broker", "standalone")
@@ -592,7 +593,13 @@ def _pulsar_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
 
         return go
 
-    broker = {"kind": kind, "replication": {"raw": raw_repl, "fed": fed_repl}}
+    broker: dict[str, Any] = {"kind": kind, "replication": {"raw": raw_repl, "fed": fed_repl}}
+    only = set(args.only or ())
+    if not only or not all(name.endswith("-repl") for name in only):  # a run of replication alone needs no third
+        b = single()
+        broker["service_url"] = b.service_url
+        if kind != "embedded":
+            broker["admin_url"] = b.admin_url
     return BenchContext(args, "pulsar", stack, raw, fed, broker)
 
 
