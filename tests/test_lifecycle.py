@@ -169,23 +169,23 @@ def fork_twice(launcher):
 """
 
 
-def _owner(imports: str, body: str) -> list[str]:
+def _start_owner(imports: str, body: str) -> subprocess.Popen[str]:
     """An owner process: ``imports``, ``fork_twice``, then ``body`` (each indented as it likes)."""
-    return [sys.executable, "-c", textwrap.dedent(imports) + _FORK_TWICE + textwrap.dedent(body)]
+    code = textwrap.dedent(imports) + _FORK_TWICE + textwrap.dedent(body)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @requires_rabbitmq
 @pytest.mark.rabbitmq
 def test_sigterm_of_the_owner_stops_its_rabbitmq_node_a_forked_child_does_not() -> None:
     # No plugins: the node boots and stops in about a second, and binds no management port.
-    owner = subprocess.Popen(
-        _owner(
-            """
+    owner = _start_owner(
+        """
             import json, os, sys, time
             import pika
             import fedtransport as ft
             """,
-            """
+        """
             node = ft.brokers.RabbitNode(name="sigterm", plugins=()).start()
             before = sorted(node.processes())
             codes = fork_twice(node)
@@ -208,10 +208,6 @@ def test_sigterm_of_the_owner_stops_its_rabbitmq_node_a_forked_child_does_not() 
             }), flush=True)
             time.sleep(3600)
             """,
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     run_dir = None
     try:
@@ -229,13 +225,12 @@ def test_sigterm_of_the_owner_stops_its_rabbitmq_node_a_forked_child_does_not() 
 
 @pytest.mark.timeout(1800)  # the first start of a machine resolves the broker's jars with Maven
 def test_sigterm_of_the_owner_stops_its_pulsar_standalone_a_forked_child_does_not() -> None:
-    owner = subprocess.Popen(
-        _owner(
-            """
+    owner = _start_owner(
+        """
             import json, os, sys, time
             import fedtransport as ft
             """,
-            """
+        """
             broker = ft.brokers.PulsarStandalone().start()
             pid = broker.pid
             codes = fork_twice(broker)
@@ -246,10 +241,6 @@ def test_sigterm_of_the_owner_stops_its_pulsar_standalone_a_forked_child_does_no
             }), flush=True)
             time.sleep(3600)
             """,
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     run_dir = None
     try:
