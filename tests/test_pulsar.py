@@ -204,6 +204,11 @@ def test_options_are_checked():
         ft.Federation.connect("pulsar", job_id="j", party=GUEST, options={"mode": "multicast"})
     with pytest.raises(ft.ConfigError, match="unknown option"):
         ft.Federation.connect("pulsar", job_id="j", party=GUEST, options={"servce_url": "pulsar://x:1"})
+    for key in ("send_timeout", "subscribe_timeout"):
+        for bad in (0, -1.5, "30", True):
+            with pytest.raises(ft.ConfigError, match=f"{key}.*positive number of seconds"):
+                ft.Federation.connect("pulsar", job_id="j", party=GUEST,
+                                      options={"service_url": "pulsar://x:1", key: bad})  # fmt: skip
 
 
 def test_unreachable_broker_is_a_backend_error(job_id):

@@ -274,6 +274,9 @@ class PulsarTransport(Transport):
         for key in ("send_window", "send_window_bytes", "receiver_queue_size", "receive_connections", "ttl_seconds"):
             if isinstance(o[key], bool) or not isinstance(o[key], int) or o[key] < 1:
                 raise ConfigError(f"option {key!r} must be a positive integer, got {o[key]!r}")
+        for key in ("send_timeout", "subscribe_timeout"):  # seconds; 0 would make every wait give up at once
+            if isinstance(o[key], bool) or not isinstance(o[key], (int, float)) or not o[key] > 0:
+                raise ConfigError(f"option {key!r} must be a positive number of seconds, got {o[key]!r}")
         self.tenant = str(o["tenant"])
         self.namespace = ctx.job_id
         self.cluster = o["cluster"] or (ctx.route_table.cluster_name(ctx.party) if ctx.route_table else "standalone")
