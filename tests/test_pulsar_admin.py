@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import urllib.error
 import uuid
 from collections.abc import Iterator
@@ -266,6 +267,38 @@ def test_bad_configuration() -> None:
         PulsarAdmin("http://127.0.0.1:8080", timeout=0)
 
 
+def test_parties_creating_one_tenant_at_once_all_succeed(broker, admin):
+    # Every party of a job ensures the job's tenant at connect, at the same moment; each also
+    # adds its own cluster. None may fail, and no party's cluster may be lost to a race.
+    tenant = unique("tenant")
+    clusters = [unique("party") for _ in range(6)]
+    for name in clusters:
+        admin.ensure_cluster(name, {"serviceUrl": f"http://{name}.fate.test:8080"})
+    start = threading.Barrier(len(clusters))
+    errors: list[BaseException] = []
+
+    def join(cluster: str) -> None:
+        start.wait()
+        try:
+            PulsarAdmin(broker.admin_url, timeout=30.0).ensure_tenant(tenant, [broker.cluster, cluster])
+        except BaseException as e:  # collected, asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=join, args=(c,)) for c in clusters]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        stored = read(broker, f"/admin/v2/tenants/{tenant}")
+        assert sorted(stored["allowedClusters"]) == sorted([broker.cluster, *clusters])
+    finally:
+        admin.delete_tenant(tenant)
+        for name in clusters:
+            admin.delete_cluster(name)
+
+
 # ---------------------------------------------------------------------------- the fake: what a standalone cannot answer
 def test_a_server_error_carries_status_and_reason() -> None:
     # A 500 needs a broker whose metadata store fails; a healthy standalone never answers one.
@@ -275,6 +308,29 @@ def test_a_server_error_carries_status_and_reason() -> None:
             PulsarAdmin(fake.url, timeout=5.0).get_clusters()
     assert info.value.status == 500
     assert info.value.broker_message == "Internal error: metadata store down"
+
+
+def test_a_lost_metadata_race_counts_as_already_there() -> None:
+    # Two parties creating one tenant on a fresh standalone: the loser gets HTTP 500 with
+    # BadVersionException (seen on Pulsar 4.0.7), which must read as a 409, never fail connect.
+    with FakePulsarAdmin() as fake:
+        for name in ("party-a", "party-b", "party-c", "party-d"):
+            fake.state.clusters[name] = {"serviceUrl": f"http://{name}.fate.test:8080"}
+        fake.state.tenants["fl-tenant"] = {"adminRoles": [], "allowedClusters": ["party-a"]}
+        reason = "org.apache.pulsar.metadata.api.MetadataStoreException$BadVersionException: version mismatch"
+        fake.fail("PUT", "/admin/v2/tenants/fl-tenant", 500, reason)
+        a = PulsarAdmin(fake.url, timeout=5.0)
+        assert a.ensure_tenant("fl-tenant", ["party-b"]) is False
+        assert sorted(fake.state.tenants["fl-tenant"]["allowedClusters"]) == ["party-a", "party-b"]
+        # the same answer to the read-modify-write update: read again and re-apply
+        fake.fail("POST", "/admin/v2/tenants/fl-tenant", 500, reason)
+        assert a.ensure_tenant("fl-tenant", ["party-c"]) is False
+        assert sorted(fake.state.tenants["fl-tenant"]["allowedClusters"]) == ["party-a", "party-b", "party-c"]
+        # any other 500 still fails, with its status
+        fake.fail("PUT", "/admin/v2/tenants/fl-tenant", 500, "Internal error: metadata store down")
+        with pytest.raises(BackendError) as info:
+            a.ensure_tenant("fl-tenant", ["party-d"])
+    assert info.value.status == 500
 
 
 def test_redirect_is_followed_with_method_body_and_token() -> None:

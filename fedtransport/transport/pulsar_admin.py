@@ -40,8 +40,9 @@ Errors: any other non-success answer raises :class:`~fedtransport.errors.Backend
 method, path and status, with ``status`` set and ``broker_message`` = Pulsar's ``{"reason": ...}``
 (or the title of Jetty's error page); a 401 from Pulsar's authentication filter says
 "authentication failed" (no token, or one the broker rejected), a 401/403 from a handler "not
-authorized";
-an unreachable server raises ``BackendError`` naming the URL. Standard library only (urllib).
+authorized"; a 500 ``BadVersionException`` (a concurrent writer of the same metadata won) is
+treated as the 409 it stands for; an unreachable server raises ``BackendError`` naming the URL.
+Standard library only (urllib).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ _TOPIC_RE = re.compile(r"^(persistent|non-persistent)://([^/]+)/([^/]+)/(.+)$")
 _NO_BODY: Any = object()
 _HTML_TITLE_RE = re.compile(r"<title>\s*(?:Error\s+\d+\s+)?([^<]*?)\s*</title>", re.IGNORECASE)
 _DELETE_ATTEMPTS = 5
+_CONFLICT_ATTEMPTS = 5
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -166,14 +168,19 @@ class PulsarAdmin:
                     continue
                 payload = _decode(e.read(), e.headers.get("Content-Type", "") if e.headers else "")
                 e.close()
-                if e.code in tolerated:
-                    return e.code, payload
                 reason = _reason(payload) or (e.reason if isinstance(e.reason, str) else "")
-                refusal = _refusal(e.code, payload, bool(self._token))
+                code = e.code
+                if code == 500 and "BadVersion" in reason:
+                    # Another writer changed the same metadata first (two parties creating
+                    # one tenant on a fresh broker): the same outcome as a 409.
+                    code = 409
+                if code in tolerated:
+                    return code, payload
+                refusal = _refusal(code, payload, bool(self._token))
                 raise BackendError(
                     f"Pulsar admin {method} {path} failed: {refusal}HTTP {e.code}" + (f": {reason}" if reason else ""),
                     broker_message=reason,
-                    status=e.code,
+                    status=code,
                 ) from None
             except urllib.error.URLError as e:
                 raise BackendError(
@@ -229,14 +236,22 @@ class PulsarAdmin:
         status, _ = self.request("PUT", path, body, tolerate=(409,))
         if status != 409:
             return True
-        current = self.get_tenant(tenant) or {}
-        have = list(current.get("allowedClusters") or [])
-        missing = [c for c in allowed_clusters if c not in have]
-        roles = list(current.get("adminRoles") or [])
-        extra_roles = [r for r in admin_roles if r not in roles]
-        if missing or extra_roles:
-            self.request("POST", path, {"adminRoles": roles + extra_roles, "allowedClusters": have + missing})
-        return False
+        for _ in range(_CONFLICT_ATTEMPTS):
+            current = self.get_tenant(tenant) or {}
+            have = list(current.get("allowedClusters") or [])
+            missing = [c for c in allowed_clusters if c not in have]
+            roles = list(current.get("adminRoles") or [])
+            extra_roles = [r for r in admin_roles if r not in roles]
+            if not (missing or extra_roles):
+                return False
+            # Read-modify-write: a 409 means another party updated the tenant meanwhile.
+            body = {"adminRoles": roles + extra_roles, "allowedClusters": have + missing}
+            status, _ = self.request("POST", path, body, tolerate=(409,))
+            if status != 409:
+                return False
+        raise BackendError(
+            f"Pulsar admin: tenant {tenant!r} kept changing under {_CONFLICT_ATTEMPTS} updates", status=409
+        )
 
     def delete_tenant(self, tenant: str) -> bool:
         """Delete an (empty) tenant; False when it did not exist."""
