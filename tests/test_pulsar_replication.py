@@ -37,12 +37,8 @@ from fedtransport.brokers import HAProxy
 from fedtransport.brokers.standalone import PulsarStandalone
 from fedtransport.transport.pulsar_admin import PulsarAdmin
 
-# A forced topic DELETE on a replicating standalone now and then never answers (seen in 1 of 3
-# runs of this file on 2 loaded cores; the retries then get 500 "Topic is already fenced").
-# Under investigation (issue 12); until then CI leaves this file out, loudly.
-
 # Three brokers start at once on 2 cores (the jars may first be resolved with Maven, ~35 s cold).
-pytestmark = [pytest.mark.quarantine, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 DOMAIN = "fate.test"
 PARTIES = (GUEST, HOST, ARBITER)
