@@ -179,8 +179,11 @@ SMALL_SECONDS = [2.0, 1.0, 3.0]
 RAW_SMALL_SECONDS = [1.0, 1.0, 1.0]
 
 
-def _fake_run(capsys: pytest.CaptureFixture[str], *only: str) -> tuple[dict[str, Any], list[str], str]:
-    """``bench.run`` on a backend whose workloads take the seconds above; (results, call order, output)."""
+def _fake_run(capsys: pytest.CaptureFixture[str], *only: str, warmup: int = 0) -> tuple[dict[str, Any], list[str], str]:
+    """``bench.run`` on a backend whose workloads take the seconds above; (results, call order, output).
+
+    A warm-up round (index 3 and up) takes 100 s: counted anywhere, it would show.
+    """
     order: list[str] = []
     seconds = {"raw-large": RAW_SECONDS, "object": OBJECT_SECONDS, "raw-small": RAW_SMALL_SECONDS,
                "small": SMALL_SECONDS}  # fmt: skip
@@ -188,7 +191,7 @@ def _fake_run(capsys: pytest.CaptureFixture[str], *only: str) -> tuple[dict[str,
     def go(name: str, nbytes: int) -> bench.Go:
         def one(i: int) -> bench.Result:
             order.append(f"{name} {i}")
-            t = seconds[name][i]
+            t = seconds[name][i] if i < 3 else 100.0
             return {"seconds": t, "bytes": nbytes, "MB_per_s": round(nbytes / 1e6 / t, 1)}
 
         return one
@@ -202,7 +205,7 @@ def _fake_run(capsys: pytest.CaptureFixture[str], *only: str) -> tuple[dict[str,
 
         return bench.BenchContext(args, "fake", stack, raw, fed)
 
-    args = bench.build_parser().parse_args(["--mib", "5", "--repeat", "3", "--only", *only])
+    args = bench.build_parser().parse_args(["--mib", "5", "--repeat", "3", "--warmup", str(warmup), "--only", *only])
     args.backend = "fake"
     lines: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
@@ -221,6 +224,18 @@ def test_each_repetition_of_a_workload_runs_next_to_one_of_its_baseline(capsys: 
     results, order, out = _fake_run(capsys, "object")
     assert order == ["object 0", "object 1", "object 2"] and results["ratios"] == {}
     assert "ratio" not in out
+
+
+def test_warm_up_rounds_run_first_are_kept_and_never_counted(capsys: pytest.CaptureFixture[str]) -> None:
+    results, order, out = _fake_run(capsys, "raw-large", "object", warmup=1)
+    assert order[:2] == ["raw-large 3", "object 3"] and len(order) == 8
+    assert [r["seconds"] for r in results["warmup"]["object"]] == [100.0]
+    assert results["workloads"]["object"]["worst"]["seconds"] == 4.0  # the 100 s round is not in it
+    assert results["ratios"]["object"]["per_repeat"] == [0.8, 1.0, 0.5]
+    assert "warm-up object" in out and "(not counted)" in out
+    assert bench.build_parser().parse_args([]).warmup == 1
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--warmup", "-1"])
 
 
 def test_the_report_holds_every_run_the_median_and_the_worst(capsys: pytest.CaptureFixture[str]) -> None:
