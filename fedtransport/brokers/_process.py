@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -22,11 +22,18 @@ from ..errors import BackendError
 LOOPBACK = "127.0.0.1"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+def free_port(avoid: Container[int] = ()) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now and that is not in ``avoid``.
+
+    The kernel may hand out a port again before anyone binds it: ``avoid`` holds the ones picked
+    for others already.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((LOOPBACK, 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid:
+            return port
 
 
 def port_open(port: int, host: str = LOOPBACK) -> bool:
@@ -216,10 +223,33 @@ def stopped_at_exit() -> set[Any]:
     return live
 
 
-_C = TypeVar("_C", bound="ChildProcess")
+_L = TypeVar("_L", bound="Launcher")
 
 
-class ChildProcess(ABC):
+class Launcher(ABC):
+    """A context manager over ``start()`` (which returns ``self``) and ``stop()``."""
+
+    @abstractmethod
+    def start(self: _L) -> _L:
+        """Start the child and wait until it serves; return ``self``."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop the child and remove what it left behind; idempotent."""
+
+    def __enter__(self: _L) -> _L:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ChildProcess(Launcher):
     """Base of the launchers that own one child process and a private run directory.
 
     Subclasses implement ``start()`` (which returns ``self``) and ``_stop()``; the context
@@ -235,10 +265,6 @@ class ChildProcess(ABC):
         self._lock = threading.RLock()
 
     @abstractmethod
-    def start(self: _C) -> _C:
-        """Start the child and wait until it serves; return ``self``."""
-
-    @abstractmethod
     def _stop(self) -> None:
         """Stop the child and remove what it left behind; idempotent."""
 
@@ -249,6 +275,11 @@ class ChildProcess(ABC):
                 self._proc, self._run_dir = None, None  # the parent's: not ours to stop or delete
                 return
             self._stop()
+
+    def kill(self) -> None:
+        """SIGKILL the child, as a crash would (fault tests); its run directory and data stay."""
+        with self._lock:
+            self._kill_child()
 
     @property
     def host(self) -> str:
@@ -266,16 +297,17 @@ class ChildProcess(ABC):
     def running(self) -> bool:
         return self._proc is not None and os.getpid() == self._owner_pid and self._proc.poll() is None
 
-    def __enter__(self: _C) -> _C:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    @property
+    def rss_bytes(self) -> int | None:
+        """Resident memory of the child (Linux ``/proc``), or ``None`` when it does not run."""
+        pid = self.pid if self.running else None
+        if pid is None:
+            return None
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return None
 
     def _in_run_dir(self, name: str) -> Path | None:
         return self._run_dir / name if self._run_dir is not None else None
@@ -323,6 +355,15 @@ class ChildProcess(ABC):
         proc, self._proc = self._proc, None
         if proc is not None:
             stop_process(proc, timeout)
+
+    def _kill_child(self) -> None:
+        """SIGKILL the child and reap it; ``restart()`` starts it again in the same run dir."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
     def _remove_run_dir(self) -> None:
         run_dir, self._run_dir = self._run_dir, None

@@ -50,7 +50,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -174,7 +173,7 @@ class EmbeddedPulsar(ChildProcess):
             except BaseException:
                 # A first start that failed leaves nothing behind; a failed restart keeps the
                 # data so the caller can retry.
-                self._kill_process()
+                self._kill_child()
                 if fresh:
                     self._remove_dirs()
                 raise
@@ -186,11 +185,6 @@ class EmbeddedPulsar(ChildProcess):
         self._stop_child()
         self._remove_dirs()
         _live.discard(self)
-
-    def kill(self) -> None:
-        """SIGKILL the broker (a crash for fault tests); ``restart()`` brings it back."""
-        with self._lock:
-            self._kill_process()
 
     def restart(self) -> EmbeddedPulsar:
         """Stop the process if it runs and start it again on the same port and data dir."""
@@ -249,16 +243,6 @@ class EmbeddedPulsar(ChildProcess):
             "",
         ]
         return "\n".join(lines)
-
-    def _kill_process(self) -> None:
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        proc.wait()
 
     def _remove_dirs(self) -> None:
         data_dir, self._data_dir = self._data_dir, None
