@@ -190,7 +190,7 @@ def _inventory(backend: str, transport: Transport, opts: Mapping[str, Any]) -> l
         t: Any = transport
         return list(t.management.inventory())
     if backend == "pulsar":
-        from .transport.pulsar_admin import PulsarAdmin
+        from .transport.pulsar.admin import PulsarAdmin
 
         t = transport
         admin = _pulsar_admin(opts, PulsarAdmin)
@@ -592,7 +592,7 @@ def _pulsar_lookup(url: str, opts: Mapping[str, Any], timeout: float) -> Check:
     """A topic lookup over the binary protocol: proves the handshake and the token."""
     import pulsar
 
-    from .transport.pulsar_admin import read_token
+    from .transport.pulsar.admin import read_token
 
     name = "protocol and token"
     quiet = logging.getLogger("fedtransport.doctor.pulsar-client")
@@ -640,7 +640,7 @@ def _pulsar_lookup(url: str, opts: Mapping[str, Any], timeout: float) -> Check:
 
 
 def _pulsar_admin_checks(opts: Mapping[str, Any], tenant: str, cluster: str, timeout: float) -> list[Check]:
-    from .transport.pulsar_admin import PulsarAdmin
+    from .transport.pulsar.admin import PulsarAdmin
 
     try:
         admin = _pulsar_admin(opts, PulsarAdmin, timeout)

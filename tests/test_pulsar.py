@@ -25,7 +25,7 @@ from standalone_fixtures import admin_read as read
 import fedtransport as ft
 from fedtransport.brokers.standalone import PulsarStandalone
 from fedtransport.transport.pulsar import PulsarTransport
-from fedtransport.transport.pulsar_admin import PulsarAdmin
+from fedtransport.transport.pulsar.admin import PulsarAdmin
 
 # The session broker may first resolve its jars with Maven (~35 s cold) and start (5-10 s).
 pytestmark = pytest.mark.timeout(600)

@@ -27,7 +27,7 @@ from standalone_fixtures import admin_read as read
 
 from fedtransport.brokers.standalone import PulsarStandalone
 from fedtransport.errors import BackendError, ConfigError
-from fedtransport.transport.pulsar_admin import PulsarAdmin
+from fedtransport.transport.pulsar.admin import PulsarAdmin
 
 pytestmark = pytest.mark.timeout(600)  # the session broker may be resolved and started first
 

@@ -35,7 +35,7 @@ import fedtransport as ft
 from fedtransport import certs
 from fedtransport.brokers import HAProxy
 from fedtransport.brokers.standalone import PulsarStandalone
-from fedtransport.transport.pulsar_admin import PulsarAdmin
+from fedtransport.transport.pulsar.admin import PulsarAdmin
 
 # Three brokers start at once on 2 cores (the jars may first be resolved with Maven, ~35 s cold).
 pytestmark = pytest.mark.timeout(900)

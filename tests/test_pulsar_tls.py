@@ -24,7 +24,7 @@ import fedtransport as ft
 from fedtransport import certs
 from fedtransport.brokers.standalone import PulsarStandalone, hs256_token
 from fedtransport.cli import main as fedtransport_cli
-from fedtransport.transport.pulsar_admin import PulsarAdmin
+from fedtransport.transport.pulsar.admin import PulsarAdmin
 
 pytestmark = pytest.mark.timeout(600)  # a broker start, maybe after resolving its jars
 

@@ -1,4 +1,4 @@
-"""A small Pulsar admin REST v2 client: the control plane of the Pulsar backend.
+"""A small Pulsar admin REST v2 client, the one the backend's control plane (``management``) drives.
 
 What it does
 ------------
@@ -58,7 +58,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendError, ConfigError
+from ...errors import BackendError, ConfigError
 
 __all__ = ["PulsarAdmin"]
 
