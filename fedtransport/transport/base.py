@@ -8,6 +8,28 @@ It knows nothing about objects, transfers or tables.
 Threading contract: ``send`` may be called concurrently from several threads for
 different ``(dst, lane)`` pairs; ``deliver`` callbacks run on threads the backend
 owns and must not block for long; ``ack`` may be called from any thread.
+
+Operator hooks: what ``fedtransport doctor`` and ``fedtransport cleanup`` (fedtransport.doctor)
+ask of a backend, so that they name none. Each has a default, so a backend added through the
+entry point gets both commands, and overrides what it knows better:
+
+``route_kind``
+    the route table format of this backend (``"pulsar"``, ``"rabbitmq"``); ``None``: guessed
+    from the table's keys.
+``options_from_route(options, endpoint)``
+    connection options with this party's route-table entry filled in; explicit keys win.
+``describe_options(options)``
+    one line naming the broker the options point at (doctor's ``options`` step).
+``doctor_checks(options, *, routes, party, timeout)``
+    the backend's own checks of its broker, a list of :class:`~.checks.Check`, run after the
+    options were accepted and before the round trip.
+``probe_options(options, *, routes, party)`` / ``probe_failure_fix(options)``
+    options for doctor's round trip, in which two made-up parties share this party's broker;
+    and the advice shown when that round trip fails.
+``cleanup_target()`` / ``inventory()``
+    on a transport built for a job but not opened: where ``cleanup`` deletes (raising
+    ``ConfigError`` when it cannot from outside a session), and the names of the job's
+    resources there, listed before and after ``cleanup()``.
 """
 
 from __future__ import annotations
@@ -18,7 +40,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..party import Party
-from ..routing import RouteTable
+from ..routing import Endpoint, RouteTable
+from .checks import Check
 
 __all__ = ["DeliverFn", "Delivery", "JobContext", "Transport"]
 
@@ -105,3 +128,45 @@ class Transport(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    # operator hooks: fedtransport doctor and cleanup (see the module docstring) ---------------
+
+    #: the route table format of this backend; None: guessed from the table's keys
+    route_kind: ClassVar[str | None] = None
+
+    @classmethod
+    def options_from_route(cls, options: Mapping[str, Any], endpoint: Endpoint) -> dict[str, Any]:
+        """``options`` with the broker of ``endpoint`` (this party's route-table entry) filled in."""
+        return dict(options)
+
+    @classmethod
+    def describe_options(cls, options: Mapping[str, Any]) -> str:
+        """One line naming the broker ``options`` point at."""
+        return f"backend {cls.name}"
+
+    @classmethod
+    def doctor_checks(
+        cls, options: Mapping[str, Any], *, routes: RouteTable | None, party: Party | None, timeout: float
+    ) -> list[Check]:
+        """Checks of this party's broker, each network step bounded by ``timeout`` seconds."""
+        return [Check("broker", "skip", f"no connectivity checks for backend {cls.name!r}; the round trip tests it")]
+
+    @classmethod
+    def probe_options(
+        cls, options: Mapping[str, Any], *, routes: RouteTable | None, party: Party | None
+    ) -> dict[str, Any]:
+        """Options for two probe parties that both live on this party's broker (no route table)."""
+        return dict(options)
+
+    @classmethod
+    def probe_failure_fix(cls, options: Mapping[str, Any]) -> str:
+        """What to do when the round trip failed with the broker's own message."""
+        return "the message above carries the broker's own reason"
+
+    def cleanup_target(self) -> str:
+        """Where ``cleanup()`` deletes, for the operator; ``ConfigError`` when it cannot."""
+        return self.describe()
+
+    def inventory(self) -> list[str]:
+        """Names of the job's resources on the broker; ``[]`` when the backend cannot list them."""
+        return []

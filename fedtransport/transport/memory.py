@@ -17,14 +17,17 @@ Connection options (``options=`` of ``Federation.connect``)
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from ..errors import BackendError
+from ..errors import BackendError, ConfigError
 from ..party import Party
+from ..routing import RouteTable
 from .base import DeliverFn, Delivery, JobContext, Transport
+from .checks import Check
 
 __all__ = ["MemoryTransport"]
 
@@ -167,3 +170,20 @@ class MemoryTransport(Transport):
 
     def describe(self) -> str:
         return f"memory hub {self.ctx.options['hub']!r}"
+
+    # operator hooks (fedtransport doctor and cleanup) --------------------------------------
+
+    @classmethod
+    def doctor_checks(
+        cls, options: Mapping[str, Any], *, routes: RouteTable | None, party: Party | None, timeout: float
+    ) -> list[Check]:
+        return [Check("broker", "ok", "the memory backend needs no broker")]
+
+    @classmethod
+    def probe_options(
+        cls, options: Mapping[str, Any], *, routes: RouteTable | None, party: Party | None
+    ) -> dict[str, Any]:
+        return {**options, "hub": f"doctor-{secrets.token_hex(4)}"}  # a hub no session uses
+
+    def cleanup_target(self) -> str:
+        raise ConfigError("the memory backend keeps nothing once its process ends: there is nothing to clean up")

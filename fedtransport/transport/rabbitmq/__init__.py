@@ -99,6 +99,7 @@ Errors
 
 Modules of this package (each imports only modules listed below it)
     ``__init__``    ``RabbitTransport``: options, naming, wiring the parts below
+    ``doctor``      what ``fedtransport doctor`` checks on a node; cleanup's inventory
     ``management``  the control plane: vhost, users, permissions, federation upstreams and
                     policies, expiry, inventory, cleanup
     ``admin``       ``RabbitAdmin``, the management HTTP API client
@@ -117,10 +118,11 @@ from typing import Any, ClassVar
 
 from ...errors import BackendError, ConfigError
 from ...party import Party
-from ..base import DeliverFn, JobContext, Transport
+from ..base import DeliverFn, JobContext
 from .admin import DEFAULT_FEDERATION_PREFETCH, RabbitAdmin
 from .connection import RabbitConnection
 from .consumer import Consumers
+from .doctor import RabbitOperatorHooks
 from .management import RabbitManagement, derive_password
 from .naming import RabbitNames
 from .publisher import Publisher
@@ -135,8 +137,8 @@ _FED_SSL_KEYS = frozenset({"ca_file", "cert_file", "key_file"})
 _VHOST_PREFIX = re.compile(r"[A-Za-z0-9_.-]{0,64}")
 
 
-class RabbitTransport(Transport):
-    """The ``rabbitmq`` backend (see the module docstring)."""
+class RabbitTransport(RabbitOperatorHooks):
+    """The ``rabbitmq`` backend (see the module docstring); doctor and cleanup hooks in doctor.py."""
 
     name: ClassVar[str] = "rabbitmq"
     option_defaults: ClassVar[dict[str, Any]] = {
