@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ..errors import BackendError
+from ..errors import BackendError, ConfigError
 
 LOOPBACK = "127.0.0.1"
 
@@ -34,6 +34,37 @@ def free_port(avoid: Container[int] = ()) -> int:
             port = int(s.getsockname()[1])
         if port not in avoid:
             return port
+
+
+# Ports handed to launchers of this process that are not stopped yet (see reserve_port).
+_RESERVED: set[int] = set()
+_RESERVED_LOCK = threading.Lock()
+
+
+def reserve_port(wanted: int | None, taken: set[int]) -> int:
+    """``wanted`` if it is free, else (``None``) a free port no other launcher of this process holds.
+
+    The port joins ``taken`` (the caller's own) and the process-wide reservations until
+    :func:`release_ports`: a port free now may be handed out again before its owner binds it.
+    """
+    with _RESERVED_LOCK:
+        if wanted is not None:
+            port = int(wanted)
+            if port in taken or port in _RESERVED:
+                raise ConfigError(f"port {port} is asked for twice")
+            if port_open(port):
+                raise BackendError(f"port {port} on {LOOPBACK} is already in use")
+        else:
+            port = free_port(avoid=taken | _RESERVED)
+        taken.add(port)
+        _RESERVED.add(port)
+    return port
+
+
+def release_ports(ports: set[int]) -> None:
+    """Give back ports of :func:`reserve_port` (their launcher stopped)."""
+    with _RESERVED_LOCK:
+        _RESERVED.difference_update(ports)
 
 
 def port_open(port: int, host: str = LOOPBACK) -> bool:
