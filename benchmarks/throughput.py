@@ -3,7 +3,7 @@
     python benchmarks/throughput.py --backend pulsar [--mib 256] [--repeat 2] [--json FILE] [--chart FILE.png]
     python benchmarks/throughput.py --backend rabbitmq [--mode shared|federated]
 
-The harness and its workloads live in ``fedtransport/bench.py`` so that ``fedtransport bench``
+The harness and its workloads live in ``fedtransport/bench/`` so that ``fedtransport bench``
 works from an installed package; this script takes the same flags. Add a workload here (or in
 a module imported here) with ``register_workload`` / ``register_fed_kind`` /
 ``register_arguments`` at the top level, before ``main()``: the sender and receiver processes

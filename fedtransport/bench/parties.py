@@ -1,0 +1,212 @@
+"""The two sides of every repetition, each in a process of its own, and the repetition itself.
+
+:func:`run_pair` spawns a receiver and a sender and takes the clock from them: the sender reports
+when it began, the receiver when it held the last byte. :func:`fed_sender` and
+:func:`fed_receiver` are the fedtransport sides (guest sends to host); what they move is a
+registered kind (``object``, ``table``, ``small``, ``small-async`` here). The children are
+spawned, not forked, so whatever registers a kind must be imported again in them (``cfg["imports"]``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import ConfigError
+from .workloads import FED_KINDS, SMALL, SMALL_COUNT, TABLE_ROW, FedKind, MiB, Result, register_fed_kind, table_records
+
+
+def run_pair(sender: Callable[..., None], receiver: Callable[..., None], cfg: dict[str, Any],
+             wait_ready: bool) -> Result:  # fmt: skip
+    """Run one repetition: receiver and sender in spawned processes; the clock is theirs."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    recv = ctx.Process(target=receiver, args=(cfg, q))
+    recv.start()
+    send = None
+    try:
+        if wait_ready:
+            assert q.get(timeout=120)[0] == "ready"
+        send = ctx.Process(target=sender, args=(cfg, q))
+        send.start()
+        got: dict[str, Any] = {}
+        deadline = time.monotonic() + 900
+        while len(got) < 2:
+            try:
+                item = q.get(timeout=1.0)
+            except queue.Empty:
+                # A side that died before reporting would leave the other waiting for it until the deadline.
+                for who, proc in (("sender", send), ("receiver", recv)):
+                    if proc.exitcode not in (None, 0):
+                        what = cfg.get("workload") or "the raw client"
+                        raise RuntimeError(f"the {who} of {what} died (exit code {proc.exitcode}); "
+                                           "its traceback is above") from None  # fmt: skip
+                if time.monotonic() > deadline:
+                    raise
+                continue
+            got[item[0]] = item[1:]
+    finally:
+        for proc in (send, recv):  # every child ends with the repetition, also on failure
+            if proc is not None:
+                proc.join(120)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+    seconds = got["end"][0] - got["start"][0]
+    nbytes = got["end"][1]
+    return {"seconds": round(seconds, 3), "bytes": nbytes, "MB_per_s": round(nbytes / 1e6 / seconds, 1)}
+
+
+def _party(name: str) -> Any:
+    import fedtransport as ft
+
+    return ft.Party("guest", "9999") if name == "guest" else ft.Party("host", "10000")
+
+
+def _connect(cfg: dict[str, Any], who: str) -> Any:
+    import fedtransport as ft
+
+    return ft.Federation.connect(
+        cfg["backend"], job_id=cfg["job_id"], party=_party(who), route_table=cfg.get("routes"),
+        options=cfg["options"][who],
+    )  # fmt: skip
+
+
+def _handshake(fed: Any, me: str) -> None:
+    """Both sides connected and subscribed to each other before the clock starts."""
+    peer = _party("host" if me == "guest" else "guest")
+    fed.remote("hello", "sync", me, [peer])
+    fed.get("sync", "host" if me == "guest" else "guest", [peer], timeout=120)
+
+
+def _kind(cfg: dict[str, Any]) -> FedKind:
+    for module in cfg.get("imports", ()):  # extensions register their kinds when imported
+        __import__(module)
+    try:
+        return FED_KINDS[cfg["workload"]]
+    except KeyError:
+        raise ConfigError(f"benchmark kind {cfg['workload']!r} is not registered; known: {sorted(FED_KINDS)}") from None
+
+
+def fed_sender(cfg: dict[str, Any], q: Any) -> None:
+    kind = _kind(cfg)
+    host = _party("host")
+    with _connect(cfg, "guest") as fed:
+        value = kind.prepare(cfg)
+        _handshake(fed, "guest")
+        start = time.time()
+        kind.send(fed, value, cfg, host)
+        q.put(("start", start))
+        fed.get("sync", "done", [host], timeout=600)  # keep our session until the receiver is done
+        if cfg.get("cleanup_sender"):
+            _bounded_cleanup(fed, cfg, "guest")
+
+
+def fed_receiver(cfg: dict[str, Any], q: Any) -> None:
+    kind = _kind(cfg)
+    guest = _party("guest")
+    with _connect(cfg, "host") as fed:
+        _handshake(fed, "host")
+        nbytes = kind.receive(fed, cfg, guest)
+        end = time.time()
+        fed.remote("bye", "sync", "done", [guest])
+        q.put(("end", end, nbytes))
+        if cfg.get("cleanup"):
+            _bounded_cleanup(fed, cfg, "host")
+
+
+CLEANUP_TIMEOUT = 60.0  # seconds a party's cleanup may take before the benchmark moves on without it
+
+
+def _bounded_cleanup(fed: Any, cfg: dict[str, Any], who: str) -> None:
+    """``fed.cleanup()``, after the clock stopped; a failure or a hang is logged, never fatal.
+
+    A forced topic delete on a replicating Pulsar standalone now and then never answers (see
+    tests/test_pulsar_replication.py): the measurement is in by then, so it must not wait on that.
+    """
+    import threading
+
+    failure: list[BaseException] = []
+
+    def clean() -> None:
+        try:
+            fed.cleanup()
+        except BaseException as exc:  # reported below; the run's result stands
+            failure.append(exc)
+
+    worker = threading.Thread(target=clean, name="bench-cleanup", daemon=True)
+    worker.start()
+    worker.join(float(cfg.get("cleanup_timeout", CLEANUP_TIMEOUT)))
+    if worker.is_alive():
+        print(f"bench: {who}'s cleanup of {cfg['job_id']} still running after "
+              f"{cfg.get('cleanup_timeout', CLEANUP_TIMEOUT)} s; left behind", file=sys.stderr, flush=True)  # fmt: skip
+    elif failure:
+        print(f"bench: {who}'s cleanup of {cfg['job_id']} failed: {failure[0]!r}", file=sys.stderr, flush=True)
+
+
+def _prepare_object(cfg: dict[str, Any]) -> Any:
+    import numpy as np
+
+    return np.random.default_rng(0).random(cfg["mib"] * MiB // 8)
+
+
+def _prepare_table(cfg: dict[str, Any]) -> Any:
+    import numpy as np
+
+    import fedtransport as ft
+
+    records = table_records(cfg["mib"], cfg["partitions"])
+    # Distinct arrays (rows of one block): a shared row would be pickled once per batch, not once per record.
+    block = np.random.default_rng(1).random((max(records), TABLE_ROW // 8))
+    return ft.Table.from_partitions([((i, block[i]) for i in range(n)) for n in records])
+
+
+def _send_one(fed: Any, value: Any, cfg: dict[str, Any], dst: Any) -> None:
+    from fedtransport.progress import ProgressBar
+
+    fed.remote(value, "data", "0", [dst], progress=ProgressBar(f"  {cfg['workload']}: sent"))
+
+
+def _receive_one(fed: Any, cfg: dict[str, Any], src: Any) -> int:
+    import fedtransport as ft
+    from fedtransport.progress import ProgressBar
+
+    [value] = fed.get("data", "0", [src], timeout=600, progress=ProgressBar(f"  {cfg['workload']}: received"))
+    if isinstance(value, ft.Table):
+        return sum(v.nbytes for p in value.partitions for _, v in p)  # the payload: keys are not counted
+    return int(value.nbytes)
+
+
+def _prepare_small(cfg: dict[str, Any]) -> bytes:
+    return os.urandom(SMALL)
+
+
+def _send_small(fed: Any, payload: bytes, cfg: dict[str, Any], dst: Any) -> None:
+    for i in range(SMALL_COUNT):
+        fed.remote(payload, "small", str(i), [dst])
+
+
+def _send_small_async(fed: Any, payload: bytes, cfg: dict[str, Any], dst: Any) -> None:
+    import asyncio
+
+    async def all_at_once() -> None:
+        await asyncio.gather(*(fed.remote_async(payload, "small", str(i), [dst]) for i in range(SMALL_COUNT)))
+
+    asyncio.run(all_at_once())
+
+
+def _receive_small(fed: Any, cfg: dict[str, Any], src: Any) -> int:
+    for i in range(SMALL_COUNT):
+        fed.get("small", str(i), [src], timeout=600)
+    return SMALL * SMALL_COUNT
+
+
+register_fed_kind("object", _prepare_object, _send_one, _receive_one)
+register_fed_kind("table", _prepare_table, _send_one, _receive_one)
+register_fed_kind("small", _prepare_small, _send_small, _receive_small)
+register_fed_kind("small-async", _prepare_small, _send_small_async, _receive_small)

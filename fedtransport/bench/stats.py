@@ -1,0 +1,47 @@
+"""Median and worst: how the repetitions of a workload, and its ratio to the baseline, are summed up.
+
+Never the best run alone: a workload's record holds every run, the median (of the rates) and the
+worst run; a ratio is that of the medians, with the worst per-repetition ratio beside it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .workloads import Result
+
+
+def _rate(run: Mapping[str, float]) -> float:
+    """Bytes per second, unrounded (``MB_per_s`` is rounded to 0.1, too coarse for 1 MB of small objects)."""
+    return run["bytes"] / run["seconds"]
+
+
+def summarize(runs: Sequence[Result]) -> dict[str, Any]:
+    """A workload's record: every run, the median (of the rates), the worst and the best run."""
+    if not runs:
+        raise ValueError("no runs to summarize")
+    rate = statistics.median(_rate(r) for r in runs)  # of an even count: the mean of the middle two
+    median = {  # seconds to match the median rate, so both say the same of an even count too
+        "seconds": round(runs[0]["bytes"] / rate, 3),
+        "bytes": runs[0]["bytes"],
+        "MB_per_s": round(rate / 1e6, 3),
+    }
+    worst = min(runs, key=_rate)
+    best = max(runs, key=_rate)
+    return {"median": median, "worst": worst, "best": best, "runs": list(runs)}
+
+
+def compare(fed: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A workload's ratio to its baseline: of the medians, and the worst per-repetition ratio.
+
+    Repetition ``i`` of the workload ran right after repetition ``i`` of the baseline, so
+    ``fed_i / raw_i`` compares runs made under the same load.
+    """
+    per_repeat = [round(_rate(f) / _rate(r), 3) for f, r in zip(fed["runs"], raw["runs"], strict=False)]
+    return {
+        "median": round(_rate(fed["median"]) / _rate(raw["median"]), 3),
+        "worst": min(per_repeat) if per_repeat else None,
+        "per_repeat": per_repeat,
+    }
