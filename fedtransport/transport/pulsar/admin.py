@@ -6,7 +6,8 @@ What it does
   ``/admin/v2/clusters/{cluster}``; when the cluster exists (409) its data is replaced with POST),
   ``delete_cluster()``.
 - Tenants: ``get_tenant()``, ``ensure_tenant()`` (PUT ``/admin/v2/tenants/{tenant}`` with
-  ``{"adminRoles", "allowedClusters"}``; an existing tenant gets missing clusters added with POST),
+  ``{"adminRoles", "allowedClusters"}``; an existing tenant gets missing clusters added with POST,
+  read back and written again while a concurrent writer erased them),
   ``delete_tenant()``.
 - Namespaces: ``create_namespace()`` (PUT, 409 = already there = fine), ``get_namespace_policies()``,
   ``get_replication_clusters()`` / ``set_replication_clusters()`` (GET / POST ``.../replication``,
@@ -48,6 +49,7 @@ Standard library only (urllib).
 from __future__ import annotations
 
 import json
+import random
 import re
 import ssl
 import time
@@ -68,7 +70,7 @@ _TOPIC_RE = re.compile(r"^(persistent|non-persistent)://([^/]+)/([^/]+)/(.+)$")
 _NO_BODY: Any = object()
 _HTML_TITLE_RE = re.compile(r"<title>\s*(?:Error\s+\d+\s+)?([^<]*?)\s*</title>", re.IGNORECASE)
 _DELETE_ATTEMPTS = 5
-_CONFLICT_ATTEMPTS = 5
+_CONFLICT_ATTEMPTS = 8
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -236,7 +238,11 @@ class PulsarAdmin:
         status, _ = self.request("PUT", path, body, tolerate=(409,))
         if status != 409:
             return True
-        for _ in range(_CONFLICT_ATTEMPTS):
+        # Read-modify-write, and Pulsar overwrites a tenant without a version check: a party
+        # adding its cluster at the same moment as another (two jobs on one cluster, each adding
+        # its peer) can erase the other's. So every write is read back, after a random pause
+        # that lets a competing writer finish, and made again while something is missing.
+        for attempt in range(_CONFLICT_ATTEMPTS):
             current = self.get_tenant(tenant) or {}
             have = list(current.get("allowedClusters") or [])
             missing = [c for c in allowed_clusters if c not in have]
@@ -244,13 +250,13 @@ class PulsarAdmin:
             extra_roles = [r for r in admin_roles if r not in roles]
             if not (missing or extra_roles):
                 return False
-            # Read-modify-write: a 409 means another party updated the tenant meanwhile.
             body = {"adminRoles": roles + extra_roles, "allowedClusters": have + missing}
-            status, _ = self.request("POST", path, body, tolerate=(409,))
-            if status != 409:
-                return False
+            self.request("POST", path, body, tolerate=(409,))  # 409: another writer won; read again
+            time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))
         raise BackendError(
-            f"Pulsar admin: tenant {tenant!r} kept changing under {_CONFLICT_ATTEMPTS} updates", status=409
+            f"Pulsar admin: tenant {tenant!r} still lacks {missing or extra_roles} after {_CONFLICT_ATTEMPTS} "
+            "updates (other parties were changing it at the same time)",
+            status=409,
         )
 
     def delete_tenant(self, tenant: str) -> bool:
