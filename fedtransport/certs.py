@@ -46,6 +46,7 @@ from typing import Literal, TypeAlias
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import ConfigError
@@ -121,16 +122,14 @@ def _new_key(key_type: KeyType) -> PrivateKey:
 
 def _not_after(cert: x509.Certificate) -> datetime.datetime:
     # cryptography >= 42 has the aware attribute; older releases only the naive UTC one.
-    aware = getattr(cert, "not_valid_after_utc", None)
+    aware: datetime.datetime | None = getattr(cert, "not_valid_after_utc", None)
     if aware is not None:
         return aware
     return cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
 
 
-def _public_der(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+def _public_der(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 # ---------------------------------------------------------------------------- CA and leaves

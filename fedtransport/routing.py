@@ -76,7 +76,7 @@ def is_ip(host: str) -> bool:
     return True
 
 
-def _party_key(party: Party | str | int) -> str:
+def _party_key(party: object) -> str:
     if isinstance(party, Party):
         return party.party_id
     if isinstance(party, bool) or not isinstance(party, (str, int)):
@@ -199,7 +199,7 @@ class RouteTable:
 
     def __contains__(self, party: object) -> bool:
         try:
-            return _party_key(party) in self.entries  # type: ignore[arg-type]
+            return _party_key(party) in self.entries
         except RouteError:
             return False
 

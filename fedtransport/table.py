@@ -40,7 +40,7 @@ class Table:
         for i, p in enumerate(self._partitions):
             if not isinstance(p, list):
                 self._partitions[i] = [(k, v) for k, v in p]
-        return self._partitions  # type: ignore[return-value]
+        return self._partitions  # type: ignore[return-value]  # each one is a list now (just above)
 
     def iter_partition(self, index: int) -> Iterator[Record]:
         yield from self._partitions[index]
@@ -64,7 +64,7 @@ class Table:
             return NotImplemented
         return [list(map(tuple, p)) for p in self.partitions] == [list(map(tuple, p)) for p in other.partitions]
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # unhashable: equal tables compare their contents
 
     def __repr__(self) -> str:
         return f"Table(num_partitions={self.num_partitions})"

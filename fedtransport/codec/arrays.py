@@ -108,7 +108,8 @@ def _array(spec: Any, shape: Any, order: Any, data: Any) -> Any:
         raise IntegrityError(f"numpy array of {shape} {spec} needs {count * dtype.itemsize} bytes, got {nbytes}")
     if count == 0:
         return np.empty(shape, dtype=dtype, order=order)
-    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape, order=order)
+    # numpy's stub names the buffer types it takes for Python < 3.12; a PickleBuffer is one as well
+    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape, order=order)  # type: ignore[arg-type]
 
 
 def _scalar(spec: Any, data: Any) -> Any:
@@ -161,7 +162,8 @@ class RowBlock:
     def reduction(self) -> tuple[Any, ...]:
         """What a pickler writes for the run: a call of ``_rows``."""
         rows = self.block[: self.count]
-        return _rows, (self.keys, rows.dtype.str, rows.shape[1:], pickle.PickleBuffer(rows))
+        # an ndarray exports the buffer protocol; numpy's stub says so only for Python 3.12+
+        return _rows, (self.keys, rows.dtype.str, rows.shape[1:], pickle.PickleBuffer(rows))  # type: ignore[arg-type]
 
 
 class RowBatch:

@@ -27,7 +27,7 @@ class Compressor:
         self._sample = sample
         self._keep = 1.0 - min_saving
 
-    def compress(self, chunk: bytes | memoryview | Sequence[memoryview]) -> bytes | None:
+    def compress(self, chunk: bytes | memoryview | Sequence[bytes | memoryview]) -> bytes | None:
         """Compressed bytes, or ``None`` when the chunk should travel raw.
 
         ``chunk`` may be given as the pieces it is made of: they are joined only if
@@ -46,7 +46,7 @@ class Compressor:
         return out if len(out) <= n * self._keep else None
 
 
-def _head(pieces: Sequence[bytes | memoryview], n: int) -> bytes | memoryview:
+def _head(pieces: Sequence[bytes | memoryview], n: int) -> bytes | bytearray | memoryview:
     """The first ``n`` bytes of the concatenation of ``pieces``."""
     first = pieces[0]
     if len(first) >= n:
@@ -69,7 +69,7 @@ def decompress(data: bytes | memoryview, expected: int) -> bytes:
         raise IntegrityError(f"lz4 payload of {len(data)} bytes cannot inflate to the {expected} its frame promised")
     inflater = lz4.frame.LZ4FrameDecompressor()
     try:
-        out = inflater.decompress(data, max_length=expected)
+        out: bytes = inflater.decompress(data, max_length=expected)
     except RuntimeError as exc:  # lz4 reports every decode failure as RuntimeError
         raise IntegrityError(f"corrupt lz4 payload: {exc}") from exc
     except (MemoryError, OverflowError, ValueError) as exc:  # lz4 allocates max_length up front

@@ -48,8 +48,8 @@ from __future__ import annotations
 import io
 import pickle
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import IntegrityError, UnsafePayload
 
@@ -220,10 +220,26 @@ def _check_array_state(np: Any, state: Any, source: str) -> None:
         raise _refuse(name, f"array data that does not match its shape {shape} and dtype {dtype}", source)
 
 
-class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
+if TYPE_CHECKING:
+
+    class _PyUnpickler(pickle._Unpickler):
+        """What the pure-Python unpickler has that typeshed's stub leaves out: what we extend."""
+
+        stack: list[Any]
+        append: Callable[[Any], None]
+
+        def _instantiate(self, klass: Any, args: Any) -> None: ...
+        def load_readonly_buffer(self) -> None: ...
+        def load_build(self) -> None: ...
+
+else:
+    _PyUnpickler = pickle._Unpickler
+
+
+class GuardedUnpickler(_PyUnpickler):
     """The pure-Python unpickler with REDUCE, BUILD, NEWOBJ and buffers checked (module docstring)."""
 
-    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict[int, Any]] = dict(_PyUnpickler.dispatch)
 
     def __init__(
         self,
@@ -231,7 +247,7 @@ class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         admit: Callable[[str, str], str],
         source: str,
         allowance: Allowance,
-        buffers: Sequence[Any] = (),
+        buffers: Iterable[Any] = (),
     ) -> None:
         super().__init__(file, buffers=buffers)
         self._admit = admit

@@ -22,7 +22,7 @@ class PayloadCodec:
         self.sealing = aead is not None
         self.overhead = OVERHEAD if aead is not None else 0
 
-    def compress(self, chunk: bytes | memoryview | Sequence[memoryview]) -> bytes | None:
+    def compress(self, chunk: bytes | memoryview | Sequence[bytes | memoryview]) -> bytes | None:
         return self._compressor.compress(chunk)
 
     def decompress(self, data: bytes | memoryview, size: int) -> bytes:

@@ -161,7 +161,7 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def _guarded(
-    file: io.BytesIO, policy: UnpicklePolicy, source: str, allowance: Allowance, buffers: Sequence[Any] = ()
+    file: io.BytesIO, policy: UnpicklePolicy, source: str, allowance: Allowance, buffers: Iterable[Any] = ()
 ) -> GuardedUnpickler:
     return GuardedUnpickler(file, lambda module, name: _admit(policy, source, module, name), source, allowance, buffers)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 from ..errors import ConfigError
 from .base import DeliverFn, Delivery, JobContext, Transport
@@ -35,7 +35,7 @@ def register(name: str, cls: type[Transport]) -> None:
     _registered[name] = cls
 
 
-def _entry_points() -> dict[str, object]:
+def _entry_points() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
@@ -63,13 +63,14 @@ def get_backend(name: str) -> type[Transport]:
         if missing is not None:
             raise ConfigError(f"the {name} backend needs its broker client: pip install {missing}")
         module, _, attr = target.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
+        cls: type[Transport] = getattr(importlib.import_module(module), attr)
     else:
         ep = _entry_points().get(name)
         if ep is None:
             raise ConfigError(f"unknown backend {name!r}; known backends: {', '.join(available())}")
-        cls = ep.load()  # type: ignore[attr-defined]
-        if not (isinstance(cls, type) and issubclass(cls, Transport)):
+        loaded = ep.load()
+        if not (isinstance(loaded, type) and issubclass(loaded, Transport)):
             raise ConfigError(f"entry point {name!r} in {ENTRY_POINT_GROUP} is not a Transport subclass")
+        cls = loaded
     _registered[name] = cls
     return cls

@@ -154,25 +154,49 @@ class RabbitAdmin:
             status=exc.code,
         )
 
-    def _get(self, path: str) -> Any:
-        return self.request("GET", path)
+    def _object(self, path: str) -> dict[str, Any]:
+        """``GET path`` for one JSON object."""
+        return self._shaped(path, self.request("GET", path))
+
+    def _found(self, path: str) -> dict[str, Any] | None:
+        """``GET path`` for one JSON object; None when there is none (a 404)."""
+        doc = self.request("GET", path, missing_ok=True)
+        return None if doc is None else self._shaped(path, doc)
+
+    def _shaped(self, path: str, doc: Any) -> dict[str, Any]:
+        if not isinstance(doc, dict):
+            raise self._shape_error(path, "an object", doc)
+        return doc
+
+    def _list(self, path: str) -> list[dict[str, Any]]:
+        """``GET path`` for a JSON list of objects."""
+        docs = self.request("GET", path)
+        if not (isinstance(docs, list) and all(isinstance(d, dict) for d in docs)):
+            raise self._shape_error(path, "a list of objects", docs)
+        return docs
+
+    def _shape_error(self, path: str, wanted: str, doc: Any) -> BackendError:
+        return BackendError(
+            f"RabbitMQ management GET {path} answered with {type(doc).__name__}, not {wanted}",
+            broker_message=json.dumps(doc)[:500],
+        )
 
     # ------------------------------------------------------------------ broker
 
     def overview(self) -> dict[str, Any]:
         """``GET /api/overview``: versions, node name, listeners, totals."""
-        return self._get("/api/overview")
+        return self._object("/api/overview")
 
     def whoami(self) -> dict[str, Any]:
-        return self._get("/api/whoami")
+        return self._object("/api/whoami")
 
     def nodes(self) -> list[dict[str, Any]]:
-        return self._get("/api/nodes")
+        return self._list("/api/nodes")
 
     def extensions(self) -> list[dict[str, Any]]:
         """``GET /api/extensions``: management UI extensions (``federation.js`` means the
         federation management plugin is on)."""
-        return self._get("/api/extensions")
+        return self._list("/api/extensions")
 
     def enabled_plugins(self, *, wait: float = 15.0) -> set[str]:
         """Plugins enabled on every node (``enabled_plugins`` of ``GET /api/nodes``).
@@ -218,14 +242,14 @@ class RabbitAdmin:
         self.request("PUT", f"/api/vhosts/{_seg(vhost)}", body)
 
     def get_vhost(self, vhost: str) -> dict[str, Any] | None:
-        return self.request("GET", f"/api/vhosts/{_seg(vhost)}", missing_ok=True)
+        return self._found(f"/api/vhosts/{_seg(vhost)}")
 
     def delete_vhost(self, vhost: str) -> None:
         """Delete a virtual host with everything in it; idempotent."""
         self.request("DELETE", f"/api/vhosts/{_seg(vhost)}", missing_ok=True)
 
     def list_vhosts(self) -> list[dict[str, Any]]:
-        return self._get("/api/vhosts")
+        return self._list("/api/vhosts")
 
     # ------------------------------------------------------------------ users and permissions
 
@@ -235,14 +259,14 @@ class RabbitAdmin:
         self.request("PUT", f"/api/users/{_seg(name)}", {"password": password, "tags": tag_text})
 
     def get_user(self, name: str) -> dict[str, Any] | None:
-        return self.request("GET", f"/api/users/{_seg(name)}", missing_ok=True)
+        return self._found(f"/api/users/{_seg(name)}")
 
     def delete_user(self, name: str) -> None:
         """Delete a user; idempotent."""
         self.request("DELETE", f"/api/users/{_seg(name)}", missing_ok=True)
 
     def list_users(self) -> list[dict[str, Any]]:
-        return self._get("/api/users")
+        return self._list("/api/users")
 
     def set_permissions(
         self, vhost: str, user: str, configure: str = ".*", write: str = ".*", read: str = ".*"
@@ -252,12 +276,12 @@ class RabbitAdmin:
         self.request("PUT", f"/api/permissions/{_seg(vhost)}/{_seg(user)}", body)
 
     def get_permissions(self, vhost: str, user: str) -> dict[str, Any] | None:
-        return self.request("GET", f"/api/permissions/{_seg(vhost)}/{_seg(user)}", missing_ok=True)
+        return self._found(f"/api/permissions/{_seg(vhost)}/{_seg(user)}")
 
     def list_permissions(self, vhost: str | None = None) -> list[dict[str, Any]]:
         if vhost is None:
-            return self._get("/api/permissions")
-        return self._get(f"/api/vhosts/{_seg(vhost)}/permissions")
+            return self._list("/api/permissions")
+        return self._list(f"/api/vhosts/{_seg(vhost)}/permissions")
 
     # ------------------------------------------------------------------ parameters and federation
 
@@ -267,7 +291,7 @@ class RabbitAdmin:
 
     def get_parameter(self, component: str, vhost: str, name: str) -> dict[str, Any] | None:
         path = f"/api/parameters/{_seg(component)}/{_seg(vhost)}/{_seg(name)}"
-        return self.request("GET", path, missing_ok=True)
+        return self._found(path)
 
     def delete_parameter(self, component: str, vhost: str, name: str) -> None:
         path = f"/api/parameters/{_seg(component)}/{_seg(vhost)}/{_seg(name)}"
@@ -278,10 +302,10 @@ class RabbitAdmin:
         if component is None:
             if vhost is not None:
                 raise ConfigError("list_parameters: a vhost needs a component")
-            return self._get("/api/parameters")
+            return self._list("/api/parameters")
         if vhost is None:
-            return self._get(f"/api/parameters/{_seg(component)}")
-        return self._get(f"/api/parameters/{_seg(component)}/{_seg(vhost)}")
+            return self._list(f"/api/parameters/{_seg(component)}")
+        return self._list(f"/api/parameters/{_seg(component)}/{_seg(vhost)}")
 
     def put_federation_upstream(
         self,
@@ -324,8 +348,8 @@ class RabbitAdmin:
         Needs the ``rabbitmq_federation_management`` plugin.
         """
         if vhost is None:
-            return self._get("/api/federation-links")
-        return self._get(f"/api/federation-links/{_seg(vhost)}")
+            return self._list("/api/federation-links")
+        return self._list(f"/api/federation-links/{_seg(vhost)}")
 
     def wait_federation_links(
         self,
@@ -394,8 +418,8 @@ class RabbitAdmin:
 
     def list_policies(self, vhost: str | None = None) -> list[dict[str, Any]]:
         if vhost is None:
-            return self._get("/api/policies")
-        return self._get(f"/api/policies/{_seg(vhost)}")
+            return self._list("/api/policies")
+        return self._list(f"/api/policies/{_seg(vhost)}")
 
     # ------------------------------------------------------------------ queues
 
@@ -405,11 +429,11 @@ class RabbitAdmin:
         The counters are statistics: they lag the broker by up to the stats interval (5 s).
         """
         if vhost is None:
-            return self._get("/api/queues")
-        return self._get(f"/api/queues/{_seg(vhost)}")
+            return self._list("/api/queues")
+        return self._list(f"/api/queues/{_seg(vhost)}")
 
     def get_queue(self, vhost: str, name: str) -> dict[str, Any] | None:
-        return self.request("GET", f"/api/queues/{_seg(vhost)}/{_seg(name)}", missing_ok=True)
+        return self._found(f"/api/queues/{_seg(vhost)}/{_seg(name)}")
 
     def delete_queue(self, vhost: str, name: str) -> None:
         """Delete a queue and its messages; idempotent."""
