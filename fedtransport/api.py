@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from .codec import Compressor, PayloadCodec, Sealer, UnpicklePolicy
-from .errors import BackendError, ConfigError, DuplicateTransfer, FederationError, TransferTimeout
-from .framing import FrameWriter, PayloadTransform, chunk_size, job_fingerprint, transfer_id
+from .errors import (
+    BackendError,
+    ConfigError,
+    DuplicateTransfer,
+    FederationError,
+    IntegrityError,
+    PeerAborted,
+    TransferTimeout,
+)
+from .framing import FrameWriter, PayloadTransform, chunk_size, control_id, job_fingerprint, transfer_id
 from .inbox import Inbox, Incoming
 from .options import CommonOptions, max_chunk, split_options
 from .party import Party, as_parties, as_party, check_job_id, key_part
@@ -35,6 +43,8 @@ ProgressFn = Callable[[int, int | None], None]
 _WAIT_TICK = 1.0  # how often a waiting get checks for stalled transfers
 _ASYNC_SENDS = 64  # remote_async transfers in flight at once
 _WINDOW_MESSAGES = 2  # messages' worth of unread table partition bytes a lane may hold
+_ABORT = "abort"  # the kind of the notice a session sends its peers when it gives up
+_REASON_MAX = 4096  # characters of an abort's reason that travel
 
 
 class Federation:
@@ -66,6 +76,9 @@ class Federation:
         window = _WINDOW_MESSAGES * options.max_message_size
         self._inbox = Inbox(transport, self._job, lambda src: self._transform(src, self.party), options.lanes, window)
         self._closed = False
+        self._peers: set[Party] = set()  # parties this session sent to or listened to: they hear an abort
+        self._peers_heard: set[Party] = set()  # parties whose abort notice we listen for
+        self._peers_lock = threading.Lock()
         self._pid = os.getpid()  # threads and broker connections do not survive a fork
         self._stats = {"bytes_sent": 0, "messages_sent": 0, "bytes_received": 0, "messages_received": 0}
 
@@ -126,17 +139,57 @@ class Federation:
     def __enter__(self) -> Federation:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def abort(self, reason: str) -> None:
+        """Tell every peer of the job that this party gives up, then close the session.
+
+        Each peer's pending and later ``get`` from this party raises :class:`PeerAborted` with
+        ``reason`` (cut to 4 KiB). The peers are the parties this session sent to or received
+        from, and every session of the job on the memory backend. A notice that cannot be
+        sent (a broker gone) is logged; the session is closed all the same. Idempotent.
+        """
+        if not isinstance(reason, str):
+            raise TypeError(f"abort(reason) takes a str, got {type(reason).__name__}")
+        if self._closed:
+            return
+        self._check_process()
+        with self._peers_lock:
+            peers = sorted((self._peers | self._transport.peers()) - {self.party}, key=str)
+        if peers:
+            log.warning(
+                "job %s: %s aborts, telling %s: %s", self.job_id, self.party, ", ".join(map(str, peers)), reason
+            )
+            try:
+                self._send(reason[:_REASON_MAX], "", "", peers, None, notice=_ABORT)
+            except FederationError as exc:
+                log.warning("job %s: the abort notice did not reach every peer: %s", self.job_id, exc)
         self.close()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._abort_on(exc)
+        self.close()
+
+    def _abort_on(self, exc: BaseException | None) -> None:
+        """A ``with`` block that raised: the peers learn why instead of waiting out their timeouts."""
+        if exc is None or self._closed or os.getpid() != self._pid:
+            return
+        try:
+            self.abort(f"{type(exc).__name__}: {exc}")
+        except Exception:  # never hide the caller's own exception behind ours
+            log.exception("job %s: telling the peers about %r failed", self.job_id, exc)
 
     async def __aenter__(self) -> Federation:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self.close)
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        await asyncio.to_thread(self.__exit__, exc_type, exc, tb)
 
     def __repr__(self) -> str:
         return f"Federation(job_id={self.job_id!r}, party={self.party}, backend={self.backend!r})"
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: a closed session cannot send or receive again."""
+        return self._closed
 
     @property
     def stats(self) -> dict[str, int]:
@@ -188,15 +241,23 @@ class Federation:
                 self._sent.difference_update(keys)
             raise
 
-    def _send(self, obj: Any, name: str, tag: str, dsts: list[Party], progress: ProgressFn | None) -> None:
+    def _send(
+        self, obj: Any, name: str, tag: str, dsts: list[Party], progress: ProgressFn | None, *, notice: str = ""
+    ) -> None:
+        """Frame ``obj`` and send it to ``dsts``; with ``notice``, as the session's own notice of that kind."""
         started = time.perf_counter()
+        with self._peers_lock:
+            self._peers.update(dsts)
         out = Outgoing(obj, fanout=len(dsts), cloudpickle_fallback=self._opts.trust_remote_code)
         total = None if out.unit is None else out.unit.size * len(dsts)
         counter = _Counting(total, progress)
         plan: list[tuple[Party, int, Iterator[bytes]]] = []
         for dst in dsts:
             transform = self._transform(self.party, dst)
-            tid = transfer_id(self.job_id, name, tag, str(self.party), str(dst))
+            if notice:
+                tid = control_id(self.job_id, notice, str(self.party), str(dst))
+            else:
+                tid = transfer_id(self.job_id, name, tag, str(self.party), str(dst))
             log.debug(
                 "sending %s/%s %s -> %s: transfer %s, %s, %d streams",
                 name, tag, self.party, dst, tid.hex(),
@@ -329,7 +390,7 @@ class Federation:
             self._got.update(keys)
         claims = []
         for src in srcs:
-            self._inbox.listen(src)
+            self._listen(src)
             tid = transfer_id(self.job_id, name, tag, str(src), str(self.party))
             log.debug("getting %s/%s %s -> %s: transfer %s", name, tag, src, self.party, tid.hex())
             claims.append(self._inbox.claim(tid, src))
@@ -344,6 +405,32 @@ class Federation:
         # Nothing was handed over: the get may be tried again; what already arrived stays.
         with self._lock:
             self._got.difference_update((name, tag, inc.src) for inc in claims)
+
+    def _listen(self, src: Party) -> None:
+        """Listen to ``src``'s lanes, and for its abort notice from the first time on."""
+        self._inbox.listen(src)
+        with self._peers_lock:
+            if src in self._peers_heard:
+                return
+            self._peers_heard.add(src)
+            self._peers.add(src)
+        tid = control_id(self.job_id, _ABORT, str(src), str(self.party))
+        self._inbox.expect_notice(tid, src, self._on_abort_notice)
+
+    def _on_abort_notice(self, inc: Incoming) -> None:
+        src = inc.src
+        error = inc.error()
+        try:
+            if error is not None:
+                raise error
+            reason = decode_object_transfer(inc.assembly, self._policy, str(src))
+            if not isinstance(reason, str):
+                raise IntegrityError(f"an abort notice holds a {type(reason).__name__}, not a str")
+        except FederationError as exc:  # a malformed notice still means the peer gave up
+            reason = f"(its abort notice could not be read: {exc})"
+        self._inbox.hand_over(inc)
+        log.warning("job %s: %s aborted: %s", self.job_id, src, reason)
+        self._inbox.fail_source(src, PeerAborted(src, reason[:_REASON_MAX]))
 
     def _watch(self, claims: list[Incoming]) -> None:
         after = self._opts.redelivery_after
@@ -379,7 +466,10 @@ class Federation:
                 except FederationError as exc:
                     error = exc
             if error is not None:
-                self._handed_over(inc)
+                # A bad transfer is dropped (acknowledged). One cut short by a closing session or an
+                # aborting peer is left to the broker, for the party's next session.
+                if not (self._closed or isinstance(error, PeerAborted)):
+                    self._handed_over(inc)
                 first_error = first_error or error
             values.append(value)
         if first_error is not None:

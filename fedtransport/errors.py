@@ -7,12 +7,18 @@ or the option involved, so the fix is obvious without reading our source.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .party import Party
+
 __all__ = [
     "BackendError",
     "ConfigError",
     "DuplicateTransfer",
     "FederationError",
     "IntegrityError",
+    "PeerAborted",
     "RouteError",
     "SerializationError",
     "TransferTimeout",
@@ -74,3 +80,19 @@ class BackendError(FederationError):
         super().__init__(message)
         self.broker_message = broker_message
         self.status = status
+
+
+class PeerAborted(FederationError):
+    """A peer of the job gave up: it called ``abort(reason)``, or its ``with`` block raised.
+
+    Raised by every pending and later ``get`` from that party in the session. ``party`` is the
+    peer, ``reason`` its own words (cut to a few KiB).
+    """
+
+    def __init__(self, party: Party, reason: str) -> None:
+        super().__init__(f"{party} aborted the job: {reason}")
+        self.party = party
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[PeerAborted], tuple[Party, str]]:
+        return type(self), (self.party, self.reason)  # survives a trip between processes

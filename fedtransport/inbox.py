@@ -64,6 +64,7 @@ class Incoming:
     arrived: threading.Condition = field(init=False)  # on ``lock``: something was placed or failed
     stream_lanes: dict[int, int] = field(default_factory=dict)  # partition stream -> lane it is charged to
     handed: bool = False
+    control: bool = False  # the session's own notice (an abort), not a caller's transfer
     on_progress: Callable[[], None] | None = None  # called (on a delivery thread) after each new message
 
     def __post_init__(self) -> None:
@@ -106,17 +107,26 @@ class Inbox:
         # (src, lane or None: any) -> the (transfer, stream)s readers wait for there
         self._reading: dict[tuple[Party, int | None], list[tuple[Incoming, int]]] = {}
         self._closed = False
+        self._aborted: dict[Party, FederationError] = {}  # peers that gave up, and what their gets raise
 
     def listen(self, src: Party) -> None:
         with self._lock:
             if src in self._listening:
                 return
             self._listening.add(src)
-        for lane in range(self._lanes):
-            self._transport.listen(src, lane, self.on_delivery)
+        try:
+            for lane in range(self._lanes):
+                self._transport.listen(src, lane, self.on_delivery)
+        except BaseException:
+            with self._lock:  # a retried get listens again (a transport's listen is idempotent)
+                self._listening.discard(src)
+            raise
 
     def claim(self, transfer: bytes, src: Party) -> Incoming:
+        """The entry of ``transfer`` from ``src``; raises what ``src``'s abort left (``fail_source``)."""
         with self._lock:
+            if src in self._aborted:
+                raise self._aborted[src]
             inc = self._incoming.get(transfer)
             if inc is None:
                 inc = self._new(transfer, src)
@@ -196,6 +206,39 @@ class Inbox:
             self._make_room(d.src, d.lane)
         if grew:
             self._throttle(d.src, charged)
+
+    # notices between sessions ------------------------------------------------------------------
+
+    def expect_notice(self, transfer: bytes, src: Party, on_arrival: Callable[[Incoming], None]) -> None:
+        """Call ``on_arrival(entry)`` (on a thread of its own) once the notice ``transfer`` from
+        ``src`` is complete. It arrives on ``src``'s lanes like a transfer, whenever it comes."""
+        with self._lock:
+            inc = self._incoming.get(transfer) or self._new(transfer, src)
+            inc.control = True
+
+        def arrived(_: Future[None]) -> None:
+            # Called where the last message was placed, under the entry's lock: hand off.
+            threading.Thread(target=on_arrival, args=(inc,), name="ft-notice", daemon=True).start()
+
+        inc.done.add_done_callback(arrived)
+
+    def fail_source(self, src: Party, error: FederationError) -> None:
+        """Every pending and later claim of a transfer from ``src`` fails with ``error``.
+
+        Nothing of ``src``'s is acknowledged for it: what the broker holds stays there.
+        """
+        with self._lock:
+            self._aborted.setdefault(src, error)
+            incs = [inc for inc in self._incoming.values() if inc.src == src and not inc.control]
+        self._fail(incs, error)
+
+    def _fail(self, incs: list[Incoming], error: FederationError) -> None:
+        for inc in incs:
+            with inc.lock:
+                inc.fail(error)
+                inc.arrived.notify_all()
+        with self._flow:
+            self._flow.notify_all()
 
     # flow control ------------------------------------------------------------------------------
 
@@ -304,15 +347,17 @@ class Inbox:
                     del self._reading[key]
 
     def close(self) -> None:
-        """Wake every waiting reader and held delivery: the session is going away."""
+        """Wake every waiting reader, get and held delivery: the session is going away.
+
+        A waiting get raises :class:`FederationError`; nothing is acknowledged for it, so
+        the broker gives what had arrived to the party's next session.
+        """
         with self._flow:
             self._closed = True
             self._flow.notify_all()
         with self._lock:
             incs = list(self._incoming.values())
-        for inc in incs:
-            with inc.lock:
-                inc.arrived.notify_all()
+        self._fail(incs, FederationError("the federation session was closed while a get waited for this transfer"))
 
     def _make_room(self, src: Party, lane: int) -> None:
         """Before the broker's per-lane limit stops this lane, let it hold what it holds and more."""
@@ -377,4 +422,4 @@ class Inbox:
 
     def pending(self) -> int:
         with self._lock:
-            return len(self._incoming)
+            return sum(not inc.control for inc in self._incoming.values())

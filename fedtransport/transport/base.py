@@ -118,6 +118,14 @@ class Transport(ABC):
     def redeliver(self, src: Party, lane: int) -> None:  # noqa: B027 - optional hook
         """Ask the broker to deliver this lane's unacknowledged messages again."""
 
+    def peers(self) -> set[Party]:
+        """Parties of the job this backend knows of, beyond those the session met itself.
+
+        ``Federation.abort`` tells them too. The memory hub knows every session of its job;
+        a broker backend knows none (the route table names party ids, not roles).
+        """
+        return set()
+
     @abstractmethod
     def close(self) -> None:
         """Release connections; idempotent. Broker-side resources stay."""

@@ -47,6 +47,7 @@ class _Hub:
         self.lock = threading.Lock()
         self.lanes: dict[_LaneKey, _Lane] = {}
         self.ids = itertools.count()
+        self.members: dict[str, set[Party]] = {}  # job -> every party that opened a session of it
 
     def lane(self, key: _LaneKey) -> _Lane:
         with self.lock:
@@ -58,6 +59,7 @@ class _Hub:
     def delete_job(self, job_id: str) -> None:
         with self.lock:
             doomed = [k for k in self.lanes if k[0] == job_id]
+            self.members.pop(job_id, None)
             for k in doomed:
                 lane = self.lanes.pop(k)
                 with lane.cond:
@@ -99,6 +101,12 @@ class MemoryTransport(Transport):
 
     def open(self) -> None:
         self._closed.clear()
+        with self._hub.lock:
+            self._hub.members.setdefault(self.ctx.job_id, set()).add(self.ctx.party)
+
+    def peers(self) -> set[Party]:
+        with self._hub.lock:
+            return set(self._hub.members.get(self.ctx.job_id, ())) - {self.ctx.party}
 
     def send(self, dst: Party, lane: int, messages: Iterable[bytes]) -> int:
         q = self._hub.lane(self._key(self.ctx.party, dst, lane))
