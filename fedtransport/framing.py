@@ -93,7 +93,7 @@ class PayloadTransform(Protocol):
     sealing: bool
     overhead: int
 
-    def compress(self, chunk: bytes | memoryview | Sequence[memoryview]) -> bytes | None: ...
+    def compress(self, chunk: bytes | memoryview | Sequence[bytes | memoryview]) -> bytes | None: ...
     def decompress(self, data: bytes | memoryview, size: int) -> bytes: ...
     def seal(self, data: bytes | memoryview, aad: bytes) -> bytes: ...
     def open(self, data: bytes | memoryview, aad: bytes) -> bytes: ...
@@ -205,7 +205,7 @@ class FrameWriter:
         """One message; a chunk given as pieces (see :meth:`UnitChunker.pieces`) is copied once, here."""
         t = self._transform
         flags = LAST if last else 0
-        body = [chunk] if isinstance(chunk, (bytes, bytearray, memoryview)) else list(chunk)
+        body: list[bytes | memoryview] = [chunk] if isinstance(chunk, (bytes, bytearray, memoryview)) else list(chunk)
         size = length = sum(len(p) for p in body)
         packed = t.compress(body)
         if packed is not None:
@@ -336,12 +336,12 @@ class _Unit:
                 except (MemoryError, OverflowError, OSError, ValueError) as exc:  # the length comes from the header
                     raise IntegrityError(f"cannot hold a unit of {self.size} bytes: {exc}") from None
             if isinstance(self.buf, mmap.mmap) and offset + n > self.ready:
-                self._populate(offset, n)
-            memoryview(self.buf)[offset : offset + n] = data  # type: ignore[index]
+                self._populate(self.buf, offset, n)
+            memoryview(self.buf)[offset : offset + n] = data
         self.got += n
         self.filled = True
 
-    def _populate(self, offset: int, n: int) -> None:
+    def _populate(self, buf: mmap.mmap, offset: int, n: int) -> None:
         """Fault in pages before a chunk is copied in, in few big kernel calls: faulting them one
         by one, on the thread that also reads the socket, cost more than the copy itself.
 
@@ -350,10 +350,10 @@ class _Unit:
         claimed length is never committed ahead of its data."""
         end, limit = offset + n, 2 * (self.got + n)
         if end > limit:
-            _madvise_populate(self.buf, offset, end)  # type: ignore[arg-type]
+            _madvise_populate(buf, offset, end)
             return
         target = min(self.size, limit)
-        _madvise_populate(self.buf, self.ready, target)  # type: ignore[arg-type]
+        _madvise_populate(buf, self.ready, target)
         self.ready = target
 
     @property
@@ -475,8 +475,12 @@ class TransferAssembly:
         """Total message count once every stream's LAST message has been seen."""
         if self.nstreams is None or len(self._streams) < self.nstreams:
             return None
-        lasts = [s.last_seq for s in self._streams.values()]
-        return None if any(x is None for x in lasts) else sum(x + 1 for x in lasts)  # type: ignore[operator]
+        total = 0
+        for s in self._streams.values():
+            if s.last_seq is None:
+                return None
+            total += s.last_seq + 1
+        return total
 
     def stream_units(self, stream: int) -> list[memoryview]:
         st = self._streams[stream]
