@@ -53,6 +53,7 @@ from .errors import ConfigError
 
 __all__ = [
     "CertPaths",
+    "ExtraSans",
     "KeyType",
     "PrivateKey",
     "StarCerts",
@@ -69,6 +70,8 @@ __all__ = [
 
 KeyType: TypeAlias = Literal["ec", "rsa"]
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+# make_star's extra names by party id, keyed by str or int ids: a Mapping's key type is invariant
+ExtraSans: TypeAlias = Mapping[str, Iterable[str]] | Mapping[int, Iterable[str]] | Mapping[str | int, Iterable[str]]
 
 _RSA_BITS = 2048
 # Issued certificates start a little in the past so a peer whose clock lags still accepts them.
@@ -412,7 +415,7 @@ def make_star(
     days: int = 825,
     ca_days: int = 3650,
     ca_common_name: str | None = None,
-    extra_sans: Mapping[str | int, Iterable[str]] | None = None,
+    extra_sans: ExtraSans | None = None,
 ) -> StarCerts:
     """Write the certificates of an SNI-proxy star network under ``out_dir``.
 
