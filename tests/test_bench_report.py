@@ -246,6 +246,8 @@ def test_the_report_holds_every_run_the_median_and_the_worst(capsys: pytest.Capt
     assert [r["seconds"] for r in raw["runs"]] == RAW_SECONDS
     assert raw["median"]["seconds"] == 2.0 and raw["median"]["MB_per_s"] == pytest.approx(mb / 2.0, abs=1e-3)
     assert raw["worst"]["seconds"] == 4.0 and raw["best"]["seconds"] == 1.0
+    assert raw["spread"] == 0.5  # the 4 s run against the median 2 s
+    assert "raw-large's own slowest run: 0.50 of its median" in out
     assert obj["median"]["seconds"] == 4.0 and obj["worst"]["seconds"] == 4.0
     small = w["small"]
     assert small["median"]["seconds"] == 2.0 and small["worst"]["seconds"] == 3.0
@@ -260,7 +262,7 @@ def test_the_report_holds_every_run_the_median_and_the_worst(capsys: pytest.Capt
     assert results["baselines"] == {"object": "raw-large", "small": "raw-small"}
     # printed: median and worst of each workload, both ratios and every per-repetition ratio
     assert f"fake     raw-large    median {mb / 2:8.1f} MB/s    2.00 s  worst {mb / 4:8.1f} MB/s    4.00 s" in out
-    assert "ratio object / raw-large: median 0.50, worst 0.50  (per repetition: 0.80 1.00 0.50)" in out
+    assert "ratio object / raw-large: median 0.50, worst 0.50  (per repetition: 0.80 1.00 0.50; " in out
     assert "small" in out and "500 objects/s (worst 333)" in out
     assert "best" not in out
 

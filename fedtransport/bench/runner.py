@@ -137,7 +137,8 @@ def run(args: argparse.Namespace, out: Callable[[str], Any] = print) -> dict[str
                     ratios[name] = r = compare(w[name], w[base])
                     each = " ".join(f"{x:.2f}" for x in r["per_repeat"])
                     out(f"ratio {name} / {base}: median {r['median']:.2f}, worst {r['worst']:.2f}"
-                        f"  (per repetition: {each})")  # fmt: skip
+                        f"  (per repetition: {each}; {base}'s own slowest run: {w[base]['spread']:.2f}"
+                        " of its median)")  # fmt: skip
                 elif base:
                     baselines[name] = base
     results["load_average_after"] = list(os.getloadavg())

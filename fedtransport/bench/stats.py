@@ -1,7 +1,8 @@
 """Median and worst: how the repetitions of a workload, and its ratio to the baseline, are summed up.
 
-Never the best run alone: a workload's record holds every run, the median (of the rates) and the
-worst run; a ratio is that of the medians, with the worst per-repetition ratio beside it.
+Never the best run alone: a workload's record holds every run, the median (of the rates), the
+worst run and the spread (worst rate / median rate); a ratio is that of the medians, with the
+worst per-repetition ratio beside it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ def summarize(runs: Sequence[Result]) -> dict[str, Any]:
     }
     worst = min(runs, key=_rate)
     best = max(runs, key=_rate)
-    return {"median": median, "worst": worst, "best": best, "runs": list(runs)}
+    # How far the slowest run fell below the median: the machine's noise, measured on the
+    # workload itself. A raw baseline's spread bounds what a worst per-repetition ratio can show.
+    spread = round(_rate(worst) / rate, 3)
+    return {"median": median, "worst": worst, "best": best, "spread": spread, "runs": list(runs)}
 
 
 def compare(fed: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:
