@@ -158,10 +158,12 @@ class Consumers:
             log.warning("subscribing again to %s failed: %s", topic, exc)
             return
         with self._lock:
-            if self._consumers.get(key) is not consumer:  # closed or cleaned up meanwhile
-                fresh.close()
-                return
-            self._consumers[key] = fresh
+            replaced = self._consumers.get(key) is consumer  # else closed or cleaned up meanwhile
+            if replaced:
+                self._consumers[key] = fresh
+        if not replaced:
+            fresh.close()
+            return
         # Its unacknowledged messages go back to the subscription: the fresh consumer gets them,
         # and acknowledgements of what it delivered before, refused now, only bring duplicates.
         try:

@@ -202,4 +202,4 @@ def _answer(command: bytes) -> ConnectAnswer:
         name = _SERVER_ERRORS.get(code, f"ServerError {code}") if isinstance(code, int) else "an error"
         message = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else ""
         return ConnectAnswer(error=name, message=message)
-    return ConnectAnswer(problem=f"the broker answered CONNECT with command type {kind}")
+    return ConnectAnswer(problem=f"the broker answered CONNECT with command type {kind!r}")
