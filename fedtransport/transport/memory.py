@@ -8,8 +8,8 @@ Features
     so the receiver's acknowledgement logic is exercised exactly as on a broker.
 
 Connection options (``options=`` of ``Federation.connect``)
-    ``hub``   name of the in-process hub; parties on different hubs never meet.
-              Default ``"default"``.
+    ``hub``, the name of the in-process hub: parties on different hubs never meet. Declared in
+    ``MemoryTransport.option_defaults``; docs/backends.md has the table generated from it.
 
 ``cleanup()`` deletes every lane of the job in the hub.
 """
@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from ..errors import BackendError, ConfigError
+from ..options import Option, OptionSpec
 from ..party import Party
 from ..routing import RouteTable
 from .base import DeliverFn, Delivery, JobContext, Transport
@@ -87,7 +88,14 @@ def hub(name: str = "default") -> _Hub:
 
 class MemoryTransport(Transport):
     name: ClassVar[str] = "memory"
-    option_defaults: ClassVar[dict[str, Any]] = {"hub": "default"}
+    option_defaults: ClassVar[OptionSpec] = OptionSpec(
+        Option(
+            "hub",
+            str,
+            "default",
+            "name of the in-process hub. Sessions of one process with the same `job_id` and hub see each other.",
+        ),
+    )
 
     def __init__(self, ctx: JobContext) -> None:
         super().__init__(ctx)

@@ -49,28 +49,9 @@ Features
       ``BackendError`` saying "authentication failed" at once, where pulsar-client would
       retry until its operation timeout and report ``Timeout``.
 
-Connection options (``options=`` of ``Federation.connect``) and defaults
-    ``service_url``               ``None``: an embedded pulsar-lite broker for the process
-    ``admin_url``                 ``None``: no control-plane calls
-    ``mode``                      ``"shared"`` | ``"direct"`` | ``"replication"``
-    ``tenant``                    ``"fl-tenant"``
-    ``cluster``                   this party's cluster; default: its route-table name
-                                  (``fl-pulsar-{party_id}`` unless listed otherwise), else
-                                  ``"standalone"`` without a route table
-    ``token``                     ``None``; a JWT (also ``"token:..."`` / ``"file:///path"``)
-    ``tls_trust_certs_file_path`` ``None``
-    ``tls_validate_hostname``     ``True``
-    ``send_window``               ``16`` messages in flight per ``send`` (one lane of one transfer)
-    ``send_window_bytes``         ``8 MiB`` in flight per ``send``: what bounds a sender's memory
-    ``send_timeout``              ``30.0`` seconds for the broker to confirm a message
-    ``receiver_queue_size``       ``1``
-    ``receive_connections``       ``4``: connections the receive lanes are spread over
-    ``subscribe_timeout``         ``180.0`` seconds of retrying a refused subscription
-    ``ttl_seconds``               ``172800``: message TTL and retention of the job namespace
-    ``publish_rate``              ``None``, or ``{"messages": N, "bytes": M}`` per second
-    ``producer`` / ``consumer``   ``{}``: extra keyword arguments for pulsar-client's
-                                  ``create_producer`` / ``subscribe``
-    ``client``                    ``{}``: extra keyword arguments for ``pulsar.Client``
+Connection options (``options=`` of ``Federation.connect``)
+    Declared with their types, ranges and defaults in ``options.py`` (``PULSAR_OPTIONS``); the
+    ``pulsar`` table of docs/backends.md is generated from that spec.
 
 Errors
     ``BackendError`` carrying pulsar-client's result or the admin API's reason ("authentication
@@ -88,6 +69,7 @@ Modules of this package (each imports only modules listed below it)
     ``admin``       ``PulsarAdmin``, the admin REST v2 client (and reading a token)
     ``probe``       one CONNECT of our own on the binary protocol: the broker's verdict on a token
     ``naming``      names of the job's namespace, topics and subscriptions
+    ``options``     the option spec: every key's type, range, default and doc line
 """
 
 from __future__ import annotations
@@ -98,6 +80,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 from ...errors import BackendError, ConfigError, RouteError
+from ...options import OptionSpec
 from ...party import Party
 from ..base import DeliverFn, JobContext, Transport
 from .admin import PulsarAdmin
@@ -105,46 +88,26 @@ from .connection import PulsarClients, check_credentials, pulsar_call
 from .consumer import Consumers
 from .management import PulsarManagement
 from .naming import PulsarNames
+from .options import PULSAR_OPTIONS
 from .publisher import Publisher
 
 __all__ = ["PulsarAdmin", "PulsarManagement", "PulsarNames", "PulsarTransport"]
 
 log = logging.getLogger("fedtransport.pulsar")
 
-_MODES = ("shared", "direct", "replication")
-
 
 class PulsarTransport(Transport):
     """The ``pulsar`` backend (see the module docstring)."""
 
     name: ClassVar[str] = "pulsar"
-    option_defaults: ClassVar[dict[str, Any]] = {
-        "service_url": None,
-        "admin_url": None,
-        "mode": "shared",
-        "tenant": "fl-tenant",
-        "cluster": None,
-        "token": None,
-        "tls_trust_certs_file_path": None,
-        "tls_validate_hostname": True,
-        "send_window": 16,
-        "send_window_bytes": 8 << 20,
-        "send_timeout": 30.0,
-        "receiver_queue_size": 1,
-        "receive_connections": 4,
-        "subscribe_timeout": 180.0,
-        "ttl_seconds": 172800,
-        "publish_rate": None,
-        "producer": {},
-        "consumer": {},
-        "client": {},
-    }
+    option_defaults: ClassVar[OptionSpec] = PULSAR_OPTIONS
 
     def __init__(self, ctx: JobContext) -> None:
         super().__init__(ctx)
-        o = ctx.options
+        # Checked by split_options already; again here (idempotent) for a context made by hand.
+        o = PULSAR_OPTIONS.validate(ctx.options, "backend 'pulsar'")
         self.mode: str = o["mode"]
-        self._check_options()
+        self._check_options(o)
         self.tenant = str(o["tenant"])
         self.namespace = ctx.job_id
         self.cluster: str = o["cluster"] or (
@@ -169,22 +132,14 @@ class PulsarTransport(Transport):
         )
         self.consumers = Consumers(self.clients, self.names, ctx.party, o, closed=self._closed)
 
-    def _check_options(self) -> None:
-        o, ctx = self.ctx.options, self.ctx
-        if self.mode not in _MODES:
-            raise ConfigError(f"option 'mode' must be one of {_MODES}, got {self.mode!r}")
-        if self.mode != "shared" and ctx.route_table is None:
+    def _check_options(self, o: dict[str, Any]) -> None:
+        """What depends on more than one option; each value was checked by ``PULSAR_OPTIONS``."""
+        if self.mode != "shared" and self.ctx.route_table is None:
             raise ConfigError(f"Pulsar mode {self.mode!r} needs a route_table to find the other parties")
         if self.mode == "replication" and not o["admin_url"]:
             raise ConfigError("Pulsar replication mode needs 'admin_url' to register clusters and the namespace")
         if self.mode != "shared" and not o["service_url"]:
             raise ConfigError(f"Pulsar mode {self.mode!r} needs 'service_url' (this party's own broker)")
-        for key in ("send_window", "send_window_bytes", "receiver_queue_size", "receive_connections", "ttl_seconds"):
-            if isinstance(o[key], bool) or not isinstance(o[key], int) or o[key] < 1:
-                raise ConfigError(f"option {key!r} must be a positive integer, got {o[key]!r}")
-        for key in ("send_timeout", "subscribe_timeout"):  # seconds; 0 would make every wait give up at once
-            if isinstance(o[key], bool) or not isinstance(o[key], (int, float)) or not o[key] > 0:
-                raise ConfigError(f"option {key!r} must be a positive number of seconds, got {o[key]!r}")
 
     # naming (see naming.py) ----------------------------------------------------------------
 

@@ -123,10 +123,8 @@ class PulsarManagement:
         ttl = int(o["ttl_seconds"])
         a.set_message_ttl(self.tenant, self.namespace, ttl)
         a.set_retention(self.tenant, self.namespace, max(1, ttl // 60), -1)
-        rate = o["publish_rate"]
+        rate = o["publish_rate"]  # its keys and values were checked by PULSAR_OPTIONS
         if rate:
-            if not isinstance(rate, dict) or not set(rate) <= {"messages", "bytes"}:
-                raise ConfigError("option 'publish_rate' is {'messages': N, 'bytes': M} (per second)")
             a.set_publish_rate(self.tenant, self.namespace, int(rate.get("messages", -1)), int(rate.get("bytes", -1)))
 
     # replication ---------------------------------------------------------------------------

@@ -58,38 +58,10 @@ Features
       deletes the job's policies, upstreams, vhost and users (its own and every job user
       with permissions on the vhost) on this party's broker.
 
-Connection options (``options=`` of ``Federation.connect``) and defaults
-    ``host``                        ``"127.0.0.1"``: this party's broker
-    ``port``                        ``5672``; the AMQPS port when ``ssl`` is given
-    ``mng_port``                    ``15672``: management API, ``http://{host}:{mng_port}``
-    ``user`` / ``password``         ``"guest"`` / ``"guest"``: admin credentials for the
-                                    management API (never used on the data plane)
-    ``mode``                        ``"shared"`` | ``"federated"`` (needs a route table)
-    ``ssl``                         ``None``, or ``{"ca_file", "cert_file", "key_file",
-                                    "server_hostname"}`` (all optional; server_hostname
-                                    defaults to ``host``)
-    ``prefetch``                    ``4`` unacknowledged deliveries per lane consumer, the
-                                    floor, sized for full (4 MiB) messages
-    ``prefetch_bytes``              ``16 MiB``: the qos rises above ``prefetch`` while messages
-                                    are small, to keep about this much in flight per lane
-    ``prefetch_max``                ``64``: the ceiling of that qos
-    ``send_window``                 ``8`` unconfirmed messages per ``send`` (one lane of one transfer)
-    ``send_window_bytes``           ``8 MiB`` unconfirmed per ``send``: what bounds a sender's memory
-    ``send_timeout``                ``60.0`` seconds without a confirm before ``send`` fails
-    ``connect_timeout``             ``30.0`` seconds for the first connection and channel setup
-    ``heartbeat``                   ``60`` seconds (AMQP heartbeat; 0 disables)
-    ``blocked_connection_timeout``  ``300.0`` seconds blocked by a broker alarm before the
-                                    connection is dropped and made again
-    ``reconnect_max_delay``         ``5.0`` seconds: cap of the reconnect back-off
-    ``vhost_prefix``                ``"fedtransport-"``: must be the same for every party
-    ``ttl_seconds``                 ``172800``: queues unused this long expire
-    ``federation_prefetch``         ``16``: messages a federation link has in flight
-    ``federation_ssl``              ``None``: like ``ssl`` (TLS upstreams when ``ssl`` is set);
-                                    ``False``: plain ``amqp://``; or ``{"ca_file", "cert_file",
-                                    "key_file"}`` as paths the *broker* can read
-    ``peer_credentials``            ``{}``: ``{party_id: {"user": ..., "password": ...}}`` admin
-                                    credentials of remote brokers (federated mode, no secret)
-    ``secret``                      the common job secret, also read here (see above)
+Connection options (``options=`` of ``Federation.connect``)
+    Declared with their types, ranges and defaults in ``options.py`` (``RABBITMQ_OPTIONS``);
+    the ``rabbitmq`` table of docs/backends.md is generated from that spec. ``secret`` is the
+    common job secret, also read here (see above).
 
 Errors
     ``BackendError`` carrying the broker's reply text (connection refused, access refused,
@@ -107,16 +79,17 @@ Modules of this package (each imports only modules listed below it)
     ``consumer``    lane consumers: qos, acks, recover
     ``connection``  the pika I/O thread, posting work onto it, reconnect with back-off
     ``naming``      names of the job's queues, exchanges, users and their permission patterns
+    ``options``     the option spec: every key's type, range, default and doc line
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Iterable, Mapping, Sequence, Sized
+from collections.abc import Iterable, Sequence, Sized
 from typing import Any, ClassVar
 
 from ...errors import BackendError, ConfigError
+from ...options import OptionSpec
 from ...party import Party
 from ..base import DeliverFn, JobContext
 from .admin import DEFAULT_FEDERATION_PREFETCH, RabbitAdmin
@@ -125,57 +98,28 @@ from .consumer import Consumers
 from .doctor import RabbitOperatorHooks
 from .management import RabbitManagement, derive_password
 from .naming import RabbitNames
+from .options import FED_SSL_KEYS, RABBITMQ_OPTIONS
 from .publisher import Publisher
 
 __all__ = ["DEFAULT_FEDERATION_PREFETCH", "RabbitAdmin", "RabbitManagement", "RabbitNames", "RabbitTransport"]
 
 log = logging.getLogger("fedtransport.rabbitmq")
 
-_MODES = ("shared", "federated")
-_SSL_KEYS = frozenset({"ca_file", "cert_file", "key_file", "server_hostname"})
-_FED_SSL_KEYS = frozenset({"ca_file", "cert_file", "key_file"})
-_VHOST_PREFIX = re.compile(r"[A-Za-z0-9_.-]{0,64}")
-
 
 class RabbitTransport(RabbitOperatorHooks):
     """The ``rabbitmq`` backend (see the module docstring); doctor and cleanup hooks in doctor.py."""
 
     name: ClassVar[str] = "rabbitmq"
-    option_defaults: ClassVar[dict[str, Any]] = {
-        "host": "127.0.0.1",
-        "port": 5672,
-        "mng_port": 15672,
-        "user": "guest",
-        "password": "guest",
-        "mode": "shared",
-        "ssl": None,
-        "prefetch": 4,
-        "prefetch_bytes": 16 << 20,
-        "prefetch_max": 64,
-        "send_window": 8,
-        "send_window_bytes": 8 << 20,
-        "send_timeout": 60.0,
-        "connect_timeout": 30.0,
-        "heartbeat": 60,
-        "blocked_connection_timeout": 300.0,
-        "reconnect_max_delay": 5.0,
-        "vhost_prefix": "fedtransport-",
-        "ttl_seconds": 172800,
-        "federation_prefetch": 16,
-        "federation_ssl": None,
-        "peer_credentials": {},
-        # The common job secret (also validated there): declared so that it reaches this
-        # backend, which derives the federation link passwords from it.
-        "secret": None,
-    }
+    option_defaults: ClassVar[OptionSpec] = RABBITMQ_OPTIONS
 
     def __init__(self, ctx: JobContext) -> None:
         super().__init__(ctx)
-        o = ctx.options
+        # Checked by split_options already; again here (idempotent) for a context made by hand.
+        o = RABBITMQ_OPTIONS.validate(ctx.options, "backend 'rabbitmq'")
         self.mode: str = o["mode"]
         self._federated = self.mode == "federated"
-        ssl_settings, fed_ssl = self._check_options()
-        secret = o["secret"]
+        ssl_settings, fed_ssl = self._tls_settings(o)
+        secret: bytes | None = o["secret"]
 
         self.host: str = o["host"]
         self.port: int = o["port"]
@@ -193,8 +137,8 @@ class RabbitTransport(RabbitOperatorHooks):
             o,
             route_table=ctx.route_table,
             fed_ssl=fed_ssl,
-            peer_credentials=self._check_peers(o["peer_credentials"]),
-            secret=secret.encode() if isinstance(secret, str) else secret,
+            peer_credentials={pid: (c["user"], c["password"]) for pid, c in o["peer_credentials"].items()},
+            secret=secret,
             data_user=self.user_name,
             data_password=self._password,
         )
@@ -225,77 +169,19 @@ class RabbitTransport(RabbitOperatorHooks):
 
     # options -------------------------------------------------------------------------------
 
-    def _check_options(self) -> tuple[dict[str, str] | None, dict[str, str] | None]:
-        """Refuse inconsistent options; return the TLS settings (``ssl``, federation's)."""
-        o = self.ctx.options
-        if self.mode not in _MODES:
-            raise ConfigError(f"option 'mode' must be one of {_MODES}, got {self.mode!r}")
-        if self.mode == "federated" and self.ctx.route_table is None:
+    def _tls_settings(self, o: dict[str, Any]) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+        """Check what depends on more than one option; return the TLS settings (``ssl``, federation's)."""
+        if self._federated and self.ctx.route_table is None:
             raise ConfigError("RabbitMQ mode 'federated' needs a route_table to find the other parties' brokers")
-        for key in ("port", "mng_port"):
-            self._check_int(key, 1, 65535)
-        for key, lo, hi in (
-            ("prefetch", 1, 65535),
-            ("prefetch_max", 1, 65535),
-            ("prefetch_bytes", 1, 1 << 40),
-            ("send_window", 1, 1 << 16),
-            ("send_window_bytes", 1, 1 << 40),
-            ("heartbeat", 0, 3600),
-            ("ttl_seconds", 1, 1 << 31),
-            ("federation_prefetch", 1, 65535),
-        ):
-            self._check_int(key, lo, hi)
-        for key in ("send_timeout", "connect_timeout", "blocked_connection_timeout", "reconnect_max_delay"):
-            value = o[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"option {key!r} must be a positive number of seconds, got {value!r}")
-        for key in ("host", "user", "password"):
-            if not isinstance(o[key], str) or not o[key]:
-                raise ConfigError(f"option {key!r} must be a non-empty string, got {o[key]!r}")
-        prefix = o["vhost_prefix"]
-        if not isinstance(prefix, str) or not _VHOST_PREFIX.fullmatch(prefix):
-            raise ConfigError(f"option 'vhost_prefix' must match [A-Za-z0-9_.-]{{0,64}}, got {prefix!r}")
-        ssl_settings = self._check_ssl("ssl", o["ssl"], _SSL_KEYS)
+        ssl_settings: dict[str, str] | None = o["ssl"]
         fed_ssl = o["federation_ssl"]
-        if fed_ssl is None:
-            fed_ssl = None if ssl_settings is None else {k: v for k, v in ssl_settings.items() if k in _FED_SSL_KEYS}
+        if fed_ssl is None:  # like ssl: the broker's upstreams get its CA and client certificate
+            fed_ssl = None if ssl_settings is None else {k: v for k, v in ssl_settings.items() if k in FED_SSL_KEYS}
         elif fed_ssl is False:
             fed_ssl = None
-        else:
-            fed_ssl = self._check_ssl("federation_ssl", fed_ssl, _FED_SSL_KEYS)
-        if self.mode == "federated" and fed_ssl is not None and not fed_ssl.get("ca_file"):
+        if self._federated and fed_ssl is not None and not fed_ssl.get("ca_file"):
             raise ConfigError("federation over TLS needs 'ca_file' (in 'federation_ssl' or 'ssl') for the broker")
         return ssl_settings, fed_ssl
-
-    def _check_int(self, key: str, lo: int, hi: int) -> None:
-        value = self.ctx.options[key]
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ConfigError(f"option {key!r} must be an integer in [{lo}, {hi}], got {value!r}")
-
-    @staticmethod
-    def _check_ssl(key: str, value: Any, allowed: frozenset[str]) -> dict[str, str] | None:
-        if value is None:
-            return None
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"option {key!r} must be a mapping with keys {sorted(allowed)}, got {value!r}")
-        unknown = set(value) - allowed
-        if unknown:
-            raise ConfigError(f"option {key!r} has unknown key(s) {sorted(unknown)}; known: {sorted(allowed)}")
-        out = {k: str(v) for k, v in value.items() if v is not None}
-        if "key_file" in out and "cert_file" not in out:
-            raise ConfigError(f"option {key!r}: 'key_file' needs 'cert_file'")
-        return out
-
-    @staticmethod
-    def _check_peers(value: Any) -> dict[str, tuple[str, str]]:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"option 'peer_credentials' must map party ids to {{user, password}}, got {value!r}")
-        out: dict[str, tuple[str, str]] = {}
-        for pid, cred in value.items():
-            if not isinstance(cred, Mapping) or not {"user", "password"} <= set(cred):
-                raise ConfigError(f"option 'peer_credentials' for party {pid!r} needs 'user' and 'password'")
-            out[str(pid)] = (str(cred["user"]), str(cred["password"]))
-        return out
 
     # naming (see naming.py) ----------------------------------------------------------------
 
