@@ -142,6 +142,7 @@ def test_a_bad_rabbitmq_value_names_the_key_what_it_accepts_and_the_value(key, v
         ("publish_rate", {"msgs": 1}, r"'publish_rate' must be .*\(unknown key\(s\) \['msgs'\]\)"),
         ("publish_rate", {"bytes": True}, r"\('bytes' is not an integer >= -1 \(-1: unlimited\)\)"),
         ("producer", [("batching_enabled", True)], r"'producer' must be a mapping of keyword arguments"),
+        ("tls_trust_certs_file_path", b"/ca.pem", r"'tls_trust_certs_file_path' must be a file path .*, or None"),
         ("mode", "multicast", "'mode' must be one of 'shared', 'direct', 'replication', got 'multicast'"),
     ],
 )
@@ -188,6 +189,8 @@ def test_values_come_back_converted_and_validating_again_changes_nothing():
     common, _ = split_options({"allow": "numpy:ndarray", "compression": None}, "memory", {})
     assert common.allow == frozenset({"numpy:ndarray"}) and common.compression == "none"
     assert split_options({"allow": None}, "memory", {})[0].allow == frozenset()
+    trust = PULSAR_OPTIONS.validate({"tls_trust_certs_file_path": Path("/etc/ca.pem")})["tls_trust_certs_file_path"]
+    assert trust == "/etc/ca.pem"
 
 
 def test_a_plain_dict_of_defaults_is_passed_on_unchecked():

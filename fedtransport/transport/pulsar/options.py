@@ -9,6 +9,7 @@ checked by ``PulsarTransport`` itself.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,12 @@ def _publish_rate(value: Any) -> dict[str, int]:
         if isinstance(n, bool) or not isinstance(n, int) or n < -1:
             raise ValueError(f"{key!r} is not an integer >= -1 (-1: unlimited)")
     return dict(value)
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ValueError("not a file path")
+    return str(os.fspath(value))
 
 
 def _kwargs(value: Any) -> dict[str, Any]:
@@ -68,8 +75,8 @@ PULSAR_OPTIONS = OptionSpec(
            'a JWT for the data plane and the admin API. Also `"token:<jwt>"` or `"file:///path"`. A token the '
            'broker refuses, or none where one is needed, fails `connect()` with "authentication failed".',
            nullable=True, sensitive=True),
-    Option("tls_trust_certs_file_path", str, None, "CA file for `pulsar+ssl://` and `https://` admin URLs",
-           nullable=True),
+    Option("tls_trust_certs_file_path", object, None, "CA file for `pulsar+ssl://` and `https://` admin URLs",
+           nullable=True, parse=_path, accepted="a file path (str or `os.PathLike`)"),
     Option("tls_validate_hostname", bool, True,
            "`False` skips the host name check; the certificate chain is still verified"),
     Option("send_window", int, 16,
