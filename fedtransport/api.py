@@ -107,8 +107,7 @@ class Federation:
             raise ConfigError(f"backend must be a name, got {backend!r}")
         transport_cls = get_backend(backend)
         common, backend_opts = split_options(options, backend, transport_cls.option_defaults)
-        kind = backend if backend in ("pulsar", "rabbitmq") else None
-        routes = RouteTable.load(route_table, kind=kind) if route_table is not None else None
+        routes = RouteTable.load(route_table, kind=transport_cls.route_kind) if route_table is not None else None
         ctx = JobContext(job_id, me, routes, backend_opts, common.max_message_size, common.lanes, common.lane_offset)
         transport = transport_cls(ctx)
         transport.open()

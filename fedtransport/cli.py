@@ -19,6 +19,7 @@ import yaml
 
 from . import __version__
 from .errors import ConfigError, FederationError, RouteError
+from .transport import available
 
 __all__ = ["load_options", "main", "parse_option"]
 
@@ -196,12 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="guest 9999 and host 10000 run a secure sum and a table round trip and print what moved.",
         epilog=DEMO_EXAMPLES,
     )
-    demo.add_argument(
-        "--backend",
-        choices=["memory", "pulsar", "rabbitmq"],
-        default="pulsar",
-        help="default: pulsar, on an embedded broker",
-    )
+    backends = available()  # built-in ones whose broker client is installed, and plugins
+    demo.add_argument("--backend", choices=backends, default="pulsar", help="default: pulsar, on an embedded broker")
 
     route = sub.add_parser(
         "route",
@@ -270,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=CLEANUP_EXAMPLES,
         description="Delete what job JOB left on this party's broker.",
     )
-    _add_connection_args(cleanup, backends=["pulsar", "rabbitmq"])
+    _add_connection_args(cleanup, backends=backends)
     cleanup.add_argument("--job", required=True, help="the job id (the job_id given to Federation.connect)")
     cleanup.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     cleanup.add_argument("--json", action="store_true", help="machine-readable output")
@@ -282,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=DOCTOR_EXAMPLES,
         description="Check that this party's broker can serve fedtransport jobs.",
     )
-    _add_connection_args(doctor, backends=["pulsar", "rabbitmq"])
+    _add_connection_args(doctor, backends=backends)
     doctor.add_argument("--no-roundtrip", action="store_true", help="skip the probe job")
     doctor.add_argument("--timeout", type=float, default=10.0, help="seconds per network check (default 10)")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")

@@ -61,6 +61,7 @@ Errors
 
 Modules of this package (each imports only modules listed below it)
     ``__init__``    ``PulsarTransport``: options, open and close, wiring the parts below
+    ``doctor``      what ``fedtransport doctor`` checks on a broker; cleanup's target
     ``management``  the control plane: tenant, namespace and its policies, replication
                     clusters and peer registration, waiting for replicators, inventory, cleanup
     ``publisher``   producers per lane, the send window of receipts, producer replacement
@@ -82,10 +83,11 @@ from typing import Any, ClassVar
 from ...errors import BackendError, ConfigError, RouteError
 from ...options import OptionSpec
 from ...party import Party
-from ..base import DeliverFn, JobContext, Transport
+from ..base import DeliverFn, JobContext
 from .admin import PulsarAdmin
 from .connection import PulsarClients, check_credentials, pulsar_call
 from .consumer import Consumers
+from .doctor import PulsarOperatorHooks
 from .management import PulsarManagement
 from .naming import PulsarNames
 from .options import PULSAR_OPTIONS
@@ -96,8 +98,8 @@ __all__ = ["PulsarAdmin", "PulsarManagement", "PulsarNames", "PulsarTransport"]
 log = logging.getLogger("fedtransport.pulsar")
 
 
-class PulsarTransport(Transport):
-    """The ``pulsar`` backend (see the module docstring)."""
+class PulsarTransport(PulsarOperatorHooks):
+    """The ``pulsar`` backend (see the module docstring); doctor and cleanup hooks in doctor.py."""
 
     name: ClassVar[str] = "pulsar"
     option_defaults: ClassVar[OptionSpec] = PULSAR_OPTIONS
