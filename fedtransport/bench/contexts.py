@@ -33,13 +33,13 @@ def _pulsar_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
     started: dict[str, Any] = {}
 
     def single() -> Any:
-        if "single" not in started:
-            broker = EmbeddedPulsar() if kind == "embedded" else PulsarStandalone()
-            started["single"] = stack.enter_context(broker)
-            if kind != "embedded":
-                # Both parties' sessions create the tenant at once on a fresh broker, and Pulsar 4.0.7
-                # answers one of the racing PUTs with HTTP 500 (BadVersionException), not 409: made first.
-                broker.admin("PUT", "/admin/v2/tenants/fl-tenant", {"allowedClusters": [broker.cluster]})
+        if "single" not in started and kind == "embedded":
+            started["single"] = stack.enter_context(EmbeddedPulsar())
+        elif "single" not in started:
+            broker = started["single"] = stack.enter_context(PulsarStandalone())
+            # Both parties' sessions create the tenant at once on a fresh broker, and Pulsar 4.0.7
+            # answers one of the racing PUTs with HTTP 500 (BadVersionException), not 409: made first.
+            broker.admin("PUT", "/admin/v2/tenants/fl-tenant", {"allowedClusters": [broker.cluster]})
         return started["single"]
 
     def raw(count: int, size: int, sync: bool) -> Go:
@@ -65,7 +65,7 @@ def _pulsar_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
 
         return go
 
-    def clusters() -> tuple[Any, Any]:
+    def clusters() -> tuple[PulsarStandalone, PulsarStandalone]:
         """Two standalone clusters, A (guest's) and B (host's), registered with each other, and the
         raw client's namespace bench/raw replicated between them."""
         if "repl" not in started:
@@ -78,7 +78,8 @@ def _pulsar_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
                 here.admin("PUT", f"/admin/v2/namespaces/{REPL_TENANT}/raw")
                 here.admin("POST", f"/admin/v2/namespaces/{REPL_TENANT}/raw/replication", list(REPL_CLUSTERS))
             started["repl"] = (a, b)
-        return started["repl"]
+        pair: tuple[PulsarStandalone, PulsarStandalone] = started["repl"]
+        return pair
 
     def raw_repl(count: int, size: int) -> Go:
         def go(i: int) -> Result:

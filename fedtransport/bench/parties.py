@@ -51,12 +51,12 @@ def run_pair(sender: Callable[..., None], receiver: Callable[..., None], cfg: di
                 continue
             got[item[0]] = item[1:]
     finally:
-        for proc in (send, recv):  # every child ends with the repetition, also on failure
-            if proc is not None:
-                proc.join(120)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
+        for child in (send, recv):  # every child ends with the repetition, also on failure
+            if child is not None:
+                child.join(120)
+                if child.is_alive():
+                    child.kill()
+                    child.join()
     seconds = got["end"][0] - got["start"][0]
     nbytes = got["end"][1]
     return {"seconds": round(seconds, 3), "bytes": nbytes, "MB_per_s": round(nbytes / 1e6 / seconds, 1)}

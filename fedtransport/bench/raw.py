@@ -99,6 +99,7 @@ def raw_rabbit_receiver(cfg: dict[str, Any], q: Any) -> None:
     nbytes = 0
     for i, (method, _props, body) in enumerate(ch.consume(cfg["queue"])):
         nbytes += len(body)
+        assert method.delivery_tag is not None  # a message delivered by basic.consume carries its tag
         ch.basic_ack(method.delivery_tag)
         if i + 1 == cfg["count"]:
             break

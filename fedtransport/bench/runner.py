@@ -80,7 +80,7 @@ def _schedule(suite: Mapping[str, tuple[Go, str | None]]) -> list[list[str]]:
     """Workloads in groups: a raw baseline first, then the workloads measured against it."""
     groups: dict[str, list[str]] = {}
     for name, (_go, baseline) in suite.items():
-        head = baseline if baseline in suite else name
+        head = baseline if baseline is not None and baseline in suite else name
         groups.setdefault(head, [head] if head != name else [])
         if name not in groups[head]:
             groups[head].append(name)

@@ -135,10 +135,13 @@ def _repl(make: Callable[[BenchContext, dict[str, Any]], Go]) -> Callable[[Bench
     return lambda c: make(c, c.broker["replication"]) if "replication" in c.broker else None
 
 
-_REPL = {"default": False, "flag": "replication"}
-register_workload("raw-repl", _repl(lambda c, r: r["raw"](*raw_messages(c.args.mib))), **_REPL)
-register_workload("object-repl", _repl(lambda c, r: r["fed"]("object")), baseline="raw-repl", **_REPL)
-register_workload("table-repl", _repl(lambda c, r: r["fed"]("table", partitions=8)), baseline="raw-repl", **_REPL)
+# Off unless named in --only or asked for with --replication.
+register_workload("raw-repl", _repl(lambda c, r: r["raw"](*raw_messages(c.args.mib))), default=False,
+                  flag="replication")  # fmt: skip
+register_workload("object-repl", _repl(lambda c, r: r["fed"]("object")), baseline="raw-repl", default=False,
+                  flag="replication")  # fmt: skip
+register_workload("table-repl", _repl(lambda c, r: r["fed"]("table", partitions=8)), baseline="raw-repl",
+                  default=False, flag="replication")  # fmt: skip
 
 
 def selected(ctx: BenchContext) -> dict[str, tuple[Go, str | None]]:

@@ -164,7 +164,7 @@ class RabbitNode(Launcher):
         self._tmp: Path | None = None
         self._marker: str | None = None
         self._rt: NodeProcesses | None = None
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[[], RabbitNode] | None = None
         self._closed = False
 
     @staticmethod

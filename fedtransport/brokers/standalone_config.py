@@ -198,10 +198,10 @@ def check_options(
         if seconds <= 0:
             raise ConfigError(f"PulsarStandalone {name} must be positive, got {seconds}")
     extra = dict(config or {})
-    for key, value in extra.items():
+    for key, setting in extra.items():
         if not isinstance(key, str) or not _CONFIG_KEY_RE.fullmatch(key):
             raise ConfigError(f"PulsarStandalone config key {key!r} is not a standalone.conf key")
-        config_value(value)
+        config_value(setting)
     return extra
 
 
