@@ -13,16 +13,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .claims import ClaimBook
 from .codec import Compressor, PayloadCodec, Sealer, UnpicklePolicy
-from .errors import (
-    BackendError,
-    ConfigError,
-    DuplicateTransfer,
-    FederationError,
-    IntegrityError,
-    PeerAborted,
-    TransferTimeout,
-)
+from .errors import BackendError, ConfigError, FederationError, IntegrityError, PeerAborted, TransferTimeout
 from .framing import FrameWriter, PayloadTransform, chunk_size, control_id, job_fingerprint, transfer_id
 from .inbox import Inbox, Incoming
 from .options import CommonOptions, max_chunk, split_options
@@ -65,9 +58,8 @@ class Federation:
         self._compressor = Compressor(options.compression == "lz4")
         self._sealer = Sealer(options.secret, ctx.job_id) if options.secret else None
         self._policy = UnpicklePolicy(options.allow, options.trust_remote_code, options.allow_mode)
-        self._lock = threading.Lock()
-        self._sent: set[tuple[str, str, Party]] = set()
-        self._got: set[tuple[str, str, Party]] = set()
+        self._sent = ClaimBook("remote(name={name!r}, tag={tag!r}) was already sent to {parties}")
+        self._got = ClaimBook("get(name={name!r}, tag={tag!r}) from {parties} was already done")
         self._pool = concurrent.futures.ThreadPoolExecutor(options.send_workers, thread_name_prefix="ft-send")
         # remote_async callers keep many transfers in flight; each thread mostly waits for the broker's
         # receipt, so this pool is wider than asyncio's default executor (min(32, cores + 4) threads).
@@ -186,6 +178,15 @@ class Federation:
         return f"Federation(job_id={self.job_id!r}, party={self.party}, backend={self.backend!r})"
 
     @property
+    def transport(self) -> Transport:
+        """The backend's :class:`~fedtransport.transport.Transport` under this session.
+
+        For diagnostics and tests (queue and topic names, the backend's own counters); send
+        and receive through the session, which frames, seals and acknowledges.
+        """
+        return self._transport
+
+    @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called: a closed session cannot send or receive again."""
         return self._closed
@@ -224,21 +225,10 @@ class Federation:
         ``(name, tag)`` to the same party twice raises :class:`DuplicateTransfer`.
         ``progress(done, total)`` is called as messages go out (bytes over every party).
         """
-        self._check_open()
-        name, tag = key_part("name", name), key_part("tag", tag)
-        dsts = as_parties(parties)
-        keys = [(name, tag, p) for p in dsts]
-        with self._lock:
-            dup = [str(p) for (_, _, p) in keys if (name, tag, p) in self._sent]
-            if dup:
-                raise DuplicateTransfer(f"remote(name={name!r}, tag={tag!r}) was already sent to {', '.join(dup)}")
-            self._sent.update(keys)
-        try:
+        name, tag, dsts = self._key(name, tag, parties)
+        # A failure releases the claims: nothing was handed over for sure, a retry must be allowed.
+        with self._sent.claimed(name, tag, dsts):
             self._send(obj, name, tag, dsts, progress)
-        except BaseException:
-            with self._lock:  # nothing was handed over for sure: a retry must be allowed
-                self._sent.difference_update(keys)
-            raise
 
     def _send(
         self, obj: Any, name: str, tag: str, dsts: list[Party], progress: ProgressFn | None, *, notice: str = ""
@@ -283,10 +273,10 @@ class Federation:
                 except Exception as exc:  # FederationError, or a backend bug / a value that cannot be encoded
                     errors.append((dst, lane, exc))
         if errors:
-            dst, lane, exc = errors[0]
-            if isinstance(exc, FederationError):
-                raise exc
-            raise BackendError(f"sending {name!r}/{tag!r} to {dst} on lane {lane} failed: {exc}") from exc
+            dst, lane, failure = errors[0]
+            if isinstance(failure, FederationError):
+                raise failure
+            raise BackendError(f"sending {name!r}/{tag!r} to {dst} on lane {lane} failed: {failure}") from failure
         nbytes, nmsgs = counter.bytes, counter.messages
         self._stats["bytes_sent"] += nbytes
         self._stats["messages_sent"] += nmsgs
@@ -324,9 +314,12 @@ class Federation:
         every party; total None for tables).
         """
         started = time.perf_counter()
-        claims = self._claim(name, tag, parties, progress)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
+        name, tag, srcs = self._key(name, tag, parties)
+        # Until the handover, a failure releases the claims: the get may be tried again, and
+        # what already arrived stays in the inbox for it.
+        with self._got.claimed(name, tag, srcs):
+            claims = self._incoming(name, tag, srcs, progress)
+            deadline = None if timeout is None else time.monotonic() + timeout
             with self._inbox.waiting(claims):
                 for inc in claims:
                     while True:
@@ -340,9 +333,6 @@ class Federation:
                             self._watch(claims)
                         except FederationError:
                             break  # surfaced by _finish, after the handover
-        except BaseException:
-            self._unclaim(name, tag, claims)
-            raise
         return self._finish(name, tag, claims, started, timeout)
 
     async def get_async(
@@ -356,9 +346,10 @@ class Federation:
     ) -> list[Any]:
         """``get`` for asyncio: waits on the event loop, decodes on a worker thread."""
         started = time.perf_counter()
-        claims = self._claim(name, tag, parties, progress)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
+        name, tag, srcs = self._key(name, tag, parties)
+        with self._got.claimed(name, tag, srcs):  # released on failure, as in get
+            claims = self._incoming(name, tag, srcs, progress)
+            deadline = None if timeout is None else time.monotonic() + timeout
             with self._inbox.waiting(claims):
                 futures = [asyncio.wrap_future(inc.head) for inc in claims]
                 while True:
@@ -370,23 +361,14 @@ class Federation:
                     if not pending:
                         break
                     self._watch(claims)
-        except BaseException:
-            self._unclaim(name, tag, claims)
-            raise
         return await asyncio.to_thread(self._finish, name, tag, claims, started, timeout)
 
-    def _claim(
-        self, name: str, tag: str, parties: Party | Sequence[Party], progress: ProgressFn | None = None
-    ) -> list[Incoming]:
+    def _key(self, name: str, tag: str, parties: Party | Sequence[Party]) -> tuple[str, str, list[Party]]:
         self._check_open()
-        name, tag = key_part("name", name), key_part("tag", tag)
-        srcs = as_parties(parties)
-        keys = [(name, tag, p) for p in srcs]
-        with self._lock:
-            dup = [str(p) for (_, _, p) in keys if (name, tag, p) in self._got]
-            if dup:
-                raise DuplicateTransfer(f"get(name={name!r}, tag={tag!r}) from {', '.join(dup)} was already done")
-            self._got.update(keys)
+        return key_part("name", name), key_part("tag", tag), as_parties(parties)
+
+    def _incoming(self, name: str, tag: str, srcs: list[Party], progress: ProgressFn | None) -> list[Incoming]:
+        """The inbox's entries of the transfers from ``srcs``, their lanes listened to."""
         claims = []
         for src in srcs:
             self._listen(src)
@@ -399,11 +381,6 @@ class Federation:
                 inc.on_progress = report
             report()  # what arrived before the get
         return claims
-
-    def _unclaim(self, name: str, tag: str, claims: list[Incoming]) -> None:
-        # Nothing was handed over: the get may be tried again; what already arrived stays.
-        with self._lock:
-            self._got.difference_update((name, tag, inc.src) for inc in claims)
 
     def _listen(self, src: Party) -> None:
         """Listen to ``src``'s lanes, and for its abort notice from the first time on."""
@@ -450,7 +427,7 @@ class Federation:
 
     def _finish(self, name: str, tag: str, claims: list[Incoming], started: float, timeout: float | None) -> list[Any]:
         values: list[Any] = []
-        first_error: FederationError | None = None
+        first_error: BaseException | None = None  # a FederationError: the only kind heads fail with
         for inc in claims:
             source = str(inc.src)
             error = inc.head.exception()

@@ -145,6 +145,29 @@ def test_duplicate_remote_and_get(memory_pair):
     assert h.get("d", "1", [GUEST], timeout=5) == [2]
 
 
+class RefusesFirstListen(MemoryTransport):
+    """Refuses the first listen of each session, as a broker denying access for a moment would."""
+
+    name = "memory-refusing"
+
+    def listen(self, src, lane, deliver):
+        if not getattr(self, "refused", False):
+            self.refused = True
+            raise ft.BackendError("access refused for a moment")
+        super().listen(src, lane, deliver)
+
+
+def test_a_get_whose_listen_failed_can_be_retried(job_id):
+    ft.register("memory-refusing", RefusesFirstListen)
+    g = connect(job_id, GUEST)
+    h = ft.Federation.connect("memory-refusing", job_id=job_id, party=HOST)
+    with g, h:
+        g.remote("hello", "r", "0", [HOST])
+        with pytest.raises(ft.BackendError, match="refused"):
+            h.get("r", "0", [GUEST], timeout=5)
+        assert h.get("r", "0", [GUEST], timeout=5) == ["hello"]  # neither claimed nor deaf
+
+
 def test_timeout_names_the_missing_party_and_can_be_retried(job_id):
     with connect(job_id, GUEST) as g, connect(job_id, HOST) as h, connect(job_id, ARBITER) as a:
         h.remote("from-host", "v", "0", [GUEST])
@@ -364,6 +387,8 @@ def test_bad_input_gets_clear_errors(job_id):
         with pytest.raises(ft.SerializationError):
             g.remote(threading.Lock(), "bad", "0", [HOST])
         g.remote(1, "bad", "0", [HOST])  # the failed remote did not consume the name
+        assert not g.closed
+    assert g.closed
     with pytest.raises(ft.FederationError, match="closed"):
         g.remote(1, "x", "1", [HOST])
 
