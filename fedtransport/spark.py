@@ -66,6 +66,9 @@ Caveats (docs/spark.md has the details)
     * Sent RDDs must be deterministic (or persisted), as Spark's own retries assume: a retried
       task re-sends its partition, and the receiver drops what it already has by position.
     * Keep ``spark.speculation`` off: two attempts of one task would share a lane.
+
+This module is the driver side; what runs inside the executor tasks is in
+``fedtransport.spark_tasks``.
 """
 
 from __future__ import annotations
@@ -74,23 +77,22 @@ import atexit
 import contextlib
 import functools
 import pickle
-import queue
 import re
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .api import Federation
-from .errors import ConfigError, DuplicateTransfer, FederationError, IntegrityError, TransferTimeout
+from .claims import ClaimBook, Key
+from .errors import ConfigError, FederationError, IntegrityError
 from .options import split_options
 from .party import Party, as_parties, as_party, check_job_id, key_part
 from .routing import RouteTable
-from .table import Table
+from .spark_tasks import RECEIVE_PROPERTY, TIMEOUT_PROPERTY, Record, partition_tag, receive_partition, send_partition
 from .transport import get_backend
 
 if TYPE_CHECKING:
@@ -115,15 +117,7 @@ DEFAULT_LANE_BASE = 1024
 HEAD_LANE = 256
 _RESERVED_OPTIONS = ("lanes", "lane_offset")
 _HEAD_FORMAT = 1
-_FANOUT_CHUNK = 64  # records per hand-off between a task's source iterator and its per-party streams
-_FANOUT_DEPTH = 4  # chunks queued per party before the source waits for the slowest party
-_PUT_TICK = 0.2  # seconds between checks that a party's stream is still alive
-_PROPERTY = "fedtransport.spark.receive"  # Spark local property naming the get being materialised
-# ... and the timeout of that get: a retry reuses the failed call's RDDs, whose tasks were made
-# with the failed call's timeout, and must wait as long as the retry says.
-_TIMEOUT_PROPERTY = "fedtransport.spark.timeout"
 
-Record = tuple[Any, Any]
 RouteSpec = str | Mapping[str, Any] | None
 
 
@@ -233,12 +227,11 @@ class _DriverSession:
     def __init__(self, fed: Federation, settings: bytes) -> None:
         self.fed = fed
         self.settings = settings
-        self.lock = threading.Lock()
-        _Key = tuple[str, str, Party]
-        self.heads_sent: set[_Key] = set()  # heads of remotes, also of failed ones (a retry skips them)
-        self.sent: set[_Key] = set()  # remotes done or in progress
-        self.got: set[_Key] = set()  # gets done or in progress
-        self.pending: dict[_Key, _Pending] = {}  # RDDs of failed gets, for their retry
+        self.lock = threading.Lock()  # guards the heads, pending RDDs and source locks below
+        self.heads_sent: set[Key] = set()  # heads of remotes, also of failed ones (a retry skips them)
+        self.sent = ClaimBook("Spark remote(name={name!r}, tag={tag!r}) was already sent to {parties}")
+        self.got = ClaimBook("Spark get(name={name!r}, tag={tag!r}) from {parties} was already done")
+        self.pending: dict[Key, _Pending] = {}  # RDDs of failed gets, for their retry
         self.source_locks: dict[Party, threading.Lock] = {}
 
     def source_lock(self, src: Party) -> threading.Lock:
@@ -255,7 +248,7 @@ def _driver(conf: SparkFederationConfig) -> _DriverSession:
     key, settings = conf._session_key(), conf._session_settings()
     with _sessions_lock:
         session = _sessions.get(key)
-        if session is not None and not session.fed._closed:
+        if session is not None and not session.fed.closed:
             if session.settings != settings:
                 raise ConfigError(
                     f"job {conf.job_id}: a Spark head session of {conf.party} is open with other options or "
@@ -306,11 +299,6 @@ def head_tag(tag: str) -> str:
     return f"{tag}#spark"
 
 
-def partition_tag(tag: str, index: int) -> str:
-    """The tag of partition ``index`` of a Spark transfer."""
-    return f"{tag}#spark-{index}"
-
-
 _REMOTE_ERROR = re.compile(r"fedtransport\.errors\.(\w+): (.*)")
 
 
@@ -335,7 +323,8 @@ def _storage_level(level: Any) -> StorageLevel:
     if isinstance(level, StorageLevel):
         return level
     if isinstance(level, str) and isinstance(getattr(StorageLevel, level, None), StorageLevel):
-        return getattr(StorageLevel, level)
+        named: StorageLevel = getattr(StorageLevel, level)
+        return named
     raise ConfigError(f"storage_level must be a pyspark.StorageLevel or its name, got {level!r}")
 
 
@@ -355,148 +344,26 @@ def remote(
     name, tag = key_part("name", name), key_part("tag", tag)
     dsts = as_parties(parties)
     session = _driver(conf)
-    keys = [(name, tag, p) for p in dsts]
-    with session.lock:
-        dup = [str(p) for (_, _, p) in keys if (name, tag, p) in session.sent]
-        if dup:
-            raise DuplicateTransfer(f"Spark remote(name={name!r}, tag={tag!r}) was already sent to {', '.join(dup)}")
-        session.sent.update(keys)
-    try:
+    with session.sent.claimed(name, tag, dsts):  # released if this call fails: it may be retried
         n = rdd.getNumPartitions()
         head = {"format": _HEAD_FORMAT, "partitions": n, "lane_base": conf.lane_base}
-        fresh = [p for p in dsts if (name, tag, p) not in session.heads_sent]  # a retry sent them already
+        with session.lock:
+            fresh = [p for p in dsts if (name, tag, p) not in session.heads_sent]  # a retry sent them already
         if fresh:
             session.fed.remote(head, name, head_tag(tag), fresh)
             with session.lock:
                 session.heads_sent.update((name, tag, p) for p in fresh)
-        task = functools.partial(_send_partition, conf, name, tag, tuple(dsts))
+        task = functools.partial(send_partition, conf, name, tag, tuple(dsts))
         try:
             stats = rdd.mapPartitionsWithIndex(task).collect()
         except Exception as exc:
             raise _translate(exc, f"Spark remote(name={name!r}, tag={tag!r}) failed in an executor") from exc
-    except BaseException:
-        with session.lock:
-            session.sent.difference_update(keys)
-        raise
     return SentSummary(
         partitions=n,
         records=sum(s[1] for s in stats),
         bytes=sum(s[2] for s in stats),
         messages=sum(s[3] for s in stats),
     )
-
-
-class _Source:
-    """The task's partition iterator: counts records and keeps the exception it raised."""
-
-    def __init__(self, it: Iterable[Record]) -> None:
-        self._it = iter(it)
-        self.count = 0
-        self.error: BaseException | None = None
-
-    def __iter__(self) -> Iterator[Record]:
-        return self
-
-    def __next__(self) -> Record:
-        try:
-            rec = next(self._it)
-        except StopIteration:
-            raise
-        except BaseException as exc:
-            self.error = exc
-            raise
-        self.count += 1
-        return rec
-
-
-def _send_partition(
-    conf: SparkFederationConfig, name: str, tag: str, dsts: tuple[Party, ...], index: int, it: Iterable[Record]
-) -> Iterator[tuple[int, int, int, int]]:
-    """Executor task: stream partition ``index`` to every destination on lane ``lane_base + index``."""
-    source = _Source(it)
-    ptag = partition_tag(tag, index)
-    with conf.connect(conf.task_session_options(conf.lane_base + index)) as fed:
-        try:
-            if len(dsts) == 1:
-                fed.remote(Table([source]), name, ptag, list(dsts))
-            else:
-                _fan_out(fed, source, name, ptag, dsts)
-        except BaseException as exc:
-            if source.error is not None and source.error is not exc:
-                raise source.error from exc  # the RDD's own failure, not a transport one
-            raise
-        stats = fed.stats
-    yield index, source.count, stats["bytes_sent"], stats["messages_sent"]
-
-
-_END = object()
-
-
-class _Abort(Exception):
-    pass
-
-
-def _fan_out(fed: Federation, source: Iterator[Record], name: str, tag: str, dsts: tuple[Party, ...]) -> None:
-    """Send one record stream to several parties without materialising it.
-
-    One ``remote`` per party runs on its own thread, reading from a small bounded queue; this
-    thread reads the source once and hands each chunk of records to every queue, so the source
-    advances at the pace of the slowest party and memory stays at a few chunks per party.
-    """
-    queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=_FANOUT_DEPTH) for _ in dsts]
-
-    def stream(q: queue.Queue[Any]) -> Iterator[Record]:
-        while True:
-            item = q.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield from item
-
-    def put(q: queue.Queue[Any], fut: Future[None], item: Any) -> bool:
-        while not fut.done():
-            try:
-                q.put(item, timeout=_PUT_TICK)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    abort = FederationError(
-        f"sending {name!r}/{tag!r}: the stream was abandoned (another party's, or the source, failed)"
-    )
-    failed: BaseException | None = None
-    with ThreadPoolExecutor(len(dsts), thread_name_prefix="ft-spark-fanout") as pool:
-        futures = [
-            pool.submit(fed.remote, Table([stream(q)]), name, tag, [dst]) for q, dst in zip(queues, dsts, strict=True)
-        ]
-        try:
-            chunk: list[Record] = []
-            for rec in source:
-                chunk.append(rec)
-                if len(chunk) == _FANOUT_CHUNK:
-                    for q, fut in zip(queues, futures, strict=True):
-                        if not put(q, fut, chunk):
-                            raise _Abort
-                    chunk = []
-            for q, fut in zip(queues, futures, strict=True):
-                if (chunk and not put(q, fut, chunk)) or not put(q, fut, _END):
-                    raise _Abort
-        except BaseException as exc:
-            failed = exc
-            for q, fut in zip(queues, futures, strict=True):  # the other streams end with an error, not silently
-                put(q, fut, abort)
-    if failed is not None and not isinstance(failed, _Abort):
-        raise failed
-    for fut in futures:  # the first real failure: the others may just have been abandoned because of it
-        exc = fut.exception()
-        if exc is not None and exc is not abort:
-            raise exc
-    for fut in futures:
-        exc = fut.exception()
-        if exc is not None:
-            raise exc
 
 
 # --- receiving ---------------------------------------------------------------------------------
@@ -530,22 +397,17 @@ def get(
     if materialize and level is None:
         raise ConfigError("materialize=True needs a storage_level: the received partitions must be kept somewhere")
     session = _driver(conf)
-    keys = [(name, tag, p) for p in srcs]
-    with session.lock:
-        dup = [str(p) for (_, _, p) in keys if (name, tag, p) in session.got]
-        if dup:
-            raise DuplicateTransfer(f"Spark get(name={name!r}, tag={tag!r}) from {', '.join(dup)} was already done")
-        session.got.update(keys)  # in progress: released again if this call fails
-    try:
+    with session.got.claimed(name, tag, srcs) as keys:  # in progress: released again if this call fails
         # A retry after a failure reuses the RDDs (and the heads) of the failed call: partitions
         # it received are in Spark's cache, the others are still on the broker.
-        need = [p for p in srcs if (name, tag, p) not in session.pending]
+        with session.lock:
+            need = [p for p in srcs if (name, tag, p) not in session.pending]
         if need:
             heads = session.fed.get(name, head_tag(tag), need, timeout=timeout)
             for src, head in zip(need, heads, strict=True):
                 n, lane_base = _check_head(head, name, tag, src)
                 token = uuid.uuid4().hex if materialize else None
-                task = functools.partial(_receive_partition, conf, name, tag, src, lane_base, token, timeout)
+                task = functools.partial(receive_partition, conf, name, tag, src, lane_base, token, timeout)
                 rdd = (sc.parallelize(range(n), n) if n else sc.emptyRDD()).mapPartitionsWithIndex(task)
                 rdd.setName(f"fedtransport {name}/{tag} from {src}")
                 if level is not None:
@@ -557,10 +419,6 @@ def get(
             pending = [session.pending[k] for k in keys]
         if materialize:
             _materialize(sc, pending, name, tag, timeout)
-    except BaseException:
-        with session.lock:
-            session.got.difference_update(keys)
-        raise
     with session.lock:
         for k in keys:
             session.pending.pop(k, None)
@@ -587,57 +445,14 @@ def _materialize(sc: SparkContext, pending: list[_Pending], name: str, tag: str,
         # Two gets from one party evaluated at once would share its lanes: one at a time.
         for lock in sorted({id(p.source_lock): p.source_lock for p in pending}.values(), key=id):
             stack.enter_context(lock)
-        previous = sc.getLocalProperty(_PROPERTY), sc.getLocalProperty(_TIMEOUT_PROPERTY)
-        sc.setLocalProperty(_PROPERTY, ",".join(tokens))
-        sc.setLocalProperty(_TIMEOUT_PROPERTY, "none" if timeout is None else repr(float(timeout)))
+        previous = sc.getLocalProperty(RECEIVE_PROPERTY), sc.getLocalProperty(TIMEOUT_PROPERTY)
+        sc.setLocalProperty(RECEIVE_PROPERTY, ",".join(tokens))
+        sc.setLocalProperty(TIMEOUT_PROPERTY, "none" if timeout is None else repr(float(timeout)))
         try:
             rdds = [p.rdd for p in pending]
             (rdds[0] if len(rdds) == 1 else sc.union(rdds)).count()
         except Exception as exc:
             raise _translate(exc, f"Spark get(name={name!r}, tag={tag!r}) failed in an executor") from exc
         finally:
-            sc.setLocalProperty(_PROPERTY, previous[0])  # type: ignore[arg-type]  # None removes it
-            sc.setLocalProperty(_TIMEOUT_PROPERTY, previous[1])  # type: ignore[arg-type]
-
-
-def _receive_partition(
-    conf: SparkFederationConfig,
-    name: str,
-    tag: str,
-    src: Party,
-    lane_base: int,
-    token: str | None,
-    timeout: float | None,
-    index: int,
-    _unused: Iterable[Any],
-) -> Iterator[Record]:
-    """Executor task: receive partition ``index`` from ``src`` and yield its records."""
-    if token is not None:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        if ctx is None or token not in (ctx.getLocalProperty(_PROPERTY) or "").split(","):
-            raise FederationError(
-                f"partition {index} of Spark transfer {name!r}/{tag!r} from {src} was received and cached "
-                f"by get() already, and its cached copy is gone (executor lost, or the RDD unpersisted); "
-                f"a transfer can be received only once. Persist with a replicated storage level or "
-                f"checkpoint() the RDD if executors may be lost."
-            )
-        wanted = ctx.getLocalProperty(_TIMEOUT_PROPERTY)  # the get() running now, maybe a retry
-        if wanted:
-            timeout = None if wanted == "none" else float(wanted)
-    what = f"partition {index} of Spark transfer {name!r}/{tag!r} from {src}"
-    fed = conf.connect(conf.task_session_options(lane_base + index))
-    try:
-        try:
-            [table] = fed.get(name, partition_tag(tag, index), [src], timeout=timeout)
-            if not isinstance(table, Table) or table.num_partitions != 1:
-                raise IntegrityError(f"{what} is not a one-partition table")
-            # Records stream while the partition arrives; the transfer is acknowledged once read
-            # to the end, so a task that dies before that leaves it on the broker for its retry.
-            yield from table.iter_partition(0)
-        except TransferTimeout as exc:
-            hint = "" if token is not None else " (if this RDD was evaluated before, that evaluation consumed it)"
-            raise TransferTimeout(f"{what}: {exc}{hint}", exc.missing) from exc
-    finally:
-        fed.close()  # before the table is released: a partition read only in part stays unacknowledged
+            sc.setLocalProperty(RECEIVE_PROPERTY, previous[0])  # type: ignore[arg-type]  # None removes it
+            sc.setLocalProperty(TIMEOUT_PROPERTY, previous[1])  # type: ignore[arg-type]

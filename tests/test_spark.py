@@ -115,6 +115,27 @@ def pulsar_broker() -> Iterator[EmbeddedPulsar]:
         yield b
 
 
+PulsarJob = Callable[..., tuple[fts.SparkFederationConfig, fts.SparkFederationConfig]]
+
+
+@pytest.fixture
+def pulsar_job(pulsar_broker: EmbeddedPulsar) -> Iterator[PulsarJob]:
+    """``pulsar_job(**options)``: guest's and host's configs of a fresh job on the embedded broker;
+    their driver sessions are closed at the end of the test."""
+    made: list[fts.SparkFederationConfig] = []
+
+    def confs(**options: Any) -> tuple[fts.SparkFederationConfig, fts.SparkFederationConfig]:
+        job_id = f"spark-{uuid.uuid4().hex[:12]}"
+        opts = {"service_url": pulsar_broker.service_url, **options}
+        guest, host = (fts.SparkFederationConfig("pulsar", job_id, p, options=opts) for p in (GUEST, HOST))
+        made.extend((guest, host))
+        return guest, host
+
+    yield confs
+    for conf in made:
+        fts.close(conf)
+
+
 @pytest.fixture(params=["pulsar", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 def backend(request: pytest.FixtureRequest) -> Iterator[Callable[..., fts.SparkFederationConfig]]:
     """A factory of configs for one job on a real broker: ``make(party, **options)``."""
@@ -265,69 +286,48 @@ def test_lanes_are_reused_across_variables_and_gets_may_come_in_any_order(
         assert rdd.map(record_digest).sum() == digests[v]
 
 
-def test_driver_memory_does_not_grow_with_the_table(sc: Any, pulsar_broker: EmbeddedPulsar) -> None:
-    job_id = f"spark-mem-{uuid.uuid4().hex[:8]}"
-    opts = {"service_url": pulsar_broker.service_url}
-    guest = fts.SparkFederationConfig("pulsar", job_id, GUEST, options=opts)
-    host = fts.SparkFederationConfig("pulsar", job_id, HOST, options=opts)
+def test_driver_memory_does_not_grow_with_the_table(sc: Any, pulsar_job: PulsarJob) -> None:
+    guest, host = pulsar_job()
     partitions, mib = 8, 32  # 256 MiB, made, sent, received and checked in the executors
     src = sc.parallelize(range(partitions), partitions).mapPartitionsWithIndex(lambda p, it: big_records(p, it, mib))
-    try:
-        with PeakRSS() as mem:
-            sent = fts.remote(src, "big", "0", [HOST], guest)
-            [rdd] = fts.get(sc, "big", "0", [GUEST], host, timeout=240)
-            got = rdd.map(record_digest).sum()
-            expected = src.map(record_digest).sum()
-        assert sent.bytes >= partitions * mib * MiB
-        assert got == expected and rdd.count() == sent.records
-        # The table is 256 MiB; the driver held a head, some counts and digests.
-        assert mem.growth < 48 * MiB, f"driver RSS grew by {mem.growth / MiB:.0f} MiB for a 256 MiB table"
-        rdd.unpersist()
-    finally:
-        fts.close(guest)
-        fts.close(host)
+    with PeakRSS() as mem:
+        sent = fts.remote(src, "big", "0", [HOST], guest)
+        [rdd] = fts.get(sc, "big", "0", [GUEST], host, timeout=240)
+        got = rdd.map(record_digest).sum()
+        expected = src.map(record_digest).sum()
+    assert sent.bytes >= partitions * mib * MiB
+    assert got == expected and rdd.count() == sent.records
+    # The table is 256 MiB; the driver held a head, some counts and digests.
+    assert mem.growth < 48 * MiB, f"driver RSS grew by {mem.growth / MiB:.0f} MiB for a 256 MiB table"
+    rdd.unpersist()
 
 
-def test_a_lost_cached_partition_is_not_received_twice(sc: Any, pulsar_broker: EmbeddedPulsar) -> None:
-    job_id = f"spark-once-{uuid.uuid4().hex[:8]}"
-    guest, host = (fts.SparkFederationConfig("pulsar", job_id, p, options={"service_url": pulsar_broker.service_url})
-                   for p in (GUEST, HOST))  # fmt: skip
-    try:
-        fts.remote(sc.parallelize([(i, i * i) for i in range(50)], 2), "x", "0", [HOST], guest)
-        [rdd] = fts.get(sc, "x", "0", [GUEST], host, timeout=60)
-        assert sorted(rdd.collect()) == [(i, i * i) for i in range(50)]
-        rdd.unpersist(blocking=True)  # as if the executors holding it were lost
-        with pytest.raises(Exception, match="received only once"):
-            rdd.count()
-    finally:
-        fts.close(guest)
-        fts.close(host)
+def test_a_lost_cached_partition_is_not_received_twice(sc: Any, pulsar_job: PulsarJob) -> None:
+    guest, host = pulsar_job()
+    fts.remote(sc.parallelize([(i, i * i) for i in range(50)], 2), "x", "0", [HOST], guest)
+    [rdd] = fts.get(sc, "x", "0", [GUEST], host, timeout=60)
+    assert sorted(rdd.collect()) == [(i, i * i) for i in range(50)]
+    rdd.unpersist(blocking=True)  # as if the executors holding it were lost
+    with pytest.raises(Exception, match="received only once"):
+        rdd.count()
 
 
-def test_lazy_get_receives_on_first_evaluation_only(sc: Any, pulsar_broker: EmbeddedPulsar) -> None:
-    job_id = f"spark-lazy-{uuid.uuid4().hex[:8]}"
-    guest, host = (fts.SparkFederationConfig("pulsar", job_id, p, options={"service_url": pulsar_broker.service_url})
-                   for p in (GUEST, HOST))  # fmt: skip
-    try:
-        data = [(i, str(i)) for i in range(30)]
-        fts.remote(sc.parallelize(data, 3), "x", "0", [HOST], guest)
-        [rdd] = fts.get(sc, "x", "0", [GUEST], host, timeout=3, storage_level=None, materialize=False)
-        assert not rdd.is_cached
-        assert sorted(rdd.collect()) == data
-        with pytest.raises(Exception, match=r"TransferTimeout.*evaluated before"):
-            rdd.count()  # the transfer was consumed by the first evaluation
-        with pytest.raises(ft.ConfigError, match="storage_level"):
-            fts.get(sc, "y", "0", [GUEST], host, storage_level=None)
-    finally:
-        fts.close(guest)
-        fts.close(host)
+def test_lazy_get_receives_on_first_evaluation_only(sc: Any, pulsar_job: PulsarJob) -> None:
+    guest, host = pulsar_job()
+    data = [(i, str(i)) for i in range(30)]
+    fts.remote(sc.parallelize(data, 3), "x", "0", [HOST], guest)
+    [rdd] = fts.get(sc, "x", "0", [GUEST], host, timeout=3, storage_level=None, materialize=False)
+    assert not rdd.is_cached
+    assert sorted(rdd.collect()) == data
+    with pytest.raises(Exception, match=r"TransferTimeout.*evaluated before"):
+        rdd.count()  # the transfer was consumed by the first evaluation
+    with pytest.raises(ft.ConfigError, match="storage_level"):
+        fts.get(sc, "y", "0", [GUEST], host, storage_level=None)
 
 
-def test_a_retried_get_waits_as_long_as_the_retry_says(sc: Any, pulsar_broker: EmbeddedPulsar) -> None:
+def test_a_retried_get_waits_as_long_as_the_retry_says(sc: Any, pulsar_job: PulsarJob) -> None:
     """The retry reuses the failed call's RDD, whose tasks were made with its 2 s timeout."""
-    job_id = f"spark-retry-{uuid.uuid4().hex[:8]}"
-    options = {"service_url": pulsar_broker.service_url, "redelivery_after": 2.0}
-    guest, host = (fts.SparkFederationConfig("pulsar", job_id, p, options=options) for p in (GUEST, HOST))
+    guest, host = pulsar_job(redelivery_after=2.0)
     parts = [[(p * 100 + i, i) for i in range(5)] for p in range(2)]
 
     def flaky(p: int, it: Any) -> Iterator[tuple[int, int]]:
@@ -341,58 +341,48 @@ def test_a_retried_get_waits_as_long_as_the_retry_says(sc: Any, pulsar_broker: E
             with guest.connect(guest.task_session_options(guest.lane_base + p)) as fed:
                 fed.remote(ft.Table([records]), "x", fts.partition_tag("0", p), [HOST])
 
+    with pytest.raises(Exception, match="partition 1 cannot be computed"):
+        fts.remote(sc.parallelize(range(2), 2).mapPartitionsWithIndex(flaky), "x", "0", [HOST], guest)
+    with pytest.raises(ft.TransferTimeout):
+        fts.get(sc, "x", "0", [GUEST], host, timeout=2)
+    late = threading.Thread(target=send_late)
+    late.start()
     try:
-        with pytest.raises(Exception, match="partition 1 cannot be computed"):
-            fts.remote(sc.parallelize(range(2), 2).mapPartitionsWithIndex(flaky), "x", "0", [HOST], guest)
-        with pytest.raises(ft.TransferTimeout):
-            fts.get(sc, "x", "0", [GUEST], host, timeout=2)
-        late = threading.Thread(target=send_late)
-        late.start()
-        try:
-            [rdd] = fts.get(sc, "x", "0", [GUEST], host, timeout=60)
-        finally:
-            late.join()
-        assert rdd.glom().collect() == parts
-    finally:
-        fts.close(guest)
-        fts.close(host)
-
-
-def test_failures_reach_the_driver_and_a_remote_can_be_retried(sc: Any, pulsar_broker: EmbeddedPulsar) -> None:
-    job_id = f"spark-fail-{uuid.uuid4().hex[:8]}"
-    # A pulsar-lite dispatch stall is outlived by the watchdog in 2-4 s, well inside the 10 s gets.
-    options = {"service_url": pulsar_broker.service_url, "redelivery_after": 2.0}
-    guest, host = (fts.SparkFederationConfig("pulsar", job_id, p, options=options) for p in (GUEST, HOST))
-    try:
-        with pytest.raises(ft.TransferTimeout, match="guest:9999"):
-            fts.get(sc, "nothing", "0", [GUEST], host, timeout=1)
-
-        def flaky(p: int, it: Any, fail: bool) -> Iterator[tuple[int, int]]:
-            if fail and p == 2:
-                raise ValueError("partition 2 cannot be computed")
-            yield from ((p * 100 + i, i) for i in range(10))
-
-        base = sc.parallelize(range(4), 4)
-        with pytest.raises(Exception, match="partition 2 cannot be computed"):
-            fts.remote(base.mapPartitionsWithIndex(lambda p, it: flaky(p, it, True)), "x", "0", [HOST], guest)
-        # The head and partitions 0 and 1 went out; partition 2 did not, and partition 3 may not have:
-        # its task runs beside 2's and Spark cancels it when the job aborts. The get names what is missing.
-        with pytest.raises(ft.TransferTimeout, match=r"partition [23] of Spark transfer 'x'/'0' from guest:9999"):
-            fts.get(sc, "x", "0", [GUEST], host, timeout=10)
-        fixed = base.mapPartitionsWithIndex(lambda p, it: flaky(p, it, False))
-        assert fts.remote(fixed, "x", "0", [HOST], guest).records == 40  # the same (name, tag) again
-        # The get again: the partitions received the first time come from Spark's cache; the
-        # others are received with this call's timeout, not the failed call's 10 s.
         [rdd] = fts.get(sc, "x", "0", [GUEST], host, timeout=60)
-        assert rdd.glom().collect() == fixed.glom().collect()
-
-        fts.remote(sc.emptyRDD(), "empty", "0", [HOST], guest)  # no partitions: just the head
-        [empty] = fts.get(sc, "empty", "0", [GUEST], host, timeout=60)
-        assert empty.getNumPartitions() == 0 and empty.collect() == []
-
-        # A record that is not a (key, value) pair: refused by the sending executor, reported as such.
-        with pytest.raises(ft.SerializationError):
-            fts.remote(sc.parallelize([1, 2, 3], 1), "bad", "0", [HOST], guest)
     finally:
-        fts.close(guest)
-        fts.close(host)
+        late.join()
+    assert rdd.glom().collect() == parts
+
+
+def test_failures_reach_the_driver_and_a_remote_can_be_retried(sc: Any, pulsar_job: PulsarJob) -> None:
+    # A pulsar-lite dispatch stall is outlived by the watchdog in 2-4 s, well inside the 10 s gets.
+    guest, host = pulsar_job(redelivery_after=2.0)
+    with pytest.raises(ft.TransferTimeout, match="guest:9999"):
+        fts.get(sc, "nothing", "0", [GUEST], host, timeout=1)
+
+    def flaky(p: int, it: Any, fail: bool) -> Iterator[tuple[int, int]]:
+        if fail and p == 2:
+            raise ValueError("partition 2 cannot be computed")
+        yield from ((p * 100 + i, i) for i in range(10))
+
+    base = sc.parallelize(range(4), 4)
+    with pytest.raises(Exception, match="partition 2 cannot be computed"):
+        fts.remote(base.mapPartitionsWithIndex(lambda p, it: flaky(p, it, True)), "x", "0", [HOST], guest)
+    # The head and partitions 0 and 1 went out; partition 2 did not, and partition 3 may not have:
+    # its task runs beside 2's and Spark cancels it when the job aborts. The get names what is missing.
+    with pytest.raises(ft.TransferTimeout, match=r"partition [23] of Spark transfer 'x'/'0' from guest:9999"):
+        fts.get(sc, "x", "0", [GUEST], host, timeout=10)
+    fixed = base.mapPartitionsWithIndex(lambda p, it: flaky(p, it, False))
+    assert fts.remote(fixed, "x", "0", [HOST], guest).records == 40  # the same (name, tag) again
+    # The get again: the partitions received the first time come from Spark's cache; the
+    # others are received with this call's timeout, not the failed call's 10 s.
+    [rdd] = fts.get(sc, "x", "0", [GUEST], host, timeout=60)
+    assert rdd.glom().collect() == fixed.glom().collect()
+
+    fts.remote(sc.emptyRDD(), "empty", "0", [HOST], guest)  # no partitions: just the head
+    [empty] = fts.get(sc, "empty", "0", [GUEST], host, timeout=60)
+    assert empty.getNumPartitions() == 0 and empty.collect() == []
+
+    # A record that is not a (key, value) pair: refused by the sending executor, reported as such.
+    with pytest.raises(ft.SerializationError):
+        fts.remote(sc.parallelize([1, 2, 3], 1), "bad", "0", [HOST], guest)
