@@ -28,6 +28,7 @@ except ModuleNotFoundError:
     from rabbit_fixtures import rabbit_installed, rabbit_opts, rabbit_pair, rabbit_pool  # type: ignore[no-redef]  # noqa: F401
 
 WAIT = 120.0  # liveness bound of every wait for a delivery; never a timing claim
+FEDERATION_SECRET = "the contract suite's job secret"
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Backend:
     options: Callable[[ft.Party], dict[str, Any]]
     routes: dict[str, Any] | None = None
     deletes_messages: bool = True  # cleanup removes queued messages (Pulsar needs its admin REST)
+    one_broker: bool = True  # every party on one broker: one cleanup removes the whole job
     opened: list[Transport] = field(default_factory=list)
 
     def open(self, job_id: str, party: ft.Party, **extra: Any) -> Transport:
@@ -65,9 +67,25 @@ def _rabbit_or_skip(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue("rabbit_pair")
 
 
-# rabbitmq-federated is not in the list yet: the transport-level setup below delivered nothing
-# in federated mode (7 of 7 waits ran out); to be found before it joins (issue 17).
-@pytest.fixture(params=["memory", "pulsar-lite", "pulsar", "rabbitmq-shared"])
+def _federated_rabbit(request: pytest.FixtureRequest) -> Backend:
+    """Each party on its own node; the receiver's node pulls with the federation plugin.
+
+    The job secret matters: with it, each sender makes a link user on its own node that the
+    receiver's upstream logs in as. Without it (and without ``peer_credentials``) an upstream
+    logs in with the receiving party's own admin credentials, which the pool's nodes do not
+    share (each has a random admin password): the links never start and nothing arrives.
+    """
+    nodes = dict(zip((GUEST, HOST), _rabbit_or_skip(request), strict=True))
+    routes = {p.party_id: {"host": "127.0.0.1", "port": n.port, "mng_port": n.mng_port} for p, n in nodes.items()}
+    return Backend(
+        "rabbitmq",
+        lambda p: rabbit_opts(nodes[p], mode="federated", secret=FEDERATION_SECRET),
+        routes=routes,
+        one_broker=False,
+    )
+
+
+@pytest.fixture(params=["memory", "pulsar-lite", "pulsar", "rabbitmq-shared", "rabbitmq-federated"])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     kind = request.param
     if kind == "memory":
@@ -78,13 +96,16 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     elif kind == "pulsar":
         broker = request.getfixturevalue("pulsar_standalone")
         b = Backend("pulsar", lambda p: {"service_url": broker.service_url, "admin_url": broker.admin_url})
-    else:
+    elif kind == "rabbitmq-shared":
         node = _rabbit_or_skip(request)[0]
         b = Backend("rabbitmq", lambda p: rabbit_opts(node))
+    else:
+        b = _federated_rabbit(request)
     yield b
     for t in b.opened:
         t.close()
-    for t in b.opened[:1]:
+    first = {t.ctx.party: t for t in reversed(b.opened)}  # each party's first transport
+    for t in b.opened[:1] if b.one_broker else first.values():
         t.cleanup()
 
 
