@@ -190,7 +190,7 @@ def gate(fed: ft.Federation, at: int, release: threading.Event, reached: threadi
     ``reached``, if given, is waited on by each lane as it gets there (a barrier the test shares).
     The waits are liveness bounds only.
     """
-    real_send = fed._transport.send
+    real_send = fed.transport.send
 
     def gated_send(dst: ft.Party, lane: int, messages: Any) -> int:
         def gated() -> Iterator[bytes]:
@@ -203,7 +203,7 @@ def gate(fed: ft.Federation, at: int, release: threading.Event, reached: threadi
 
         return real_send(dst, lane, gated())
 
-    fed._transport.send = gated_send  # type: ignore[method-assign]
+    fed.transport.send = gated_send  # type: ignore[method-assign]
 
 
 def pid_gone(pid: int) -> bool:

@@ -312,7 +312,7 @@ def test_pulsar_cleanup_of_a_crashed_job(
     ns = f"fl-tenant/{job_id}"
     assert ns in fake_admin.state.namespaces
     # pulsar-lite cannot tell the fake which topics the data plane created: the transport's names can
-    topics = [g._transport.topic(GUEST, HOST, lane) for lane in range(2)]
+    topics = [g.transport.topic(GUEST, HOST, lane) for lane in range(2)]  # type: ignore[attr-defined]
     for topic in topics:
         fake_admin.add_topic(topic)
 

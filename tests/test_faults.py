@@ -112,9 +112,9 @@ def gated_sender(backend: str, job_id: str, options: dict[str, Any], mib: int, a
     Then report and wait to be killed: a sender that dies mid-remote with a known part delivered.
     """
     with ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options) as fed:
-        lanes = fed._opts.lanes
+        lanes = fed.transport.ctx.lanes
         reached = threading.Barrier(lanes + 1)
-        real_send = fed._transport.send
+        real_send = fed.transport.send
 
         def confirmed_then_stuck(dst: ft.Party, lane: int, messages: Any) -> int:
             it = iter(messages)
@@ -123,7 +123,7 @@ def gated_sender(backend: str, job_id: str, options: dict[str, Any], mib: int, a
             threading.Event().wait(600)  # this process is killed here
             return at
 
-        fed._transport.send = confirmed_then_stuck  # type: ignore[method-assign]
+        fed.transport.send = confirmed_then_stuck  # type: ignore[method-assign]
         threading.Thread(target=fed.remote, args=(big_array(mib), "w", "0", [HOST]), daemon=True).start()
         reached.wait(300)
         out.put(("gated", lanes * at))
@@ -476,7 +476,7 @@ def test_federation_peer_stopped_and_started_mid_transfer(faults_node, rabbit_no
                               options=rabbit_opts(guest_node, **fed, send_timeout=240.0))  # fmt: skip
     h = ft.Federation.connect("rabbitmq", job_id=job_id, party=HOST, route_table=routes,
                               options=rabbit_opts(host_node, **fed, redelivery_after=3.0))  # fmt: skip
-    vhost = h._transport.vhost
+    vhost = h.transport.vhost  # type: ignore[attr-defined]
     with g, h:
         reached, down = threading.Barrier(5), threading.Event()
         gate(g, 1, down, reached)

@@ -82,7 +82,7 @@ def federated(job_id: str, party: ft.Party, nodes: tuple[RabbitNode, ...], **ext
 
 
 def transport(fed: ft.Federation) -> RabbitTransport:
-    t = fed._transport
+    t = fed.transport
     assert isinstance(t, RabbitTransport)
     return t
 

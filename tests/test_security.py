@@ -159,7 +159,7 @@ def test_rabbitmq_queue_never_holds_plaintext(rabbit_node: RabbitNode, job_id, s
     try:
         with g:
             g.remote(data, "w", "0", [HOST])
-            vhost = g._transport.vhost
+            vhost = g.transport.vhost  # type: ignore[attr-defined]
             sent = g.stats["messages_sent"]
         queues = [q["name"] for q in admin_of(node).list_queues(vhost)]  # the lanes that carried something
         # Before the receiver consumes: the broker's copy, read with basic_get and left in place.
