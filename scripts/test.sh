@@ -6,7 +6,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 # maven resolves that broker's jars from Maven Central once, into ~/.cache/fedtransport/pulsar
 apt_install rabbitmq-server haproxy openjdk-17-jre-headless maven
 # the Debian package starts a system node on 5672; the tests start their own nodes and do not need it
-setup_venv test,bench,spark  # bench: matplotlib for the benchmark chart test; spark: pyspark for tests/test_spark.py
+setup_venv test,bench,spark,fate  # bench: matplotlib for the benchmark chart test; spark: pyspark for tests/test_spark.py
+# tests/test_fate2.py: pyfate 2.2.0 without its pins (torch, transformers...); the fate extra above
+# holds what FATE imports (pyproject.toml)
+python -m pip install -q --disable-pip-version-check --no-deps pyfate==2.2.0
 ruff check fedtransport tests benchmarks
 echo "quarantined (see the 'quarantine' marks; run with: bash scripts/test.sh -m quarantine): $(grep -l 'mark.quarantine' tests/*.py | tr '\n' ' ')" >&2
 exec python -m pytest -q -p no:cacheprovider -m "not quarantine" "$@"

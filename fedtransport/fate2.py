@@ -1,0 +1,374 @@
+"""FATE 2.x's federation over fedtransport: FATE's ``Context`` unchanged, the transport ours.
+
+FATE 2.2 (``pyfate``) facts this module follows (read in ``fate/arch``):
+
+* Algorithm code calls ``ctx.hosts.put(name, v)`` / ``ctx.guest.get(name)``. FATE pickles ``v``
+  itself (``TableRemotePersistentPickler``): every computing ``KVTable`` inside ``v`` goes out
+  first through the federation's ``push_table`` under a key of its own, the pickle through
+  ``push_bytes``; a pickle over ``get_default_max_message_size()`` is cut into a slice table of
+  ``get_default_partition_num()`` partitions, pushed as a table.
+* The receiver calls ``pull_bytes``, then ``pull_table(key, tag, [party], table_metas)`` for each
+  table the pickle names; ``TableMeta`` carries the partition count, the key and value serdes
+  types and the partitioner type, and ``pull_table`` must return the receiver's computing table.
+* ``fate.arch.federation.api.Federation`` does the bookkeeping (duplicate checks, tracing) and
+  calls the hooks ``_push_bytes``, ``_pull_bytes``, ``_push_table``, ``_pull_table``,
+  ``_destroy``; ``Context`` reads ``local_party``, ``parties`` and ``world_size``. Parties are
+  ``(role, party_id)`` tuples of strings.
+* FATE picks its federation in a fixed if/elif (``FederationBuilder.build``,
+  ``fate.components.core.load_federation``): :func:`install` adds ``"fedtransport"`` to both.
+
+How it maps onto fedtransport
+    bytes       ``remote`` of a ``pickle.PickleBuffer`` over FATE's bytes: they travel as one
+                out-of-band buffer, not pickled a second time, and come back as ``bytes``
+    tables      a :class:`~fedtransport.Table` whose partitions are the KVTable's partitions of
+                raw ``(key bytes, value bytes)``, read one at a time while they stream out; the
+                receiver rebuilds them with its own computing session (same partition count,
+                serdes types and partitioner type; records are placed by that partitioner, as
+                FATE's own tables place them), values never deserialised on the way
+    destroy     ``close()`` then ``cleanup()``, as FATE's Pulsar and RabbitMQ federations delete
+                the job's broker resources at the end of a task
+
+Usage::
+
+    from fedtransport.fate2 import create_context
+
+    ctx = create_context(("guest", "9999"), [("guest", "9999"), ("host", "10000")],
+                         federation_session_id="job-1", backend="pulsar",
+                         options={"service_url": "pulsar://broker:6650"},
+                         computing_conf={"computing.standalone.data_dir": "/data/fate"})
+    ctx.hosts.put("w", w)
+    ctx.destroy()
+
+FATE 1.x: use :mod:`fedtransport.fate` instead.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .api import Federation
+from .errors import ConfigError, IntegrityError
+from .party import Party
+from .routing import RouteTable
+from .table import Table
+
+INSTALL_HINT = "pip install --no-deps pyfate==2.2.0 && pip install 'fedtransport[fate]'"
+
+try:
+    from fate.arch.federation.api import Federation as _FateFederation
+except ImportError as exc:  # FATE missing, or one of the packages it imports
+    raise ImportError(
+        f"fedtransport.fate2 needs FATE 2.x (pyfate 2.2) and what it imports ({exc}); install them with: "
+        f"{INSTALL_HINT}. For FATE 1.x use fedtransport.fate."
+    ) from exc
+
+__all__ = ["ENGINE", "INSTALL_HINT", "FedtransportFederation", "create_context", "install"]
+
+ENGINE = "fedtransport"  # the name FATE's builders select once install() ran
+
+PartyMeta = tuple[str, str]
+RouteTableArg = str | Path | Mapping[str, Any] | RouteTable | None
+
+
+def _meta(party: Any) -> PartyMeta:
+    """FATE's ``(role, party_id)`` with both as strings (``Context`` compares ids as str)."""
+    if isinstance(party, Party):
+        return (party.role, party.party_id)
+    try:
+        role, pid = party
+    except (TypeError, ValueError):
+        raise ConfigError(f"a FATE party is a (role, party_id) pair, got {party!r}") from None
+    return (str(role), str(pid))
+
+
+def _dsts(parties: Sequence[Any]) -> list[Party]:
+    return [Party(*_meta(p)) for p in parties]
+
+
+class FedtransportFederation(_FateFederation):  # type: ignore[misc]  # FATE ships no annotations
+    """A FATE 2.x ``Federation`` whose messages and tables move over a fedtransport session.
+
+    Build it with :meth:`from_conf`, or around an open :class:`~fedtransport.Federation` whose
+    ``job_id`` is the federation session id. ``computing_session`` is FATE's computing session
+    (``KVTableContext``) that received tables are rebuilt in. ``timeout`` bounds each pull
+    (``None``: wait as long as it takes, as FATE does).
+    """
+
+    def __init__(
+        self,
+        federation: Federation,
+        computing_session: Any,
+        party: Any,
+        parties: Sequence[Any],
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        local, members = _meta(party), [_meta(p) for p in parties]
+        if local not in members:
+            raise ConfigError(f"the local party {local} is not one of the parties {members}")
+        if Party(*local) != federation.party:
+            raise ConfigError(f"the local party {local} is not the session's party {federation.party}")
+        super().__init__(federation.job_id, local, members)
+        self._fed = federation
+        self._computing = computing_session
+        self._timeout = timeout
+
+    @classmethod
+    def from_conf(
+        cls,
+        federation_session_id: str,
+        computing_session: Any,
+        party: Any,
+        parties: Sequence[Any],
+        backend: str,
+        options: Mapping[str, Any] | None,
+        route_table: RouteTableArg = None,
+        *,
+        timeout: float | None = None,
+    ) -> FedtransportFederation:
+        """Connect a fedtransport session (``backend`` and ``options`` as in API.md) for FATE."""
+        fed = Federation.connect(
+            backend,
+            job_id=federation_session_id,
+            party=Party(*_meta(party)),
+            route_table=route_table,
+            options=dict(options or {}),
+        )
+        try:
+            return cls(fed, computing_session, party, parties, timeout=timeout)
+        except BaseException:
+            fed.close()
+            raise
+
+    @property
+    def federation(self) -> Federation:
+        """The fedtransport session underneath."""
+        return self._fed
+
+    # FATE's hooks ------------------------------------------------------------------------------
+
+    def _push_bytes(self, v: bytes, name: str, tag: str, parties: list[PartyMeta]) -> None:
+        # FATE pickled v already: a PickleBuffer travels out of band, without a second pickling.
+        self._fed.remote(pickle.PickleBuffer(v), name=name, tag=tag, parties=_dsts(parties))
+
+    def _pull_bytes(self, name: str, tag: str, parties: list[PartyMeta]) -> list[bytes]:
+        values = self._fed.get(name=name, tag=tag, parties=_dsts(parties), timeout=self._timeout)
+        return [_as_bytes(v, name, party) for v, party in zip(values, parties, strict=True)]
+
+    def _push_table(self, table: Any, name: str, tag: str, parties: list[PartyMeta]) -> None:
+        self._fed.remote(Table(raw_partitions(table)), name=name, tag=tag, parties=_dsts(parties))
+
+    def _pull_table(
+        self, name: str, tag: str, parties: list[PartyMeta], table_metas: list[Any] | None = None
+    ) -> list[Any]:
+        tables = self._fed.get(name=name, tag=tag, parties=_dsts(parties), timeout=self._timeout)
+        metas: list[Any] = list(table_metas) if table_metas is not None else [None] * len(tables)
+        return [self._rebuild(t, meta, name, party) for t, meta, party in zip(tables, metas, parties, strict=True)]
+
+    def _destroy(self) -> None:
+        self._fed.close()
+        self._fed.cleanup()
+
+    # tables ------------------------------------------------------------------------------------
+
+    def _rebuild(self, table: Any, meta: Any, name: str, party: PartyMeta) -> Any:
+        """The received partitions as a KVTable of this party's computing session."""
+        from fate.arch.computing.partitioners import get_partitioner_by_type
+        from fate.arch.computing.serdes import get_serdes_by_type
+
+        if not isinstance(table, Table):
+            raise IntegrityError(f"{name!r} from {party} should be a table, got a {type(table).__name__}")
+        # A pull without metadata (FATE always gives it) gets FATE's defaults: pickle serdes, type 0.
+        n = table.num_partitions if meta is None else int(meta.num_partitions)
+        ktype, vtype, ptype = (0, 0, 0) if meta is None else (meta.key_serdes_type, meta.value_serdes_type,
+                                                              meta.partitioner_type)  # fmt: skip
+        if table.num_partitions != n:
+            raise IntegrityError(
+                f"table {name!r} from {party} has {table.num_partitions} partitions, its metadata says {n}"
+            )
+        # _parallelize is the computing session's own hook for records that are serialised
+        # already: the public parallelize would serialise FATE's bytes once more.
+        return self._computing._parallelize(
+            data=_checked_records(table, name, party),
+            total_partitions=n,
+            key_serdes=get_serdes_by_type(ktype),
+            key_serdes_type=ktype,
+            value_serdes=get_serdes_by_type(vtype),
+            value_serdes_type=vtype,
+            partitioner=get_partitioner_by_type(ptype),
+            partitioner_type=ptype,
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("a FedtransportFederation holds broker connections and cannot be pickled")
+
+    def __repr__(self) -> str:
+        return (
+            f"FedtransportFederation(session_id={self.session_id!r}, party={self.local_party}, "
+            f"backend={self._fed.backend!r})"
+        )
+
+
+def _as_bytes(value: Any, name: str, party: PartyMeta) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview, pickle.PickleBuffer)):
+        return bytes(value)
+    raise IntegrityError(f"{name!r} from {party} should be FATE's bytes, got a {type(value).__name__}")
+
+
+def _checked_records(table: Table, name: str, party: PartyMeta) -> Iterator[tuple[bytes, bytes]]:
+    """Every record, partition by partition as they stream in; FATE stores only bytes."""
+    for p in range(table.num_partitions):
+        for key, value in table.iter_partition(p):
+            if not (isinstance(key, bytes) and isinstance(value, bytes)):
+                raise IntegrityError(f"table {name!r} from {party}: partition {p} holds a record that is not bytes")
+            yield key, value
+
+
+def raw_partitions(table: Any) -> list[Iterable[tuple[bytes, bytes]]]:
+    """One lazy iterable of serialised ``(key, value)`` per partition of a FATE KVTable.
+
+    On standalone computing each partition is read from its own LMDB store, in the table's
+    exact layout. Elsewhere each partition is one pass over the table's serialised records
+    keeping those its partitioner places there (nothing is deserialised or held in memory).
+    """
+    n = int(table.num_partitions)
+    store = getattr(table, "table", None)
+    if callable(getattr(store, "_get_env_for_partition", None)):
+        return [_standalone_partition(store, p) for p in range(n)]
+    return [_filtered_partition(table, p, n) for p in range(n)]
+
+
+def _standalone_partition(store: Any, p: int) -> Iterator[tuple[bytes, bytes]]:
+    with store._get_env_for_partition(p) as env, env.begin() as txn, txn.cursor() as cursor:
+        yield from cursor
+
+
+def _filtered_partition(table: Any, p: int, n: int) -> Iterator[tuple[bytes, bytes]]:
+    place = table.partitioner
+    for key, value in table._collect():
+        if place(key, n) == p:
+            yield key, value
+
+
+# ------------------------------------------------------------------------------ FATE's entry points
+
+
+def create_context(
+    local_party: Any,
+    parties: Sequence[Any],
+    federation_session_id: str,
+    backend: str,
+    options: Mapping[str, Any] | None = None,
+    route_table: RouteTableArg = None,
+    *,
+    computing_session: Any = None,
+    computing_conf: Mapping[str, Any] | None = None,
+    computing_session_id: str | None = None,
+    timeout: float | None = None,
+) -> Any:
+    """A FATE ``Context`` over fedtransport, for launchers that build their own context.
+
+    Without ``computing_session``, one is built as FATE's ``create_context`` does: standalone
+    computing, ``computing_conf`` (``computing.standalone.data_dir`` defaults to ``/tmp``, as in
+    FATE), session id ``<federation_session_id>_<role>_<party_id>``.
+    """
+    from fate.arch.context import Context
+
+    local = _meta(local_party)
+    if computing_session is None:
+        from fate.arch.computing import ComputingBuilder, ComputingEngine
+
+        conf = {"computing.standalone.data_dir": "/tmp", **dict(computing_conf or {})}
+        csid = computing_session_id or f"{federation_session_id}_{local[0]}_{local[1]}"
+        computing_session = ComputingBuilder(computing_session_id=csid).build(ComputingEngine.STANDALONE, conf)
+    federation = FedtransportFederation.from_conf(
+        federation_session_id, computing_session, local, parties, backend, options, route_table, timeout=timeout
+    )
+    return Context(computing=computing_session, federation=federation)
+
+
+def install() -> None:
+    """Teach an installed FATE 2.x to build this federation by the name ``"fedtransport"``.
+
+    FATE has no plug-in registry, so this wraps its two selectors (idempotently):
+
+    * ``FederationBuilder.build(computing_session, "fedtransport", conf)`` reads
+      ``federation.fedtransport.backend``, ``.options`` and ``.route_table`` from ``conf`` (or
+      FATE's config), and ``FederationBuilder.build_fedtransport(computing_session, backend,
+      options, route_table=None)`` is added; FATE's ``create_context(...,
+      federation_engine="fedtransport", federation_conf=...)`` goes through ``build``.
+    * ``fate.components.core.load_federation`` accepts the task conf's custom federation,
+      ``{"type": "custom", "metadata": {"engine": "fedtransport", "federation_id": ...,
+      "parties": {"local": {"role", "partyid"}, "parties": [...]}, "backend": ...,
+      "options": {...}, "route_table": ...}}``, when that module can be imported.
+    """
+    from fate.arch.federation import FederationBuilder
+
+    if not getattr(FederationBuilder, "_fedtransport_installed", False):
+        _patch_builder(FederationBuilder)
+    try:
+        from fate.components import core
+        from fate.components.core import _load_federation
+    except ImportError:  # FATE's component runtime needs more packages; the builder is patched
+        return
+    if not getattr(core.load_federation, "_fedtransport", False):
+        wrapped = _wrap_load_federation(core.load_federation)
+        core.load_federation = wrapped
+        _load_federation.load_federation = wrapped
+
+
+def _patch_builder(builder: Any) -> None:
+    from fate.arch.config import cfg
+
+    original = builder.build
+
+    def build_fedtransport(
+        self: Any, computing_session: Any, backend: str, options: Mapping[str, Any] | None = None,
+        route_table: RouteTableArg = None,
+    ) -> FedtransportFederation:  # fmt: skip
+        return FedtransportFederation.from_conf(
+            self._federation_id, computing_session, self._party, self._parties, backend, options, route_table
+        )
+
+    def build(self: Any, computing_session: Any, t: Any, conf: dict[str, Any]) -> Any:
+        if str(t) != ENGINE:
+            return original(self, computing_session, t, conf)
+        return build_fedtransport(
+            self,
+            computing_session,
+            backend=cfg.get_option(conf, f"federation.{ENGINE}.backend"),
+            options=cfg.get_option(conf, f"federation.{ENGINE}.options", {}),
+            route_table=cfg.get_option(conf, f"federation.{ENGINE}.route_table", None),
+        )
+
+    builder.build = build
+    builder.build_fedtransport = build_fedtransport
+    builder._fedtransport_installed = True
+
+
+def _wrap_load_federation(original: Any) -> Any:
+    def load_federation(federation: Any, computing: Any) -> Any:
+        meta = getattr(federation, "metadata", None)
+        if getattr(federation, "type", None) != "custom" or not isinstance(meta, Mapping):
+            return original(federation, computing)
+        if meta.get("engine") != ENGINE:
+            return original(federation, computing)
+        members = meta.get("parties") or {}
+        local = members.get("local") or {}
+        return FedtransportFederation.from_conf(
+            str(meta["federation_id"]),
+            computing,
+            (local.get("role"), local.get("partyid")),
+            [(p["role"], p["partyid"]) for p in members.get("parties", [])],
+            str(meta["backend"]),
+            meta.get("options") or {},
+            meta.get("route_table"),
+        )
+
+    load_federation._fedtransport = True  # type: ignore[attr-defined]
+    return load_federation

@@ -1,0 +1,186 @@
+"""FATE 2.x over fedtransport, with the real pyfate 2.2.0 (scripts/test.sh installs it).
+
+Two parties in two processes, each with FATE's own ``Context`` and standalone computing, talk
+over the real brokers (Apache Pulsar standalone, a RabbitMQ node): a dict holding an ndarray, a
+4-partition KVTable, a KVTable nested in a dict, an array over FATE's max message size (FATE
+cuts it into a slice table), a table sent back after ``mapValues``, then ``ctx.destroy()``.
+
+pyfate's pickler runs ``import torch`` for every ``put`` only to ask ``isinstance(v,
+torch.Tensor)``; the test environment leaves torch out (hundreds of MB), so when torch is not
+importable the party processes register a ``torch`` module holding just a ``Tensor`` class that
+nothing is an instance of, which answers that question as a real torch would for these values.
+FATE users have torch installed (pyfate depends on it) and need nothing of the kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fate.arch.computing.backends.standalone import CSession
+from fate.arch.federation import FederationBuilder
+
+from fedtransport.fate2 import FedtransportFederation, install, raw_partitions
+
+try:
+    from tests.rabbit_fixtures import rabbit_installed, rabbit_opts, rabbit_pair, rabbit_pool  # by parameter name
+except ModuleNotFoundError:  # plain `pytest` without the repository root on sys.path
+    from rabbit_fixtures import rabbit_installed, rabbit_opts, rabbit_pair, rabbit_pool  # type: ignore[no-redef]  # noqa: F401
+
+pytestmark = pytest.mark.timeout(600)
+
+GUEST, HOST = ("guest", "9999"), ("host", "10000")
+PARTIES = [GUEST, HOST]
+ROOT = Path(__file__).resolve().parents[1]
+
+# One party of the exchange; argv[1] is a JSON mapping of its settings. It prints one JSON line
+# with what it saw, for the test to check.
+PARTY = r"""
+import json, sys, time, types
+from pathlib import Path
+try:
+    import torch  # noqa: F401
+except ImportError:  # see the module docstring of tests/test_fate2.py
+    stand_in = types.ModuleType("torch")
+    stand_in.Tensor = type("Tensor", (), {})
+    sys.modules["torch"] = stand_in
+import numpy as np
+from fedtransport.fate2 import create_context
+
+a = json.loads(sys.argv[1])
+me = tuple(a["party"])
+ctx = create_context(me, [tuple(p) for p in a["parties"]], a["job"], a["backend"], a["options"],
+                     computing_conf={"computing.standalone.data_dir": a["data_dir"]}, timeout=240)
+done = Path(a["done"])
+out = {}
+if me[0] == "guest":
+    table = ctx.computing.parallelize([(i, f"v{i}") for i in range(1000)], partition=4, include_key=True)
+    nested = ctx.computing.parallelize([(f"k{i}", i * i) for i in range(50)], partition=3, include_key=True)
+    ctx.hosts.put("d", {"w": np.arange(10, dtype=np.float64), "s": "fate"})
+    ctx.hosts.put("t", table)
+    ctx.hosts.put("nest", {"table": nested, "n": 3})
+    ctx.hosts.put("big", np.arange(600_000, dtype=np.float64))  # 4.8 MB, over FATE's 1 MiB
+    back = ctx.hosts[0].get("back")
+    out["back_partitions"] = back.num_partitions
+    out["back_ok"] = dict(back.collect()) == {i: f"v{i}!" for i in range(1000)}
+    done.write_text("read")
+else:
+    d = ctx.guest.get("d")
+    out["d_ok"] = d["s"] == "fate" and np.array_equal(d["w"], np.arange(10, dtype=np.float64))
+    t = ctx.guest.get("t")
+    out["t"] = [t.num_partitions, t.key_serdes_type, t.value_serdes_type, t.partitioner_type]
+    out["t_ok"] = dict(t.collect()) == {i: f"v{i}" for i in range(1000)}
+    nest = ctx.guest.get("nest")
+    out["nest_n"] = nest["n"]
+    out["nest_partitions"] = nest["table"].num_partitions
+    out["nest_ok"] = dict(nest["table"].collect()) == {f"k{i}": i * i for i in range(50)}
+    big = ctx.guest.get("big")
+    out["big_ok"] = np.array_equal(big, np.arange(600_000, dtype=np.float64))
+    ctx.guest.put("back", t.mapValues(lambda v: v + "!"))
+    # destroy deletes the job's broker resources: not before the guest has read "back"
+    deadline = time.monotonic() + 240
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+ctx.destroy()
+out["closed"] = ctx.federation.federation.closed
+print(json.dumps(out), flush=True)
+"""
+
+
+def _exchange(tmp_path: Path, job: str, backend: str, options: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run both parties; their reports by role."""
+    procs = {}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for party in PARTIES:
+        args = {
+            "party": party, "parties": PARTIES, "job": job, "backend": backend, "options": options(),
+            "data_dir": str(tmp_path / party[0]), "done": str(tmp_path / "done"),
+        }  # fmt: skip
+        procs[party[0]] = subprocess.Popen(
+            [sys.executable, "-c", PARTY, json.dumps(args)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        )  # fmt: skip
+    reports: dict[str, Any] = {}
+    try:
+        for role, proc in procs.items():
+            out, err = proc.communicate(timeout=400)
+            assert proc.returncode == 0, f"{role} failed:\n{err[-4000:]}"
+            reports[role] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return reports
+
+
+def _check(reports: dict[str, Any]) -> None:
+    host, guest = reports["host"], reports["guest"]
+    assert host["d_ok"]
+    assert host["t"] == [4, 0, 0, 0]  # partitions, key/value serdes types, partitioner type
+    assert host["t_ok"]
+    assert (host["nest_n"], host["nest_partitions"], host["nest_ok"]) == (3, 3, True)
+    assert host["big_ok"]
+    assert (guest["back_partitions"], guest["back_ok"]) == (4, True)
+    assert host["closed"] and guest["closed"]
+
+
+def test_fate_contexts_exchange_over_pulsar(tmp_path: Path, job_id: str, pulsar_standalone: Any) -> None:
+    broker = pulsar_standalone
+    opts = {"service_url": broker.service_url, "admin_url": broker.admin_url}
+    _check(_exchange(tmp_path, job_id, "pulsar", lambda: dict(opts)))
+
+
+def test_fate_contexts_exchange_over_rabbitmq(tmp_path: Path, job_id: str, request: pytest.FixtureRequest) -> None:
+    if not rabbit_installed():
+        pytest.skip("rabbitmq-server is not installed (scripts/test.sh installs it)")
+    node = request.getfixturevalue("rabbit_pair")[0]
+    _check(_exchange(tmp_path, job_id, "rabbitmq", lambda: rabbit_opts(node)))
+
+
+def test_raw_partitions_keep_the_layout_of_a_standalone_table(tmp_path: Path) -> None:
+    session = CSession(session_id=f"raw-{os.getpid()}-{time.time_ns()}", data_dir=str(tmp_path))
+    try:
+        table = session.parallelize([(i, i) for i in range(200)], partition=4, include_key=True)
+        parts = [list(p) for p in raw_partitions(table)]
+        assert len(parts) == 4 and all(parts)
+        assert sum(map(len, parts)) == 200
+        for p, records in enumerate(parts):  # each record where the table's partitioner puts it
+            assert all(table.partitioner(k, 4) == p for k, _ in records)
+            assert all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in records)
+        assert sorted(table.key_serdes.deserialize(k) for part in parts for k, _ in part) == list(range(200))
+    finally:
+        session.destroy()
+
+
+def test_install_lets_fate_s_builder_select_fedtransport(tmp_path: Path, job_id: str) -> None:
+    install()
+    install()  # idempotent
+    session = CSession(session_id=f"inst-{os.getpid()}-{time.time_ns()}", data_dir=str(tmp_path))
+    conf = {"federation.fedtransport.backend": "memory", "federation.fedtransport.options": {"hub": job_id}}
+    fed = FederationBuilder(job_id, GUEST, PARTIES).build(session, "fedtransport", conf)
+    try:
+        assert isinstance(fed, FedtransportFederation)
+        assert (fed.local_party, fed.parties, fed.world_size) == (GUEST, PARTIES, 2)
+        assert fed.session_id == job_id and fed.federation.backend == "memory"
+    finally:
+        fed.destroy()
+        session.destroy()
+    assert fed.federation.closed
+    # FATE's own engines still go through the original if/elif
+    with pytest.raises(ValueError):
+        FederationBuilder(job_id, GUEST, PARTIES).build(session, "no-such-engine", {})
+
+
+def test_a_party_outside_the_parties_is_refused(job_id: str) -> None:
+    from fedtransport.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not one of the parties"):
+        FedtransportFederation.from_conf(job_id, None, ("arbiter", "1"), PARTIES, "memory", {})
