@@ -305,7 +305,9 @@ def install() -> None:
     * ``fate.components.core.load_federation`` accepts the task conf's custom federation,
       ``{"type": "custom", "metadata": {"engine": "fedtransport", "federation_id": ...,
       "parties": {"local": {"role", "partyid"}, "parties": [...]}, "backend": ...,
-      "options": {...}, "route_table": ...}}``, when that module can be imported.
+      "options": {...}, "route_table": ...}}`` (a ``CustomFederationSpec``), when that module
+      can be imported. FATE 2.2's ``TaskConfigSpec`` does not list custom federations: a
+      launcher builds the spec itself.
     """
     from fate.arch.federation import FederationBuilder
 
