@@ -396,6 +396,8 @@ class Federation:
     def _on_abort_notice(self, inc: Incoming) -> None:
         src = inc.src
         error = inc.error()
+        if self._closed:  # our own session went away meanwhile: nobody is left to tell
+            return
         try:
             if error is not None:
                 raise error

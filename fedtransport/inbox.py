@@ -309,7 +309,7 @@ class Inbox:
                     # Let the stream's lane through. Before its first message the lane is a guess
                     # (the sender's rule, if it has as many lanes as we do); every lane, if that
                     # guess brought nothing for a tick.
-                    want = (inc.src, (stream - 1) % self._lanes if lane is None else lane)
+                    want: tuple[Party, int | None] = (inc.src, (stream - 1) % self._lanes if lane is None else lane)
                     if lane is None and quiet and registered == want:
                         want = (inc.src, None)
                     if registered != want:
@@ -356,7 +356,7 @@ class Inbox:
             self._closed = True
             self._flow.notify_all()
         with self._lock:
-            incs = list(self._incoming.values())
+            incs = [inc for inc in self._incoming.values() if not inc.control]  # a notice nobody waits on
         self._fail(incs, FederationError("the federation session was closed while a get waited for this transfer"))
 
     def _make_room(self, src: Party, lane: int) -> None:

@@ -181,3 +181,14 @@ def test_on_the_memory_backend_every_session_of_the_job_hears_an_abort(job_id: s
         guest.abort("never started")
         err = waiting.outcome()
         assert isinstance(err, ft.PeerAborted) and err.reason == "never started"
+
+
+def test_a_normal_close_is_no_abort(connect: Connect, caplog: pytest.LogCaptureFixture) -> None:
+    # Closing fails the notices a session listens for; that must not read as the peer aborting.
+    guest, host = connect(GUEST), connect(HOST)
+    _exchange(guest, host)
+    with caplog.at_level("WARNING", logger="fedtransport"):
+        host.close()
+        guest.remote("after", "late", "0", [HOST])
+        guest.close()
+    assert not [r for r in caplog.records if "abort" in r.getMessage()]

@@ -168,9 +168,9 @@ class MemoryTransport(Transport):
     def close(self) -> None:
         self._closed.set()
         for key in self._hub.job_lanes(self.ctx.job_id):
-            lane = self._hub.lane(key)
-            with lane.cond:
-                lane.cond.notify_all()
+            queue = self._hub.lane(key)
+            with queue.cond:
+                queue.cond.notify_all()
         with self._lock:
             listeners = dict(self._listeners)
             self._listeners.clear()
