@@ -11,5 +11,7 @@ setup_venv test,bench,spark,fate  # bench: matplotlib for the benchmark chart te
 # holds what FATE imports (pyproject.toml)
 python -m pip install -q --disable-pip-version-check --no-deps pyfate==2.2.0
 ruff check fedtransport tests benchmarks
+# py.typed ships our annotations to users: they must hold ([tool.mypy] in pyproject.toml: strict)
+mypy || { echo "scripts/test.sh: mypy --strict found type errors in fedtransport (listed above)" >&2; exit 1; }
 echo "quarantined (see the 'quarantine' marks; run with: bash scripts/test.sh -m quarantine): $(grep -l 'mark.quarantine' tests/*.py | tr '\n' ' ')" >&2
 exec python -m pytest -q -p no:cacheprovider -m "not quarantine" "$@"
