@@ -170,7 +170,7 @@ class SparkFederationConfig:
         if self.backend == "pulsar" and not self.options.get("service_url"):
             raise ConfigError("Spark over Pulsar needs options['service_url']: executors must share one broker")
         if route is not None:
-            RouteTable.load(route, kind=self.backend if self.backend in ("pulsar", "rabbitmq") else None)
+            RouteTable.load(route, kind=transport_cls.route_kind)
 
     __hash__ = None  # type: ignore[assignment]  # holds mappings
 
