@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .errors import ConfigError, FederationError, RouteError
+from .cli_route import route_command
+from .errors import ConfigError, FederationError
 from .transport import available
 
 __all__ = ["load_options", "main", "parse_option"]
@@ -317,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = _Out()
     commands: dict[str, Callable[[argparse.Namespace, _Out], int]] = {
         "demo": _demo,
-        "route": _route,
+        "route": route_command,
         "certs": _certs,
         "cleanup": _cleanup,
         "doctor": _doctor,
@@ -344,121 +345,6 @@ def _demo(args: argparse.Namespace, out: _Out) -> int:
     from .demo import demo as run_demo
 
     return 0 if run_demo(args.backend) else 1
-
-
-# ---------------------------------------------------------------------------- route
-
-
-def _route(args: argparse.Namespace, out: _Out) -> int:
-    from .routing import RouteTable
-
-    if args.route_command == "check":
-        return _route_check(args, out)
-    rt = RouteTable.load(args.file, kind=args.kind)
-    ids = [str(p) for p in args.party] if args.party else rt.parties()
-    parties = {pid: _endpoint_info(rt, pid) for pid in ids}
-    if args.json:
-        out(json.dumps({"source": rt.source, "kind": rt.kind, "default": rt.default, "parties": parties}, indent=2))
-        return 0
-    out(f"route table {rt.source} ({rt.kind}, {len(rt.parties())} parties listed)")
-    if rt.default:
-        d = rt.default
-        via = f" through the proxy {d['proxy']}" if d.get("proxy") else ""
-        reach = f"{{party_id}}.{d['domain']}{via}" if d.get("domain") else "nowhere (no domain)"
-        out(f"  parties not listed: {reach}")
-    for pid, info in parties.items():
-        out("")
-        out(f"party {pid}" + ("" if info["listed"] else " (not listed: from the default section)"))
-        for key in ("host", "port", "ssl_port", "mng_port", "proxy", "sni", "cluster"):
-            if info.get(key) not in (None, ""):
-                out(f"  {key:<11} {info[key]}")
-        for key, url in info["urls"].items():
-            out(f"  {key:<11} {url}")
-        if "pulsar_cluster" in info:
-            out(f"  cluster registration: PUT /admin/v2/clusters/{info['cluster']}")
-            for line in json.dumps(info["pulsar_cluster"], indent=2).splitlines():
-                out(f"    {line}")
-    return 0
-
-
-def _endpoint_info(rt: Any, pid: str) -> dict[str, Any]:
-    from .routing import is_ip
-
-    ep = rt.resolve(pid)
-    sni = None if is_ip(ep.sni) else ep.sni  # an IP address cannot be sent as a TLS server name
-    info: dict[str, Any] = {
-        "listed": ep.listed,
-        "host": ep.host,
-        "port": ep.port,
-        "ssl_port": ep.ssl_port,
-        "mng_port": ep.mng_port,
-        "proxy": ep.proxy,
-        "sni": sni,
-    }
-    if rt.kind == "pulsar":
-        info["cluster"] = ep.cluster
-        info["urls"] = {"broker": f"pulsar://{ep.host}:{ep.port}"}
-        if ep.ssl_port:
-            info["urls"]["broker+tls"] = f"pulsar+ssl://{ep.host}:{ep.ssl_port}"
-        if ep.proxy:
-            info["urls"]["via proxy"] = f"pulsar+ssl://{ep.proxy} (SNI {sni})"
-        info["pulsar_cluster"] = rt.pulsar_cluster(pid)
-    else:
-        info["urls"] = {"amqp": f"amqp://{ep.host}:{ep.port}"}
-        if ep.ssl_port:
-            info["urls"]["amqps"] = f"amqps://{ep.host}:{ep.ssl_port}" + (f" (SNI {sni})" if sni else "")
-        if ep.proxy:
-            info["urls"]["via proxy"] = f"amqps://{ep.proxy} (SNI {sni})"
-        if ep.mng_port:
-            info["urls"]["management"] = f"http://{ep.host}:{ep.mng_port}"
-    return info
-
-
-_ROUTE_KEYS = {"host", "port", "sslPort", "ssl_port", "mngPort", "mng_port", "proxy", "domain", "cluster"}
-
-
-def _route_check(args: argparse.Namespace, out: _Out) -> int:
-    from .routing import RouteTable
-
-    try:
-        rt = RouteTable.load(args.file, kind=args.kind)
-        if rt.default.get("proxy") and not rt.default.get("domain"):
-            raise RouteError(
-                f"route table {rt.source}: key 'default.proxy': a proxy needs 'default.domain' "
-                "to name the parties behind it"
-            )
-        if not rt.parties() and not rt.default.get("domain"):
-            raise RouteError(
-                f"route table {rt.source}: lists no party and has no 'default' section with a "
-                "'domain': no party can be reached"
-            )
-        for pid in rt.parties():
-            _endpoint_info(rt, pid)
-    except RouteError as exc:
-        out.err(f"fedtransport route check: {exc}")
-        return 1
-    for warning in _unknown_keys(Path(args.file)):
-        out.err(f"warning: {warning}")
-    listed = ", ".join(rt.parties()) or "none"
-    star = f"; other parties as {{id}}.{rt.default['domain']}" if rt.default.get("domain") else ""
-    via = f" via {rt.default['proxy']}" if rt.default.get("proxy") else ""
-    out(f"{rt.source}: OK ({rt.kind}; parties {listed}{star}{via})")
-    return 0
-
-
-def _unknown_keys(path: Path) -> list[str]:
-    """Keys the route table reader skips: harmless tooling fields, or typos of real ones."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return []
-    found = []
-    for pid, entry in (data or {}).items() if isinstance(data, Mapping) else ():
-        if isinstance(entry, Mapping):
-            for key in entry:
-                if str(key) not in _ROUTE_KEYS:
-                    found.append(f"{path}: key '{pid}.{key}' is not used (known: {', '.join(sorted(_ROUTE_KEYS))})")
-    return found
 
 
 # ---------------------------------------------------------------------------- certs
