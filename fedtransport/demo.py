@@ -29,6 +29,7 @@ from .errors import ConfigError
 from .party import Party
 from .progress import ProgressBar
 from .table import Table
+from .transport import get_backend
 
 GUEST = Party("guest", "9999")
 HOST = Party("host", "10000")
@@ -111,7 +112,7 @@ def demo(backend: str = "pulsar", options: dict[str, Any] | None = None) -> bool
     options = dict(options or {})
     job_id = f"demo-{os.getpid()}-{int(time.time())}"
     with ExitStack() as stack:
-        where = _start_broker(backend, options, stack)
+        where = get_backend(backend).local_broker(options, stack)
         print(f"fedtransport demo: backend {backend} ({where}), job {job_id}")
         print(f"  secure sum of two {VECTOR * 8 >> 20} MiB vectors, then a table of "
               f"{PARTITIONS} x {RECORDS:,} records there and back, then a {MODEL_MIB} MiB model")  # fmt: skip
@@ -138,28 +139,9 @@ def demo(backend: str = "pulsar", options: dict[str, Any] | None = None) -> bool
     return ok
 
 
-def _start_broker(backend: str, options: dict[str, Any], stack: ExitStack) -> str:
-    if backend == "pulsar" and not options.get("service_url"):
-        from .brokers import EmbeddedPulsar
-
-        broker = stack.enter_context(EmbeddedPulsar())
-        options["service_url"] = broker.service_url
-        return f"embedded broker at {broker.service_url}"
-    if backend == "rabbitmq" and not options.get("port"):
-        from .brokers import RabbitNode
-
-        node = stack.enter_context(RabbitNode(name="demo"))
-        options.update(host="127.0.0.1", port=node.port, mng_port=node.mng_port, user=node.user,
-                       password=node.password)  # fmt: skip
-        return f"local node on port {node.port}"
-    if backend == "memory":
-        return "in-process hub"
-    return "configured broker"
-
-
 def _run_both(backend: str, job_id: str, options: dict[str, Any]) -> list[dict[str, Any]]:
     """Both parties' results; stops at the first failure (a party that raises, or whose process dies)."""
-    if backend == "memory":
+    if get_backend(backend).in_process:
         q: queue.Queue[dict[str, Any]] = queue.Queue()
         # Daemon threads: after a failure the other party may wait out its get, and nobody needs it.
         for p in (GUEST, HOST):

@@ -116,3 +116,22 @@ def test_memory_needs_no_broker_and_nothing_to_clean_up() -> None:
     assert [(c.name, c.status) for c in checks] == [("options", "ok"), ("broker", "ok"), ("round trip", "ok")]
     with pytest.raises(ft.ConfigError, match="nothing to clean up"):
         cleanup_job("memory", "job-1")
+
+
+def test_the_demo_asks_the_backend_for_its_local_broker() -> None:
+    # demo.py names no backend: each class says whether its parties meet in one process and
+    # which throw-away broker to start when the options name none.
+    from contextlib import ExitStack
+
+    from fedtransport.transport import get_backend
+
+    assert get_backend("memory").in_process and not get_backend("pulsar").in_process
+    with ExitStack() as stack:
+        given = {"service_url": "pulsar://10.0.0.5:6650"}
+        assert get_backend("pulsar").local_broker(given, stack) == "configured broker"
+        assert given == {"service_url": "pulsar://10.0.0.5:6650"}  # nothing started, nothing changed
+        rabbit = {"port": 5671}
+        assert get_backend("rabbitmq").local_broker(rabbit, stack) == "configured broker" and rabbit == {"port": 5671}
+        assert get_backend("memory").local_broker({}, stack) == "in-process hub"
+        started = get_backend("pulsar").local_broker(opts := {}, stack)
+        assert started.startswith("embedded broker at pulsar://127.0.0.1:") and opts["service_url"] in started

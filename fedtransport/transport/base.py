@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -141,6 +142,15 @@ class Transport(ABC):
 
     #: the route table format of this backend; None: guessed from the table's keys
     route_kind: ClassVar[str | None] = None
+
+    #: sessions meet only inside one process (the demo runs its parties as threads)
+    in_process: ClassVar[bool] = False
+
+    @classmethod
+    def local_broker(cls, options: dict[str, Any], stack: ExitStack) -> str:
+        """For ``fedtransport demo``: when ``options`` name no broker, start a throw-away local
+        one on ``stack`` and fill ``options`` in. Returns what the parties will use, in words."""
+        return "configured broker"
 
     @classmethod
     def options_from_route(cls, options: Mapping[str, Any], endpoint: Endpoint) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import secrets
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from typing import Any, ClassVar
 
 from ..errors import BackendError, ConfigError
@@ -88,6 +89,7 @@ def hub(name: str = "default") -> _Hub:
 
 class MemoryTransport(Transport):
     name: ClassVar[str] = "memory"
+    in_process: ClassVar[bool] = True
     option_defaults: ClassVar[OptionSpec] = OptionSpec(
         Option(
             "hub",
@@ -188,6 +190,10 @@ class MemoryTransport(Transport):
         return f"memory hub {self.ctx.options['hub']!r}"
 
     # operator hooks (fedtransport doctor and cleanup) --------------------------------------
+
+    @classmethod
+    def local_broker(cls, options: dict[str, Any], stack: ExitStack) -> str:
+        return "in-process hub"
 
     @classmethod
     def doctor_checks(

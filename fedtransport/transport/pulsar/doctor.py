@@ -43,6 +43,17 @@ class PulsarOperatorHooks(Transport):
     """The operator hooks of the ``pulsar`` backend (doctor checks, route options, cleanup)."""
 
     route_kind: ClassVar[str | None] = "pulsar"
+
+    @classmethod
+    def local_broker(cls, options: dict[str, Any], stack: contextlib.ExitStack) -> str:
+        if options.get("service_url"):
+            return "configured broker"
+        from ...brokers import EmbeddedPulsar
+
+        broker = stack.enter_context(EmbeddedPulsar())
+        options["service_url"] = broker.service_url
+        return f"embedded broker at {broker.service_url}"
+
     management: PulsarManagement  # made by PulsarTransport.__init__
 
     @classmethod

@@ -22,6 +22,7 @@ vhost, queues, policies, upstreams and users there.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import ExitStack
 from typing import Any, ClassVar
 
 from ...errors import BackendError, ConfigError
@@ -41,6 +42,18 @@ class RabbitOperatorHooks(Transport):
     """The operator hooks of the ``rabbitmq`` backend (doctor checks, route options, cleanup)."""
 
     route_kind: ClassVar[str | None] = "rabbitmq"
+
+    @classmethod
+    def local_broker(cls, options: dict[str, Any], stack: ExitStack) -> str:
+        if options.get("port"):
+            return "configured broker"
+        from ...brokers import RabbitNode
+
+        node = stack.enter_context(RabbitNode(name="demo"))
+        options.update(host="127.0.0.1", port=node.port, mng_port=node.mng_port, user=node.user,
+                       password=node.password)  # fmt: skip
+        return f"local node on port {node.port}"
+
     management: RabbitManagement  # made by RabbitTransport.__init__
 
     @classmethod
