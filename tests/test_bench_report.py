@@ -97,7 +97,7 @@ def test_chart_of_the_committed_results_has_distinct_nonempty_groups(
     assert large == {
         "pulsar (standalone)",
         "pulsar (pulsar-lite), 2026-11-29",
-        "pulsar (pulsar-lite), 2026-12-05",
+        "pulsar (pulsar-lite), 2026-12-06",
         "rabbitmq (shared)",
         "rabbitmq (federated)",
         "spark + pulsar (pulsar-lite)",
