@@ -398,13 +398,18 @@ class Federation:
         error = inc.error()
         if self._closed:  # our own session went away meanwhile: nobody is left to tell
             return
+        if error is not None:
+            # Frames under the notice's id that failed before it was complete: another party's
+            # (on its own lanes), or garbage. Never the peer giving up: drop them, listen again.
+            log.warning("job %s: dropped a false abort notice in %s's name: %s", self.job_id, src, error)
+            self._inbox.hand_over(inc, final=False)
+            self._inbox.expect_notice(inc.transfer, src, self._on_abort_notice)
+            return
         try:
-            if error is not None:
-                raise error
             reason = decode_object_transfer(inc.assembly, self._policy, str(src))
             if not isinstance(reason, str):
                 raise IntegrityError(f"an abort notice holds a {type(reason).__name__}, not a str")
-        except FederationError as exc:  # a malformed notice still means the peer gave up
+        except FederationError as exc:  # came on the peer's own lanes: it gave up, whatever it said
             reason = f"(its abort notice could not be read: {exc})"
         self._inbox.hand_over(inc)
         log.warning("job %s: %s aborted: %s", self.job_id, src, reason)

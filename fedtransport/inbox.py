@@ -387,18 +387,20 @@ class Inbox:
         for lane in range(self._lanes):
             self._transport.redeliver(src, lane)
 
-    def hand_over(self, inc: Incoming) -> bool:
+    def hand_over(self, inc: Incoming, *, final: bool = True) -> bool:
         """The caller is done with the transfer: forget it and acknowledge its messages.
 
         Idempotent; returns ``True`` the first time. What a streamed table still
         held (its reader stopped early) is dropped and its lanes' credit returned.
+        With ``final=False`` the id stays open: its real messages may still come.
         """
         with self._lock:
             if inc.handed:
                 return False
             inc.handed = True
             self._incoming.pop(inc.transfer, None)
-            self._finished.add(inc.transfer)
+            if final:
+                self._finished.add(inc.transfer)
             with inc.lock:
                 tokens, inc.tokens = inc.tokens, []
                 unread = [(lane, inc.assembly.held(s)) for s, lane in inc.stream_lanes.items()]

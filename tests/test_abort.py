@@ -192,3 +192,29 @@ def test_a_normal_close_is_no_abort(connect: Connect, caplog: pytest.LogCaptureF
         guest.remote("after", "late", "0", [HOST])
         guest.close()
     assert not [r for r in caplog.records if "abort" in r.getMessage()]
+
+
+def test_a_third_party_cannot_abort_in_another_party_s_name(job_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The arbiter sends, on its own lanes, frames carrying the id of the guest's abort notice
+    # to the host. The inbox refuses frames of a transfer from another lane's sender; that
+    # refusal must not read as the guest aborting, and the guest's value must still arrive.
+    import fedtransport.api as api
+
+    connect = lambda p: ft.Federation.connect("memory", job_id=job_id, party=p)  # noqa: E731
+    with connect(GUEST) as guest, connect(HOST) as host, connect(ARBITER) as arbiter:
+        _exchange(guest, host)
+        _exchange(arbiter, host)
+        waiting = Waiter(host, "w", GUEST)
+        real = api.control_id
+        monkeypatch.setattr(api, "control_id", lambda job, kind, src, dst: real(job, kind, str(GUEST), dst))
+        arbiter.abort("forged by the arbiter")
+        monkeypatch.setattr(api, "control_id", real)
+        time.sleep(0.5)  # the forged frames are in and refused
+        assert not waiting.ended.is_set()
+        guest.remote(7, "w", "0", [HOST])
+        assert waiting.outcome() == [7]
+        # the host still listens for the guest's real notice
+        later = Waiter(host, "w2", GUEST)
+        guest.abort("the real one")
+        err = later.outcome()
+        assert isinstance(err, ft.PeerAborted) and err.reason == "the real one"
