@@ -57,7 +57,7 @@ Extending (e.g. a Spark workload from benchmarks/throughput.py or another module
     workload does not apply to this backend. ``default=False`` workloads run only when named
     with ``--only`` or when a flag of the same name is set (``--spark`` for ``spark``), or the
     flag given as ``flag=`` (``--replication`` for the ``*-repl`` workloads).
-  * ``register_fed_kind(kind, prepare, send, receive)``: a new sender/receiver pair for
+  * ``register_fed_kind(kind, prepare, send, receive, warm=None)``: a new sender/receiver pair for
     ``ctx.fed``; it must be registered at import time of a module both processes import (the
     children are spawned, so a script's top level runs again in them).
   * ``register_arguments(fn)``: ``fn(parser)`` adds flags (``--spark``) before parsing.

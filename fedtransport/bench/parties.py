@@ -110,6 +110,8 @@ def fed_sender(cfg: dict[str, Any], q: Any) -> None:
 def fed_receiver(cfg: dict[str, Any], q: Any) -> None:
     kind = _kind(cfg)
     guest = _party("guest")
+    if kind.warm is not None:
+        kind.warm(cfg)
     with _connect(cfg, "host") as fed:
         _handshake(fed, "host")
         nbytes = kind.receive(fed, cfg, guest)
@@ -166,6 +168,10 @@ def _prepare_table(cfg: dict[str, Any]) -> Any:
     return ft.Table.from_partitions([((i, block[i]) for i in range(n)) for n in records])
 
 
+def _import_numpy(cfg: dict[str, Any]) -> None:
+    import numpy  # noqa: F401  (the receiver decodes arrays; the raw client's receiver decodes nothing)
+
+
 def _send_one(fed: Any, value: Any, cfg: dict[str, Any], dst: Any) -> None:
     from fedtransport.progress import ProgressBar
 
@@ -206,7 +212,7 @@ def _receive_small(fed: Any, cfg: dict[str, Any], src: Any) -> int:
     return SMALL * SMALL_COUNT
 
 
-register_fed_kind("object", _prepare_object, _send_one, _receive_one)
-register_fed_kind("table", _prepare_table, _send_one, _receive_one)
+register_fed_kind("object", _prepare_object, _send_one, _receive_one, _import_numpy)
+register_fed_kind("table", _prepare_table, _send_one, _receive_one, _import_numpy)
 register_fed_kind("small", _prepare_small, _send_small, _receive_small)
 register_fed_kind("small-async", _prepare_small, _send_small_async, _receive_small)

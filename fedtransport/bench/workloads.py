@@ -62,6 +62,9 @@ class FedKind:
     prepare: Callable[[dict[str, Any]], Any]  # builds the value before the clock starts
     send: Callable[[Any, Any, dict[str, Any], Any], None]  # (fed, value, cfg, dst)
     receive: Callable[[Any, dict[str, Any], Any], int]  # (fed, cfg, src) -> bytes received
+    # Run by the receiver before the clock: a job's process has its decoder's modules (numpy)
+    # loaded long before a value arrives, while a benchmark party is a fresh process.
+    warm: Callable[[dict[str, Any]], None] | None = None
 
 
 WORKLOADS: dict[str, Workload] = {}
@@ -90,9 +93,11 @@ def register_fed_kind(
     prepare: Callable[[dict[str, Any]], Any],
     send: Callable[[Any, Any, dict[str, Any], Any], None],
     receive: Callable[[Any, dict[str, Any], Any], int],
+    warm: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
-    """Add a fedtransport sender/receiver pair usable as ``ctx.fed(kind, ...)``."""
-    FED_KINDS[kind] = FedKind(prepare, send, receive)
+    """Add a fedtransport sender/receiver pair usable as ``ctx.fed(kind, ...)``; ``warm(cfg)``, if
+    given, runs in the receiving process before the clock starts (imports the value's decoder needs)."""
+    FED_KINDS[kind] = FedKind(prepare, send, receive, warm)
 
 
 def register_arguments(hook: Callable[[argparse.ArgumentParser], None]) -> None:
