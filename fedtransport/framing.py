@@ -1,8 +1,8 @@
 """Byte streams <-> broker messages of at most ``max_message_size`` bytes.
 
-Every message is an 80-byte little-endian header followed by its payload::
+Every message is an 88-byte little-endian header followed by its payload::
 
-    magic "FT" | version | flags | job fingerprint (8) | transfer id (16)
+    magic "FT" | version | flags | job fingerprint (8) | transfer id (16) | incarnation (8)
     | stream | nstreams | unit | seq | length | size | offset | unit_len | aux | crc32
 
 A *transfer* (one ``remote`` of one value to one party) is made of ``nstreams``
@@ -16,6 +16,11 @@ flag marks a stream's final message and ``aux`` carries a per-stream count the
 layer above checks (records of a table partition). The CRC covers header and
 payload; the header is parsed with :mod:`struct`, never unpickled.
 
+The *incarnation* is drawn at random for every send of a transfer: a sender that
+is killed and sends the transfer again (maybe a recomputed value) uses a new one,
+and a :class:`TransferAssembly` holds the messages of one incarnation only, so two
+sends are never mixed into one value (the inbox keeps them apart and picks one).
+
 This layer knows nothing about objects: payload compression and sealing are done
 by a :class:`PayloadTransform` handed in from above.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import mmap
+import os
 import struct
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -48,17 +54,18 @@ __all__ = [
 ]
 
 MAGIC = b"FT"
-VERSION = 1
+VERSION = 2  # 2: the incarnation field
 LAST = 0x01
 COMPRESSED = 0x02
 SEALED = 0x04
 _KNOWN_FLAGS = LAST | COMPRESSED | SEALED
 
-_PREFIX = struct.Struct("<2sBB8s16sIIIIIIQQQ")
+_PREFIX = struct.Struct("<2sBB8s16s8sIIIIIIQQQ")
 _CRC = struct.Struct("<I")
 _SIZE = struct.Struct("<I")
-_SIZE_AT = struct.calcsize("<2sBB8s16sIIIII")  # the header's ``size`` field
-HEADER_SIZE = _PREFIX.size + _CRC.size  # 80
+_SIZE_AT = struct.calcsize("<2sBB8s16s8sIIIII")  # the header's ``size`` field
+HEADER_SIZE = _PREFIX.size + _CRC.size  # 88
+INCARNATION_SIZE = 8
 # A unit at least this big is received into an anonymous mapping (see _allocate).
 _MAPPED_UNIT = 8 << 20
 # madvise(MADV_POPULATE_WRITE), Linux 5.14+: fault pages in with one call. Python's mmap
@@ -104,6 +111,7 @@ class Header:
     flags: int
     job: bytes
     transfer: bytes
+    incarnation: bytes  # random per send of the transfer (see the module docstring)
     stream: int
     nstreams: int
     unit: int
@@ -133,7 +141,7 @@ def _crc(prefix: bytes | memoryview, flags: int, payload: Sequence[bytes | memor
 
 def _pack_prefix(h: Header) -> bytes:
     return _PREFIX.pack(
-        MAGIC, VERSION, h.flags, h.job, h.transfer, h.stream, h.nstreams, h.unit, h.seq,
+        MAGIC, VERSION, h.flags, h.job, h.transfer, h.incarnation, h.stream, h.nstreams, h.unit, h.seq,
         h.length, h.size, h.offset, h.unit_len, h.aux,
     )  # fmt: skip
 
@@ -182,9 +190,24 @@ def open_payload(header: Header, payload: memoryview, transform: PayloadTransfor
 
 
 class FrameWriter:
-    """Frames the chunks of one transfer towards one destination."""
+    """Frames the chunks of one send of one transfer towards one destination.
 
-    def __init__(self, job: bytes, transfer: bytes, nstreams: int, transform: PayloadTransform) -> None:
+    ``incarnation`` (default: 8 random bytes) marks every message of this send.
+    """
+
+    def __init__(
+        self,
+        job: bytes,
+        transfer: bytes,
+        nstreams: int,
+        transform: PayloadTransform,
+        incarnation: bytes | None = None,
+    ) -> None:
+        if incarnation is None:
+            incarnation = os.urandom(INCARNATION_SIZE)
+        elif len(incarnation) != INCARNATION_SIZE:
+            raise ValueError(f"an incarnation is {INCARNATION_SIZE} bytes")
+        self.incarnation = incarnation
         self._job = job
         self._transfer = transfer
         self._nstreams = nstreams
@@ -214,8 +237,9 @@ class FrameWriter:
             flags |= SEALED
             length += t.overhead
         header = Header(
-            flags, self._job, self._transfer, stream, self._nstreams, unit, seq, length, size, offset, unit_len, aux
-        )
+            flags, self._job, self._transfer, self.incarnation, stream, self._nstreams,
+            unit, seq, length, size, offset, unit_len, aux,
+        )  # fmt: skip
         prefix = _pack_prefix(header)
         if t.sealing:
             body = [t.seal(body[0] if len(body) == 1 else b"".join(body), prefix)]
@@ -403,7 +427,9 @@ class _Stream:
 
 
 class TransferAssembly:
-    """Reassembles one transfer from messages arriving in any order, duplicates included.
+    """Reassembles one send (incarnation) of one transfer from messages arriving in any
+    order, duplicates included. It takes the incarnation of its first message; a message
+    of another is refused (the inbox routes each incarnation to its own assembly).
 
     ``add`` raises :class:`IntegrityError` on anything inconsistent; the caller
     decides what that means for the transfer (the api fails the waiting ``get``).
@@ -412,6 +438,7 @@ class TransferAssembly:
     def __init__(self, transfer: bytes, transform: PayloadTransform) -> None:
         self.transfer = transfer
         self._transform = transform
+        self.incarnation: bytes | None = None
         self.nstreams: int | None = None
         self._streams: dict[int, _Stream] = {}
         self.messages = 0
@@ -423,6 +450,10 @@ class TransferAssembly:
         """Place one message; ``False`` if it was a duplicate."""
         if header.transfer != self.transfer:
             raise IntegrityError("message of another transfer handed to this one")
+        if self.incarnation is None:
+            self.incarnation = header.incarnation
+        elif header.incarnation != self.incarnation:
+            raise IntegrityError("a message of another send of this transfer handed to this one")
         if self.nstreams is None:
             if header.nstreams == 0:
                 raise IntegrityError("frame declares a transfer of zero streams")

@@ -5,6 +5,16 @@ callback. The frame header names its transfer, so transfers that share a lane
 are separated without unpickling anything, and a ``get`` finds its transfer
 whether it started before, during or after the messages arrived.
 
+One value per transfer: every send of a transfer carries its own random
+*incarnation* in each frame (a sender killed part-way and restarted sends a new
+one, perhaps of a recomputed value). Each incarnation is assembled apart, so
+frames of two sends are never mixed into one value. The first incarnation whose
+head is complete (all of an object; stream 0 of a table) is the one handed over;
+frames of every other are dropped from then on, and acknowledged with the
+transfer. Until then at most ``MAX_INCARNATIONS`` are assembled side by side: a
+further one replaces the one that went longest without a new message (the send
+of a killed sender), and frames of a replaced incarnation are dropped.
+
 Acknowledgement: a transfer's messages are acknowledged when the transfer is
 handed to the caller, so a receiver that dies mid-transfer gets everything again.
 Where the broker stops delivering once a lane holds too many unacknowledged
@@ -46,6 +56,7 @@ log = logging.getLogger("fedtransport.inbox")
 _Token = tuple[int, Party, Any]
 
 
+MAX_INCARNATIONS = 2  # sends of one transfer assembled side by side (see the module docstring)
 _READ_TICK = 0.5  # seconds between a waiting reader's checks for stalls and a closed session
 
 
@@ -55,7 +66,7 @@ class Incoming:
 
     transfer: bytes
     src: Party
-    assembly: TransferAssembly
+    assembly: TransferAssembly  # the incarnation handed over once ``head`` is done; until then the latest
     done: Future[None] = field(default_factory=Future)  # every stream complete, or failed
     head: Future[None] = field(default_factory=Future)  # stream 0 complete (enough for a table), or failed
     tokens: list[_Token] = field(default_factory=list)
@@ -66,6 +77,10 @@ class Incoming:
     handed: bool = False
     control: bool = False  # the session's own notice (an abort), not a caller's transfer
     on_progress: Callable[[], None] | None = None  # called (on a delivery thread) after each new message
+    # the transfer's other incarnations (sends), assembled apart until one is chosen
+    rivals: dict[bytes, TransferAssembly] = field(default_factory=dict)
+    seen_at: dict[bytes, float] = field(default_factory=dict)  # incarnation -> when its last frame came
+    dropped: set[bytes] = field(default_factory=set)  # incarnations replaced or not chosen
 
     def __post_init__(self) -> None:
         self.arrived = threading.Condition(self.lock)
@@ -160,6 +175,7 @@ class Inbox:
             self._ack([token])
             return
         grew, charged = 0, d.lane
+        freed: list[tuple[int, int]] = []
         with inc.lock:
             if inc.handed:  # handed over while this message was on its way here
                 late = True
@@ -171,23 +187,26 @@ class Inbox:
                 pass  # failed earlier: keep the token so the handover acks it
             elif inc.src != d.src:
                 inc.fail(IntegrityError(f"a message of a transfer from {inc.src} arrived from {d.src}"))
-            else:
+            elif (asm := self._route(inc, header.incarnation, freed)) is not None:
                 stream = header.stream
-                before = inc.assembly.held(stream) if stream else 0
+                before = asm.held(stream) if stream else 0
                 try:
-                    if inc.assembly.add(header, payload):
+                    if asm.add(header, payload):
                         inc.last_progress = time.monotonic()
                         if stream:  # a table partition: counted against its lane until read
                             charged = inc.stream_lanes.setdefault(stream, d.lane)
-                            grew = inc.assembly.held(stream) - before
+                            grew = asm.held(stream) - before
                 except FederationError as exc:
                     inc.fail(exc)
                 else:
-                    if not inc.head.done() and inc.assembly.stream_complete(0):
+                    if not inc.head.done() and asm.stream_complete(0):
+                        self._choose(inc, asm, freed)
                         inc.head.set_result(None)
-                    if inc.assembly.complete:
+                    if asm is inc.assembly and asm.complete:
                         inc.done.set_result(None)
             inc.arrived.notify_all()
+        for lane, nbytes in freed:  # partitions of incarnations dropped just now
+            self._refund(d.src, lane, nbytes)
         if late:
             with self._lock:
                 self._unacked[key] = max(0, self._unacked.get(key, 0) - 1)
@@ -206,6 +225,51 @@ class Inbox:
             self._make_room(d.src, d.lane)
         if grew:
             self._throttle(d.src, charged)
+
+    def _route(self, inc: Incoming, incarnation: bytes, freed: list[tuple[int, int]]) -> TransferAssembly | None:
+        """The assembly of ``incarnation`` in ``inc`` (under ``inc.lock``); ``None``: drop the frame.
+
+        Partition bytes of an incarnation replaced here are added to ``freed`` as ``(lane, bytes)``.
+        """
+        now = time.monotonic()
+        current = inc.assembly
+        if current.incarnation is None or current.incarnation == incarnation:
+            inc.seen_at[incarnation] = now
+            return current
+        if inc.head.done() or incarnation in inc.dropped:  # another incarnation was chosen, or this one replaced
+            return None
+        latest = current.incarnation
+        asm = inc.rivals.pop(incarnation, None)
+        if asm is None:
+            asm = TransferAssembly(inc.transfer, self._transform_for(inc.src))
+            if len(inc.rivals) + 2 > MAX_INCARNATIONS:  # replace the send that went longest without news
+                live = [current, *inc.rivals.values()]
+                gone = min(live, key=lambda a: inc.seen_at.get(a.incarnation or b"", 0.0))
+                inc.rivals.pop(gone.incarnation or b"", None)
+                log.warning(
+                    "transfer %s from %s: a new send replaces one that stalled after %s",
+                    inc.transfer.hex(), inc.src, gone.describe(),
+                )  # fmt: skip
+                self._drop(inc, gone, freed)
+        if latest not in inc.dropped:
+            inc.rivals[latest] = current
+        inc.assembly = asm  # the latest send to make progress is the one timeouts and progress describe
+        inc.seen_at[incarnation] = now
+        return asm
+
+    def _choose(self, inc: Incoming, asm: TransferAssembly, freed: list[tuple[int, int]]) -> None:
+        """``asm``'s head is complete first: it is the incarnation handed over; drop the others."""
+        inc.assembly = asm
+        for other in inc.rivals.values():
+            if other is not asm:
+                self._drop(inc, other, freed)
+        inc.rivals.clear()
+
+    def _drop(self, inc: Incoming, asm: TransferAssembly, freed: list[tuple[int, int]]) -> None:
+        if asm.incarnation is not None:
+            inc.dropped.add(asm.incarnation)
+            inc.seen_at.pop(asm.incarnation, None)
+        freed.extend((lane, asm.held(s)) for s, lane in inc.stream_lanes.items() if asm.held(s))
 
     # notices between sessions ------------------------------------------------------------------
 
@@ -403,8 +467,9 @@ class Inbox:
                 self._finished.add(inc.transfer)
             with inc.lock:
                 tokens, inc.tokens = inc.tokens, []
-                unread = [(lane, inc.assembly.held(s)) for s, lane in inc.stream_lanes.items()]
-                inc.stream_lanes = {}
+                live = [inc.assembly, *inc.rivals.values()]
+                unread = [(lane, a.held(s)) for s, lane in inc.stream_lanes.items() for a in live]
+                inc.stream_lanes, inc.rivals = {}, {}
             for lane, src, _ in tokens:
                 key = (src, lane)
                 self._unacked[key] = max(0, self._unacked.get(key, 0) - 1)

@@ -201,6 +201,35 @@ def test_timeout_on_partial_transfer_says_how_much_arrived(job_id):
         assert err.value.missing == {"guest:9999": "3 messages so far"}
 
 
+def test_sends_cut_short_are_kept_apart_at_most_two_at_a_time_and_never_mixed(job_id):
+    """Each send of a transfer (incarnation) is assembled apart; a third partial send replaces the
+    one that went longest without news; the first complete send is the value, whole."""
+    from fedtransport.framing import transfer_id
+    from fedtransport.inbox import MAX_INCARNATIONS
+
+    ft.register("memory-lossy", Lossy)
+    opts = {"max_message_size": 65536, "lanes": 1}
+    n = (1 << 20) // 8  # 16 messages a send; Lossy lets through the first 3
+    with connect(job_id, HOST, **opts) as h:
+        with pytest.raises(ft.TransferTimeout):
+            h.get("w", "0", [GUEST], timeout=0.1)
+        inc = h._inbox._incoming[transfer_id(job_id, "w", "0", str(GUEST), str(HOST))]
+        for fill in (1.0, 2.0, 3.0):  # three sends, each killed after 3 messages
+            with ft.Federation.connect("memory-lossy", job_id=job_id, party=GUEST, options=opts) as g:
+                g.remote(np.full(n, fill), "w", "0", [HOST])
+            with pytest.raises(ft.TransferTimeout) as err:
+                h.get("w", "0", [GUEST], timeout=0.1)
+            assert err.value.missing == {"guest:9999": "3 messages so far"}  # the latest send's count
+            assert 1 + len(inc.rivals) <= MAX_INCARNATIONS
+        assert len(inc.dropped) == 1 and inc.assembly.messages == 3
+        with connect(job_id, GUEST, **opts) as g2:
+            g2.remote(np.full(n, 4.0), "w", "0", [HOST])
+            sent = g2.stats["messages_sent"]
+        [value] = h.get("w", "0", [GUEST], timeout=10)
+        assert np.array_equal(value, np.full(n, 4.0))
+        assert h.stats["messages_received"] == sent > 3  # the value's own send, not the dropped ones'
+
+
 class Forgetful(MemoryTransport):
     """Loses the first delivery of every lane (kept unacked, like a stalled broker)."""
 

@@ -106,11 +106,15 @@ def faults_node_started(request: pytest.FixtureRequest) -> None:
 # ==================================================================================================
 
 
-def gated_sender(backend: str, job_id: str, options: dict[str, Any], mib: int, at: int, out: Any) -> None:
-    """Send ``mib`` MiB to host; every lane stops once the broker confirmed its first ``at`` messages.
+def gated_sender(
+    backend: str, job_id: str, options: dict[str, Any], mib: int, at: int, out: Any, fill: float | None = None
+) -> None:
+    """Send ``mib`` MiB to host (random, or all ``fill``); every lane stops once the broker confirmed
+    its first ``at`` messages.
 
     Then report and wait to be killed: a sender that dies mid-remote with a known part delivered.
     """
+    value = big_array(mib) if fill is None else np.full(mib * (1 << 20) // 8, fill)
     with ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options) as fed:
         lanes = fed.transport.ctx.lanes
         reached = threading.Barrier(lanes + 1)
@@ -124,7 +128,7 @@ def gated_sender(backend: str, job_id: str, options: dict[str, Any], mib: int, a
             return at
 
         fed.transport.send = confirmed_then_stuck  # type: ignore[method-assign]
-        threading.Thread(target=fed.remote, args=(big_array(mib), "w", "0", [HOST]), daemon=True).start()
+        threading.Thread(target=fed.remote, args=(value, "w", "0", [HOST]), daemon=True).start()
         reached.wait(300)
         out.put(("gated", lanes * at))
         threading.Event().wait(600)
@@ -165,11 +169,48 @@ def test_sender_killed_mid_remote_then_the_same_remote_completes(request, backen
             assert partial == f"{published} messages so far", partial  # the last message never came: total unknown
             assert "guest:9999" in str(err) and partial in str(err)
             # The sender comes back (a new session of the same party) and retries the same remote:
-            # what already arrived is kept, duplicates are dropped, the gaps are filled.
+            # a new send (incarnation) of the transfer, which completes by itself; the killed
+            # send's messages are dropped and acknowledged with it.
             with ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options) as g:
                 g.remote(big_array(mib), "w", "0", [HOST])
             [value] = h.get("w", "0", [GUEST], timeout=120)
             assert digest(value) == digest(big_array(mib))
+        finally:
+            if sender.is_alive():
+                sender.kill()
+                sender.join(30)
+    ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options).cleanup()
+
+
+@pytest.mark.parametrize("backend", ["pulsar", pytest.param("rabbitmq", marks=[pytest.mark.rabbitmq, needs_rabbitmq])])
+def test_sender_killed_then_a_recomputed_value_arrives_whole_never_mixed(request, backend, job_id):
+    """Issue 14: a sender SIGKILLed after 4 messages per lane of an all-1.0 array, restarted, sends an
+    all-2.0 array under the same name and tag (sealing on). The receiver gets the all-2.0 array whole:
+    the two sends carry different incarnations and are never assembled into one value."""
+    if backend == "pulsar":
+        options = pulsar_opts(request.getfixturevalue("pulsar_broker"))
+    else:
+        options = rabbit_opts(request.getfixturevalue("rabbit_node"))
+    options.update(max_message_size=65536, redelivery_after=2.0, secret=SECRET)
+    mib, at = 4, 4  # 64 messages, 16 per lane; each lane stops after 4
+    q = SPAWN.Queue()
+    sender = SPAWN.Process(target=gated_sender, args=(backend, job_id, options, mib, at, q, 1.0))
+    with ft.Federation.connect(backend, job_id=job_id, party=HOST, options=options) as h:
+        try:
+            with pytest.raises(ft.TransferTimeout):
+                h.get("w", "0", [GUEST], timeout=0.5)  # starts listening; what arrives is kept
+            sender.start()
+            kind, published = q.get(timeout=300)
+            assert kind == "gated"
+            sender.kill()
+            sender.join(30)
+            partial_timeout(h, published)  # the killed send's messages are all here
+            assert received(h, "w", "0", GUEST) == published
+            with ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options) as g:
+                g.remote(np.full(mib * (1 << 20) // 8, 2.0), "w", "0", [HOST])
+            [value] = h.get("w", "0", [GUEST], timeout=120)
+            ones, twos = int((value == 1.0).sum()), int((value == 2.0).sum())
+            assert (ones, twos) == (0, value.size), f"{ones} ones and {twos} twos"
         finally:
             if sender.is_alive():
                 sender.kill()

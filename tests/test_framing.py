@@ -46,9 +46,9 @@ def assemble(messages, transform=PLAIN):
     return asm
 
 
-def test_header_is_80_bytes_and_parsed_without_pickle():
+def test_header_is_88_bytes_and_parsed_without_pickle():
     [msg] = messages_for([b"hello"], 1024)
-    assert len(msg) == HEADER_SIZE + 5 and msg[:2] == b"FT"
+    assert HEADER_SIZE == 88 and len(msg) == HEADER_SIZE + 5 and msg[:2] == b"FT" and msg[2] == 2
     header, payload = parse_frame(msg, JOB)
     assert (header.stream, header.seq, header.unit, header.last, header.aux) == (0, 0, 0, True, 1)
     assert bytes(payload) == b"hello"
@@ -148,7 +148,7 @@ def test_foreign_job_is_refused():
 
 def test_inconsistent_frames_are_refused():
     w1 = FrameWriter(JOB, TID, 1, PLAIN)
-    w2 = FrameWriter(JOB, TID, 2, PLAIN)
+    w2 = FrameWriter(JOB, TID, 2, PLAIN, w1.incarnation)  # the same send, lying about its streams
     asm = TransferAssembly(TID, PLAIN)
     asm.add(*parse_frame(w1.frame(stream=0, unit=0, seq=0, offset=0, unit_len=10, chunk=b"12345", last=False), JOB))
     with pytest.raises(IntegrityError, match="stream count"):
@@ -234,3 +234,34 @@ def test_sealed_message_replayed_into_another_transfer_is_refused():
     struct.pack_into("<I", msg, HEADER_SIZE - 4, zlib.crc32(msg[: HEADER_SIZE - 4]))  # sealed: header only
     with pytest.raises(IntegrityError, match="authentication"):
         TransferAssembly(other, t).add(*parse_frame(bytes(msg), JOB))
+
+
+def test_every_send_has_its_own_incarnation_and_an_assembly_holds_one():
+    """A sender killed part-way and restarted sends under a new incarnation: its frames are
+    never placed into the assembly of the first send, whatever their seq numbers."""
+    first, second = FrameWriter(JOB, TID, 1, PLAIN), FrameWriter(JOB, TID, 1, PLAIN)
+    assert len(first.incarnation) == 8 and first.incarnation != second.incarnation
+    ones = list(frame_units(first, 0, [(b"\x01" * 10, 1)], 4))
+    twos = list(frame_units(second, 0, [(b"\x02" * 10, 1)], 4))
+    header, _ = parse_frame(ones[0], JOB)
+    assert header.incarnation == first.incarnation
+    asm = TransferAssembly(TID, PLAIN)
+    asm.add(*parse_frame(ones[0], JOB))  # the first send, then killed
+    for msg in twos[1:]:  # the new send's other chunks would have completed the unit
+        with pytest.raises(IntegrityError, match="another send"):
+            asm.add(*parse_frame(msg, JOB))
+    assert not asm.complete and asm.incarnation == first.incarnation
+    assert bytes(assemble(twos).stream_units(0)[0]) == b"\x02" * 10
+    with pytest.raises(ValueError, match="8 bytes"):
+        FrameWriter(JOB, TID, 1, PLAIN, b"short")
+
+
+def test_a_sealed_frames_incarnation_is_authenticated():
+    t = sealed()
+    writer = FrameWriter(JOB, TID, 1, t)
+    msg = bytearray(writer.frame(stream=0, unit=0, seq=0, offset=0, unit_len=3, chunk=b"abc", last=True))
+    assert msg[28:36] == writer.incarnation
+    msg[28:36] = bytes(8)  # move the chunk to another send; the CRC recomputed so only the AEAD can tell
+    struct.pack_into("<I", msg, HEADER_SIZE - 4, zlib.crc32(msg[: HEADER_SIZE - 4]))
+    with pytest.raises(IntegrityError, match="authentication"):
+        TransferAssembly(TID, t).add(*parse_frame(bytes(msg), JOB))
