@@ -259,7 +259,7 @@ SECRET = Option(
 
 COMMON_OPTIONS = OptionSpec(
     Option("max_message_size", int, 4 * MiB,  # PowerFL's figure; Pulsar's default broker limit is 5 MB
-           "bytes per broker message, the 80-byte header included. Must be below the broker's own limit "
+           "bytes per broker message, the 88-byte header included. Must be below the broker's own limit "
            "(pulsar-lite: 5 MiB; Pulsar: `maxMessageSize`, 5 MB by default). Only the sender's value matters.",
            range=(64 * KiB, 512 * MiB), unit="bytes"),
     Option("compression", object, "lz4",

@@ -186,7 +186,7 @@ def test_a_claimed_unit_length_commits_no_memory_until_its_bytes_arrive():
 def test_crc_detects_a_tampered_header_field():
     [msg] = messages_for([b"abc"], 100)
     tampered = bytearray(msg)
-    struct.pack_into("<I", tampered, 28, 7)  # the stream index
+    struct.pack_into("<I", tampered, 36, 7)  # the stream index
     with pytest.raises(IntegrityError, match="checksum"):
         parse_frame(bytes(tampered), JOB)
 

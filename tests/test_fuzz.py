@@ -52,10 +52,10 @@ SRC, DST = ft.Party("guest", "9999"), ft.Party("host", "10000")
 SECRET = b"fuzzing secret, 32 bytes long!!!"
 POLICY = UnpicklePolicy()
 EDGE_INTS = [0, 1, 2, 7, 8, 63, 64, 255, 256, 4095, 65535, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**64 - 1]
-# Header fields after magic/version: (offset, struct format) of flags, job, transfer, stream, nstreams,
-# unit, seq, length, size, offset, unit_len, aux, crc.
-FIELDS = [(3, "<B"), (28, "<I"), (32, "<I"), (36, "<I"), (40, "<I"), (44, "<I"), (48, "<I"), (52, "<Q"),
-          (60, "<Q"), (68, "<Q")]  # fmt: skip
+# Header fields after magic/version: (offset, struct format) of flags, incarnation, stream, nstreams,
+# unit, seq, length, size, offset, unit_len, aux.
+FIELDS = [(3, "<B"), (28, "<Q"), (36, "<I"), (40, "<I"), (44, "<I"), (48, "<I"), (52, "<I"), (56, "<I"),
+          (60, "<Q"), (68, "<Q"), (76, "<Q")]  # fmt: skip
 CRC_AT = HEADER_SIZE - 4
 
 TRANSFORMS = {

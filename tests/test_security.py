@@ -199,7 +199,7 @@ def tampered(case: str, frames: list[bytes], job_id: str, foreign: list[bytes]) 
     if case == "flipped-payload-bit":
         out[0][HEADER_SIZE + 40] ^= 0x10
     elif case == "edited-header":
-        struct.pack_into("<Q", out[0], 52, struct.unpack_from("<Q", out[0], 52)[0] ^ 1)  # the chunk's offset
+        struct.pack_into("<Q", out[0], 60, struct.unpack_from("<Q", out[0], 60)[0] ^ 1)  # the chunk's offset
         fix_crc(out[0])
     elif case == "replayed-from-another-tag" or case == "replayed-from-another-job":
         for f in out:  # readdressed to the transfer the receiver is waiting for
