@@ -421,6 +421,36 @@ def test_management_errors_are_backend_errors_with_the_reason(pool_nodes, job_id
     assert err.value.status == 401 and "401" in str(err.value)
 
 
+def everything_listed(node: RabbitNode) -> dict[str, list[str]]:
+    a = admin_of(node)
+    return {"vhosts": sorted(v["name"] for v in a.list_vhosts()), "users": sorted(u["name"] for u in a.list_users())}
+
+
+def test_a_connect_that_fails_half_way_removes_what_it_created(pool_nodes, job_id):
+    """Issue 14: the management port right, the AMQP port wrong. The vhost and data user made
+    before the AMQP connection failed are removed; a peer's vhost and user are left alone."""
+    from fedtransport.brokers._process import free_port
+
+    node = pool_nodes[0]
+    vhost = f"fedtransport-{job_id}"
+    before = everything_listed(node)
+    with pytest.raises(ft.BackendError):
+        connect(job_id, GUEST, node, port=free_port())
+    assert everything_listed(node) == before
+    # A peer of the job is connected: the guest's failed connect removes its own user only.
+    with connect(job_id, HOST, node) as h:
+        with_peer = everything_listed(node)
+        assert vhost in with_peer["vhosts"]
+        with pytest.raises(ft.BackendError):
+            connect(job_id, GUEST, node, port=free_port())
+        assert everything_listed(node) == with_peer
+        with connect(job_id, GUEST, node) as g:  # the job still works
+            g.remote("after", "x", "0", [HOST])
+            assert h.get("x", "0", [GUEST], timeout=60) == ["after"]
+        h.cleanup()
+    assert everything_listed(node) == before
+
+
 def test_options_are_checked():
     with pytest.raises(ft.ConfigError, match="mode"):
         ft.Federation.connect("rabbitmq", job_id="j", party=GUEST, options={"mode": "multicast"})

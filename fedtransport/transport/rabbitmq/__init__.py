@@ -203,11 +203,13 @@ class RabbitTransport(RabbitOperatorHooks):
     # lifecycle -----------------------------------------------------------------------------
 
     def open(self) -> None:
-        self.management.setup_vhost()
+        created = self.management.setup_vhost()
         try:
             self.connection.start()
-        except BackendError:
+        except BaseException:
             self.close()
+            # A connect that fails leaves nothing behind that it made: no session will clean it.
+            self.management.undo_setup(created)
             raise
 
     def close(self) -> None:

@@ -89,15 +89,44 @@ class RabbitManagement:
 
     # the job's vhost and users -------------------------------------------------------------
 
-    def setup_vhost(self) -> None:
+    def setup_vhost(self) -> tuple[bool, bool]:
+        """Create the job's vhost and this party's data user if missing.
+
+        Returns ``(vhost created, user created)`` for :meth:`undo_setup`. A failure part-way
+        removes what this call created before it raises."""
         a = self.admin()
         if self.federated:
             a.require_plugins("rabbitmq_federation")
-        a.put_vhost(self.vhost, description=f"fedtransport job {self.names.job_id}")
-        # The safety net for a scheduler that never calls cleanup: unused queues expire.
-        a.put_policy(self.vhost, EXPIRY_POLICY, ".*", {"expires": self._ttl_ms}, priority=0)
-        self._put_user(self._data_user, self._data_password)
-        a.set_permissions(self.vhost, self._data_user, *self.names.data_permissions())
+        created = (a.get_vhost(self.vhost) is None, a.get_user(self._data_user) is None)
+        try:
+            a.put_vhost(self.vhost, description=f"fedtransport job {self.names.job_id}")
+            # The safety net for a scheduler that never calls cleanup: unused queues expire.
+            a.put_policy(self.vhost, EXPIRY_POLICY, ".*", {"expires": self._ttl_ms}, priority=0)
+            self._put_user(self._data_user, self._data_password)
+            a.set_permissions(self.vhost, self._data_user, *self.names.data_permissions())
+        except BaseException:
+            self.undo_setup(created)
+            raise
+        return created
+
+    def undo_setup(self, created: tuple[bool, bool]) -> None:
+        """Remove what :meth:`setup_vhost` created, after the open that made it failed.
+
+        Never what a peer made: the vhost goes only while no other user has permissions on it
+        (another party's session of a shared broker, or one of this party's). Best effort: the
+        open's own error is what the caller sees."""
+        vhost_created, user_created = created
+        a = self.admin()
+        try:
+            if user_created:
+                a.delete_user(self._data_user)
+            if vhost_created:
+                ours = {self._data_user, str(self._options["user"])}  # the admin may be granted it on creation
+                others = [p for p in self._listing(a.list_permissions) if p.get("user") not in ours]
+                if not others:
+                    a.delete_vhost(self.vhost)
+        except BackendError as exc:
+            log.warning("could not remove what a failed connect created in %s: %s", self.vhost, exc)
 
     def _put_user(self, name: str, password: str) -> None:
         try:
