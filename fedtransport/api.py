@@ -322,7 +322,7 @@ class Federation:
             deadline = None if timeout is None else time.monotonic() + timeout
             with self._inbox.waiting(claims):
                 for inc in claims:
-                    while True:
+                    while not inc.head.done():  # what has arrived is returned, whatever the timeout
                         left = None if deadline is None else deadline - time.monotonic()
                         if left is not None and left <= 0:
                             raise self._timeout(name, tag, claims, timeout)
@@ -352,7 +352,7 @@ class Federation:
             deadline = None if timeout is None else time.monotonic() + timeout
             with self._inbox.waiting(claims):
                 futures = [asyncio.wrap_future(inc.head) for inc in claims]
-                while True:
+                while not all(inc.head.done() for inc in claims):  # as in get: arrived is never late
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise self._timeout(name, tag, claims, timeout)

@@ -230,6 +230,36 @@ def test_sends_cut_short_are_kept_apart_at_most_two_at_a_time_and_never_mixed(jo
         assert h.stats["messages_received"] == sent > 3  # the value's own send, not the dropped ones'
 
 
+def arrived(fed, name, tag, src):
+    """True once the transfer's head is complete in ``fed``'s inbox (test probe)."""
+    from fedtransport.framing import transfer_id
+
+    inc = fed._inbox._incoming.get(transfer_id(fed.job_id, name, tag, str(src), str(fed.party)))
+    return inc is not None and inc.done.done()
+
+
+def test_a_get_of_what_has_arrived_never_times_out(job_id):
+    """Issue 14: ``get(timeout=0)`` of data that has fully arrived returns it (it raised a
+    TransferTimeout whose "not complete" list was empty)."""
+    from party_proc import wait_for
+
+    table = ft.Table.from_partitions([[("a", 1)], [("b", 2), ("c", 3)]])
+    with connect(job_id, GUEST) as g, connect(job_id, HOST) as h:
+        with pytest.raises(ft.TransferTimeout) as err:
+            h.get("x", "0", [GUEST], timeout=0)  # nothing yet: a timeout naming the guest
+        assert err.value.missing == {"guest:9999": "nothing"}
+        g.remote(np.arange(5.0), "x", "0", [HOST])
+        g.remote(table, "t", "0", [HOST])
+        g.remote("async", "y", "0", [HOST])
+        for name in ("x", "t", "y"):
+            wait_for(lambda n=name: arrived(h, n, "0", GUEST), f"{name} to arrive", 10)
+        [x] = h.get("x", "0", [GUEST], timeout=0)
+        assert np.array_equal(x, np.arange(5.0))
+        [t] = h.get("t", "0", [GUEST], timeout=0)
+        assert [list(p) for p in t.partitions] == [[("a", 1)], [("b", 2), ("c", 3)]]
+        assert asyncio.run(h.get_async("y", "0", [GUEST], timeout=0)) == ["async"]
+
+
 class Forgetful(MemoryTransport):
     """Loses the first delivery of every lane (kept unacked, like a stalled broker)."""
 

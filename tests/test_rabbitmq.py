@@ -421,6 +421,29 @@ def test_management_errors_are_backend_errors_with_the_reason(pool_nodes, job_id
     assert err.value.status == 401 and "401" in str(err.value)
 
 
+def test_a_get_of_what_has_arrived_never_times_out(pool_nodes, job_id):
+    """Issue 14: ``get(timeout=0)`` of an object and a table that have fully arrived returns them."""
+    from fedtransport.framing import transfer_id
+
+    def arrived(h: ft.Federation, name: str) -> bool:
+        inc = h._inbox._incoming.get(transfer_id(job_id, name, "0", str(GUEST), str(HOST)))
+        return inc is not None and inc.done.done()
+
+    node = pool_nodes[0]
+    with connect(job_id, GUEST, node) as g, connect(job_id, HOST, node) as h:
+        with pytest.raises(ft.TransferTimeout):
+            h.get("x", "0", [GUEST], timeout=0)  # starts listening
+        g.remote(big_array(1), "x", "0", [HOST])
+        g.remote(ft.Table.from_partitions([[("a", 1)], [("b", 2)]]), "t", "0", [HOST])
+        for name in ("x", "t"):
+            wait_for(lambda n=name: arrived(h, n), f"{name} to arrive", 60)
+        [x] = h.get("x", "0", [GUEST], timeout=0)
+        assert digest(x) == digest(big_array(1))
+        [t] = h.get("t", "0", [GUEST], timeout=0)
+        assert [list(p) for p in t.partitions] == [[("a", 1)], [("b", 2)]]
+        g.cleanup()
+
+
 def everything_listed(node: RabbitNode) -> dict[str, list[str]]:
     a = admin_of(node)
     return {"vhosts": sorted(v["name"] for v in a.list_vhosts()), "users": sorted(u["name"] for u in a.list_users())}
