@@ -427,6 +427,29 @@ def test_pulsar_receipts_never_coming_fail_remote_in_bounded_time(pulsar_broker,
     g.cleanup()
 
 
+def test_pulsar_send_timeout_bounds_a_send_to_a_dead_broker(pulsar_broker, job_id):
+    """Issue 14: with the broker SIGKILLed, ``remote`` fails within about ``send_timeout`` (it took
+    pulsar-client's 30 s operation timeout when a lane's producer had to be made), on a lane whose
+    producer exists and on lanes that need a new one."""
+    send_timeout = 3.0
+    opts = pulsar_opts(pulsar_broker, max_message_size=65536, send_timeout=send_timeout, lanes=4)
+    bound = send_timeout * 2 + 5  # generous: the machine is shared
+    with ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=opts) as g:
+        g.remote("warm", "warm", "0", [HOST])  # lane 0 has a producer; lanes 1-3 have none yet
+        pulsar_broker.kill()
+        try:
+            for what, value in (("existing producer", "small"), ("new producers", big_array(1))):
+                started = time.monotonic()
+                with pytest.raises(ft.BackendError):
+                    g.remote(value, "w", what, [HOST])
+                took = time.monotonic() - started
+                print(f"send_timeout {send_timeout:g} s, {what}: failed after {took:.1f} s")
+                assert took < bound, f"{what}: {took:.1f} s"
+        finally:
+            pulsar_broker.restart()
+    ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=opts).cleanup()
+
+
 def test_pulsar_receiver_sigkilled_mid_transfer_then_restarted(pulsar_broker, job_id):
     """The receiving party's process is SIGKILLed with part of a transfer handed to it but nothing
     handed over to its caller, so nothing acknowledged. The broker sees the connection drop and

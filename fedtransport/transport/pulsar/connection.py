@@ -98,6 +98,40 @@ def pulsar_call(what: str, call: Callable[[], Any]) -> Any:
         raise BackendError(f"Pulsar: {what} failed: {exc}", broker_message=str(exc)) from exc
 
 
+def bounded(call: Callable[[], _T], timeout: float, message: str, late: Callable[[_T], None]) -> _T:
+    """``call()``, waited for at most ``timeout`` seconds, then :class:`TimeoutError` ``message``.
+
+    For pulsar-client calls that block for the client's operation timeout (30 s) whatever
+    the caller's own bound. The call runs on a thread of its own; what it returns after the
+    caller gave up goes to ``late`` (to close it)."""
+    box: list[tuple[bool, Any]] = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            result: tuple[bool, Any] = (True, call())
+        except BaseException as exc:
+            result = (False, exc)
+        with lock:
+            box.append(result)
+            done.set()
+            abandoned = len(box) > 1
+        if abandoned and result[0]:
+            late(result[1])
+
+    threading.Thread(target=run, name="ft-pulsar-call", daemon=True).start()
+    if not done.wait(timeout):
+        with lock:
+            if not done.is_set():
+                box.append((False, None))  # marks the call abandoned
+                raise TimeoutError(message)
+    ok, value = box[0]
+    if ok:
+        return value  # type: ignore[no-any-return]
+    raise value
+
+
 def retrying(
     call: Callable[[], _T],
     *,

@@ -86,7 +86,8 @@ PULSAR_OPTIONS = OptionSpec(
            "bytes in flight per `send` call; this is what bounds a sender's memory",
            range=(1, 1 << 40), unit="bytes"),
     Option("send_timeout", float, 30.0,
-           "seconds for the broker to confirm a message (pulsar-client's `send_timeout_millis`)", unit="seconds"),
+           "seconds for the broker to confirm a message (pulsar-client's `send_timeout_millis`), and to "
+           "make a lane's producer when a send needs one", unit="seconds"),
     Option("receiver_queue_size", int, 1, "pulsar-client's consumer receiver queue", range=(1, 1 << 16)),
     Option("receive_connections", int, 4,
            "connections (clients) the receive lanes are spread over, apart from the producers' one; pulsar-lite "

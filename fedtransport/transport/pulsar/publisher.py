@@ -26,7 +26,7 @@ import pulsar
 
 from ...errors import BackendError
 from ...party import Party
-from .connection import PulsarClients, pulsar_call, retrying
+from .connection import PulsarClients, bounded, pulsar_call, retrying
 from .naming import PulsarNames
 
 __all__ = ["Publisher"]
@@ -233,8 +233,15 @@ class Publisher:
         """In direct mode the topic is in the destination's namespace on its broker, which the
         destination makes when it connects: until then Pulsar answers TopicNotFound ("Namespace
         not found"). Wait for it, up to ``subscribe_timeout`` seconds."""
+        # Bounded by send_timeout, the bound of the whole send: pulsar-client would wait for its
+        # operation timeout (30 s) when the broker does not answer.
         return retrying(
-            lambda: client.create_producer(topic, **kwargs),
+            lambda: bounded(
+                lambda: client.create_producer(topic, **kwargs),
+                self._send_timeout,
+                f"no answer from the broker within send_timeout ({self._send_timeout:g} s)",
+                late=_close_quietly,
+            ),
             retryable=lambda exc: self._wait_for_namespace and isinstance(exc, pulsar.exceptions.TopicNotFound),
             timeout=self._subscribe_timeout,
             closed=self._closed,
@@ -253,3 +260,11 @@ class Publisher:
             if self._producers.get((dst, lane)) is old:
                 del self._producers[(dst, lane)]
         return self._producer(dst, lane)
+
+
+def _close_quietly(producer: pulsar.Producer) -> None:
+    """A producer made after its send gave up waiting for it: nobody will use it."""
+    try:
+        producer.close()
+    except Exception as exc:
+        log.debug("closing a producer made too late: %s", exc)
