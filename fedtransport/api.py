@@ -476,9 +476,12 @@ class Federation:
 
         def finished() -> None:
             if self._handed_over(inc):
-                log.debug("table %s/%s from %s: handed over, %d bytes", name, tag, inc.src, asm.bytes)
+                log.debug("table %s/%s from %s: handed over, %d bytes", name, tag, inc.src, inc.assembly.bytes)
 
-        return streamed_table(asm.nstreams, read, asm.stream_aux, self._policy, str(inc.src), finished)
+        def count_of(stream: int) -> int:  # of the send chosen when it is read (see inbox: incarnations)
+            return inc.assembly.stream_aux(stream)
+
+        return streamed_table(asm.nstreams, read, count_of, self._policy, str(inc.src), finished)
 
     def _handed_over(self, inc: Incoming) -> bool:
         if not self._inbox.hand_over(inc):

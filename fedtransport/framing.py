@@ -559,6 +559,11 @@ class TransferAssembly:
             st.taken += 1
         return out, st.last_unit is not None and st.taken == st.last_unit + 1
 
+    @property
+    def units_taken(self) -> int:
+        """Units handed out by :meth:`take` over every stream."""
+        return sum(st.taken for st in self._streams.values())
+
     def stream_aux(self, stream: int) -> int:
         return self._streams[stream].aux
 

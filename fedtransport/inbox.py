@@ -11,9 +11,12 @@ one, perhaps of a recomputed value). Each incarnation is assembled apart, so
 frames of two sends are never mixed into one value. The first incarnation whose
 head is complete (all of an object; stream 0 of a table) is the one handed over;
 frames of every other are dropped from then on, and acknowledged with the
-transfer. Until then at most ``MAX_INCARNATIONS`` are assembled side by side: a
-further one replaces the one that went longest without a new message (the send
-of a killed sender), and frames of a replaced incarnation are dropped.
+transfer. A table's chosen send that stalls gives way to a new send while
+nothing of it was read; once something was, the new send fails the transfer and
+is left unacknowledged for the party's next session. At most
+``MAX_INCARNATIONS`` sends of a transfer are assembled side by side: a further
+one replaces the one that went longest without a new message (the send of a
+killed sender; never a chosen one), and frames of a replaced send are dropped.
 
 Acknowledgement: a transfer's messages are acknowledged when the transfer is
 handed to the caller, so a receiver that dies mid-transfer gets everything again.
@@ -81,6 +84,8 @@ class Incoming:
     rivals: dict[bytes, TransferAssembly] = field(default_factory=dict)
     seen_at: dict[bytes, float] = field(default_factory=dict)  # incarnation -> when its last frame came
     dropped: set[bytes] = field(default_factory=set)  # incarnations replaced or not chosen
+    spared: set[bytes] = field(default_factory=set)  # sends left unacknowledged for the next session
+    kept: list[_Token] = field(default_factory=list)  # their deliveries: never acknowledged by this session
 
     def __post_init__(self) -> None:
         self.arrived = threading.Condition(self.lock)
@@ -92,6 +97,12 @@ class Incoming:
 
     def error(self) -> BaseException | None:
         return self.done.exception() if self.done.done() else None
+
+
+def _unread_alike(chosen: TransferAssembly, new: TransferAssembly) -> bool:
+    """May a table's chosen send, stalled, give way to ``new``? Only while the caller has read
+    nothing of it and the new one has as many partitions (the caller's table was made for that)."""
+    return not chosen.complete and not chosen.units_taken and new.nstreams == chosen.nstreams
 
 
 class Inbox:
@@ -179,6 +190,8 @@ class Inbox:
         with inc.lock:
             if inc.handed:  # handed over while this message was on its way here
                 late = True
+            elif header.incarnation in inc.spared:
+                inc.kept.append(token)
             else:
                 inc.tokens.append(token)
             if late:
@@ -202,8 +215,16 @@ class Inbox:
                     if not inc.head.done() and asm.stream_complete(0):
                         self._choose(inc, asm, freed)
                         inc.head.set_result(None)
+                    elif asm is not inc.assembly and asm.stream_complete(0) and _unread_alike(inc.assembly, asm):
+                        log.warning(
+                            "transfer %s from %s: a new send replaces the chosen one, stalled after %s, "
+                            "before any of it was read", inc.transfer.hex(), inc.src, inc.assembly.describe(),
+                        )  # fmt: skip
+                        self._choose(inc, asm, freed)
                     if asm is inc.assembly and asm.complete:
                         inc.done.set_result(None)
+            if header.incarnation in inc.spared and inc.tokens and inc.tokens[-1] is token:
+                inc.kept.append(inc.tokens.pop())  # the new send that failed the transfer: not ours to ack
             inc.arrived.notify_all()
         for lane, nbytes in freed:  # partitions of incarnations dropped just now
             self._refund(d.src, lane, nbytes)
@@ -236,29 +257,47 @@ class Inbox:
         if current.incarnation is None or current.incarnation == incarnation:
             inc.seen_at[incarnation] = now
             return current
-        if inc.head.done() or incarnation in inc.dropped:  # another incarnation was chosen, or this one replaced
+        if incarnation in inc.dropped or incarnation in inc.spared:
             return None
-        latest = current.incarnation
-        asm = inc.rivals.pop(incarnation, None)
+        chosen = inc.head.done()
+        if chosen and current.complete:
+            return None
+        if chosen and current.units_taken:
+            # The caller has read part of the chosen send, so it cannot become another, and
+            # the chosen one's sender is gone. Fail it; leave the new send on the broker.
+            inc.spared.add(incarnation)
+            inc.fail(
+                FederationError(
+                    f"transfer {inc.transfer.hex()} from {inc.src} was sent again (a restarted sender?) while "
+                    f"its first send, incomplete ({current.describe()}), was being read: the first send is "
+                    "dropped, the new one is left for the party's next session"
+                )
+            )
+            return None
+        asm = inc.rivals.get(incarnation)
         if asm is None:
-            asm = TransferAssembly(inc.transfer, self._transform_for(inc.src))
-            if len(inc.rivals) + 2 > MAX_INCARNATIONS:  # replace the send that went longest without news
-                live = [current, *inc.rivals.values()]
+            if 1 + len(inc.rivals) >= MAX_INCARNATIONS:  # replace the send that went longest without news
+                live = list(inc.rivals.values()) if chosen else [current, *inc.rivals.values()]
                 gone = min(live, key=lambda a: inc.seen_at.get(a.incarnation or b"", 0.0))
-                inc.rivals.pop(gone.incarnation or b"", None)
                 log.warning(
                     "transfer %s from %s: a new send replaces one that stalled after %s",
                     inc.transfer.hex(), inc.src, gone.describe(),
                 )  # fmt: skip
+                inc.rivals.pop(gone.incarnation or b"", None)
                 self._drop(inc, gone, freed)
-        if latest not in inc.dropped:
-            inc.rivals[latest] = current
-        inc.assembly = asm  # the latest send to make progress is the one timeouts and progress describe
+            asm = inc.rivals[incarnation] = TransferAssembly(inc.transfer, self._transform_for(inc.src))
+        if not chosen:  # until a send is chosen, the latest to make progress is the one timeouts describe
+            del inc.rivals[incarnation]
+            if current.incarnation not in inc.dropped:
+                inc.rivals[current.incarnation] = current
+            inc.assembly = asm
         inc.seen_at[incarnation] = now
         return asm
 
     def _choose(self, inc: Incoming, asm: TransferAssembly, freed: list[tuple[int, int]]) -> None:
         """``asm``'s head is complete first: it is the incarnation handed over; drop the others."""
+        if inc.assembly is not asm:
+            self._drop(inc, inc.assembly, freed)
         inc.assembly = asm
         for other in inc.rivals.values():
             if other is not asm:
@@ -463,7 +502,7 @@ class Inbox:
                 return False
             inc.handed = True
             self._incoming.pop(inc.transfer, None)
-            if final:
+            if final and not inc.kept:  # with a new send left for the next session, its frames stay
                 self._finished.add(inc.transfer)
             with inc.lock:
                 tokens, inc.tokens = inc.tokens, []

@@ -230,6 +230,46 @@ def test_sends_cut_short_are_kept_apart_at_most_two_at_a_time_and_never_mixed(jo
         assert h.stats["messages_received"] == sent > 3  # the value's own send, not the dropped ones'
 
 
+def four_partitions(value):
+    return ft.Table.from_partitions([[(f"k{p}", value)] for p in range(4)])
+
+
+def test_a_table_whose_send_died_gives_way_to_a_new_send_until_it_is_read(job_id):
+    """A table's head arrives from a send that dies (its other partitions never come). The table
+    the get returned is made of the first send; while none of it is read, a new send of as many
+    partitions takes its place whole; once the caller has read part of it, the new send fails the
+    transfer and is left on the broker, which gives it, whole, to the party's next session."""
+    import gc
+
+    from party_proc import wait_for
+
+    ft.register("memory-lossy", Lossy)
+    opts = {"lanes": 1}  # one lane: the head, partitions 0 and 1 arrive (Lossy keeps 3 messages)
+    with connect(job_id, HOST, **opts) as h:
+        for tag, read_first in (("untouched", False), ("read", True)):
+            with ft.Federation.connect("memory-lossy", job_id=job_id, party=GUEST, options=opts) as g:
+                g.remote(four_partitions("first"), "t", tag, [HOST])
+            [t] = h.get("t", tag, [GUEST], timeout=10)
+            if read_first:
+                assert list(t.iter_partition(0)) == [("k0", "first")]
+            with connect(job_id, GUEST, **opts) as g2:
+                g2.remote(four_partitions("second"), "t", tag, [HOST])
+            wait_for(lambda t=tag: arrived(h, "t", t, GUEST), "the new send to take the table's place or fail it", 10)
+            if not read_first:
+                assert t.partitions == [[(f"k{p}", "second")] for p in range(4)]
+                continue
+            assert list(t.iter_partition(1)) == [("k1", "first")]  # arrived whole from the first send
+            with pytest.raises(ft.FederationError, match="sent again"):
+                list(t.iter_partition(2))
+            del t
+            gc.collect()  # the table is let go: the first send is acknowledged, not the second
+    with connect(job_id, HOST, **opts) as h2:
+        [t] = h2.get("t", "read", [GUEST], timeout=10)
+        assert t.partitions == [[(f"k{p}", "second")] for p in range(4)]
+        with pytest.raises(ft.TransferTimeout):
+            h2.get("t", "untouched", [GUEST], timeout=0.2)  # handed over whole in the first session
+
+
 def arrived(fed, name, tag, src):
     """True once the transfer's head is complete in ``fed``'s inbox (test probe)."""
     from fedtransport.framing import transfer_id
