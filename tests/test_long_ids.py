@@ -20,6 +20,7 @@ import pytest
 import fedtransport as ft
 from fedtransport.brokers import PulsarStandalone, RabbitNode
 from fedtransport.transport.pulsar.admin import PulsarAdmin
+from fedtransport.transport.pulsar.naming import PulsarNames
 from fedtransport.transport.rabbitmq.naming import AMQP_SHORT_MAX, RabbitNames
 
 try:
@@ -132,3 +133,36 @@ def test_longest_ids_round_trip_on_pulsar(pulsar_broker: tuple[PulsarStandalone,
         receiver.close()
         sender.close()
         sender.cleanup()
+
+
+def test_pulsar_names_of_parties_with_dashes_never_meet() -> None:
+    """``-`` separates the parts of a topic name and may occur in ids: ("a-b", "c") is not ("a", "b-c")."""
+    names = PulsarNames("fl-tenant", "job")
+    parties = [ft.Party("a-b", "c"), ft.Party("a", "b-c"), ft.Party("a", "b"), ft.Party("c-d", "e"), ft.Party("d", "e")]
+    topics = [names.topic(s, d, lane) for s in parties for d in parties if s != d for lane in (0, 1)]
+    assert len(set(topics)) == len(topics)
+    assert len({names.subscription(p) for p in parties}) == len(parties)
+    # ids without a dash keep the names they always had
+    assert names.topic(ft.Party("guest", "9999"), ft.Party("host", "10000"), 3) == (
+        "persistent://fl-tenant/job/guest-9999-host-10000-3"
+    )
+
+
+def test_parties_whose_dashed_names_once_met_each_get_their_own_on_pulsar(
+    pulsar_broker: tuple[PulsarStandalone, str],
+) -> None:
+    """Two senders whose topics to one receiver used to be the same topic: each value from its sender."""
+    broker, job = pulsar_broker
+    opts: dict[str, Any] = {"service_url": broker.service_url, "admin_url": broker.admin_url}
+    first, second, receiver_party = ft.Party("a-b", "c"), ft.Party("a", "b-c"), ft.Party("d", "e")
+    sessions = [ft.Federation.connect("pulsar", job_id=job, party=p, options=opts) for p in (first, second)]
+    receiver = ft.Federation.connect("pulsar", job_id=job, party=receiver_party, options=opts)
+    try:
+        sessions[0].remote("from a-b:c", "w", "0", [receiver_party])
+        sessions[1].remote("from a:b-c", "w", "0", [receiver_party])
+        assert receiver.get("w", "0", [first, second], timeout=60) == ["from a-b:c", "from a:b-c"]
+    finally:
+        receiver.close()
+        for s in sessions:
+            s.close()
+        receiver.cleanup()
