@@ -24,12 +24,13 @@ from fedtransport.transport.pulsar.naming import PulsarNames
 from fedtransport.transport.rabbitmq.naming import AMQP_SHORT_MAX, RabbitNames
 
 try:
-    from tests.rabbit_fixtures import admin_of, rabbit_node, rabbit_opts, rabbit_pool, requires_rabbitmq
+    from tests.rabbit_fixtures import admin_of, rabbit_node, rabbit_opts, rabbit_pair, rabbit_pool, requires_rabbitmq
 except ModuleNotFoundError:  # plain `pytest` without the repository root on sys.path
     from rabbit_fixtures import (  # type: ignore[no-redef]  # noqa: F401
         admin_of,
         rabbit_node,
         rabbit_opts,
+        rabbit_pair,
         rabbit_pool,
         requires_rabbitmq,
     )
@@ -113,6 +114,30 @@ def test_longest_ids_round_trip_on_rabbitmq(rabbit_node: RabbitNode) -> None:
         sender.cleanup()
         receiver.cleanup()
     assert admin_of(rabbit_node).get_vhost(sender.transport.vhost) is None
+
+
+@requires_rabbitmq
+@pytest.mark.rabbitmq
+def test_longest_ids_round_trip_on_federated_rabbitmq(rabbit_pair: tuple[RabbitNode, RabbitNode]) -> None:
+    """Each party on its own node: the shortened link user, upstream and policy names work too."""
+    job = long_job_id()
+    routes = {
+        p.party_id: {"host": "127.0.0.1", "port": node.port, "mng_port": node.mng_port}
+        for p, node in zip((SENDER, RECEIVER), rabbit_pair, strict=True)
+    }
+
+    def connect(party: ft.Party, node: RabbitNode) -> ft.Federation:
+        opts = rabbit_opts(node, mode="federated", secret="a job secret shared by every party", send_timeout=20.0)
+        return ft.Federation.connect("rabbitmq", job_id=job, party=party, route_table=routes, options=opts)
+
+    sender, receiver = connect(SENDER, rabbit_pair[0]), connect(RECEIVER, rabbit_pair[1])
+    try:
+        round_trip(sender, receiver)
+    finally:
+        receiver.close()
+        sender.close()
+        sender.cleanup()
+        receiver.cleanup()
 
 
 @pytest.fixture
