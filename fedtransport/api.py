@@ -308,7 +308,9 @@ class Federation:
         """Receive ``(name, tag)`` from each of ``parties``; values in party order.
 
         ``timeout`` (seconds, ``None`` = wait as long as it takes) bounds the
-        whole call; :class:`TransferTimeout` names who was not heard from. A table
+        whole call; :class:`TransferTimeout` names who was not heard from. It must be
+        a finite number >= 0 (0: only what is complete already); like a bad name or
+        tag, anything else raises :class:`ConfigError` before the session is touched. A table
         is returned once its head is in, its partitions streaming in as they are
         read. ``progress(done, total)`` is called as messages arrive (bytes over
         every party; total None for tables).
