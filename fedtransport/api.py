@@ -19,7 +19,7 @@ from .errors import BackendError, ConfigError, FederationError, IntegrityError, 
 from .framing import FrameWriter, PayloadTransform, chunk_size, control_id, job_fingerprint, transfer_id
 from .inbox import Inbox, Incoming
 from .options import CommonOptions, max_chunk, split_options
-from .party import Party, as_parties, as_party, check_job_id, key_part
+from .party import Party, as_parties, as_party, check_job_id, check_timeout, key_part
 from .routing import RouteTable
 from .table import Table
 from .transfer import KIND_TABLE, Outgoing, decode_object_transfer, streamed_table, transfer_kind
@@ -308,13 +308,16 @@ class Federation:
         """Receive ``(name, tag)`` from each of ``parties``; values in party order.
 
         ``timeout`` (seconds, ``None`` = wait as long as it takes) bounds the
-        whole call; :class:`TransferTimeout` names who was not heard from. A table
+        whole call; :class:`TransferTimeout` names who was not heard from. It must be
+        a finite number >= 0 (0: only what is complete already); like a bad name or
+        tag, anything else raises :class:`ConfigError` before the session is touched. A table
         is returned once its head is in, its partitions streaming in as they are
         read. ``progress(done, total)`` is called as messages arrive (bytes over
         every party; total None for tables).
         """
         started = time.perf_counter()
         name, tag, srcs = self._key(name, tag, parties)
+        timeout = check_timeout(timeout)  # every argument checked before the session is touched
         # Until the handover, a failure releases the claims: the get may be tried again, and
         # what already arrived stays in the inbox for it.
         with self._got.claimed(name, tag, srcs):
@@ -324,7 +327,7 @@ class Federation:
                 for inc in claims:
                     while not inc.head.done():  # what has arrived is returned, whatever the timeout
                         left = None if deadline is None else deadline - time.monotonic()
-                        if left is not None and left <= 0:
+                        if left is not None and left <= 0 and not inc.head.done():  # timeout=0: what is there
                             raise self._timeout(name, tag, claims, timeout)
                         try:
                             inc.head.result(timeout=_WAIT_TICK if left is None else min(_WAIT_TICK, left))
@@ -347,6 +350,7 @@ class Federation:
         """``get`` for asyncio: waits on the event loop, decodes on a worker thread."""
         started = time.perf_counter()
         name, tag, srcs = self._key(name, tag, parties)
+        timeout = check_timeout(timeout)
         with self._got.claimed(name, tag, srcs):  # released on failure, as in get
             claims = self._incoming(name, tag, srcs, progress)
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -358,9 +362,8 @@ class Federation:
                         raise self._timeout(name, tag, claims, timeout)
                     tick = _WAIT_TICK if left is None else min(_WAIT_TICK, left)
                     _, pending = await asyncio.wait(futures, timeout=tick)
-                    if not pending:
-                        break
-                    self._watch(claims)
+                    if pending:
+                        self._watch(claims)
         return await asyncio.to_thread(self._finish, name, tag, claims, started, timeout)
 
     def _key(self, name: str, tag: str, parties: Party | Sequence[Party]) -> tuple[str, str, list[Party]]:

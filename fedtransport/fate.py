@@ -64,7 +64,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .api import Federation
 from .errors import ConfigError
-from .party import Party, as_party
+from .party import Party, as_party, check_timeout
 from .routing import RouteTable
 from .table import Table
 
@@ -162,7 +162,7 @@ class FateFederation:
         from_table: Callable[[Table], Any] | None = None,
     ) -> None:
         self._fed = federation
-        self._timeout = timeout
+        self._timeout = check_timeout(timeout)  # refused now, not at the first get
         self._to_table = to_table
         self._from_table = from_table
 

@@ -51,7 +51,7 @@ from typing import Any
 
 from .api import Federation
 from .errors import ConfigError, IntegrityError
-from .party import Party
+from .party import Party, check_timeout
 from .routing import RouteTable
 from .table import Table
 
@@ -114,7 +114,7 @@ class FedtransportFederation(_FateFederation):  # type: ignore[misc]  # FATE shi
         super().__init__(federation.job_id, local, members)
         self._fed = federation
         self._computing = computing_session
-        self._timeout = timeout
+        self._timeout = check_timeout(timeout)  # refused now, not at the first get
 
     @classmethod
     def from_conf(

@@ -79,9 +79,12 @@ def job_fingerprint(job_id: str) -> bytes:
 
 
 def transfer_id(job_id: str, name: str, tag: str, src: str, dst: str) -> bytes:
-    """Both sides derive the same 16-byte id from ``(job_id, name, tag, src, dst)``."""
-    key = "\x00".join((job_id, name, tag, src, dst)).encode()
-    return hashlib.blake2b(key, digest_size=16, person=b"ft-transfer").digest()
+    """Both sides derive the same 16-byte id from ``(job_id, name, tag, src, dst)``.
+
+    Each part is length-prefixed (see :func:`_fields`): no two distinct tuples share a key,
+    whatever characters a name or tag holds.
+    """
+    return hashlib.blake2b(_fields(job_id, name, tag, src, dst), digest_size=16, person=b"ft-transfer").digest()
 
 
 def control_id(job_id: str, kind: str, src: str, dst: str) -> bytes:
@@ -90,8 +93,20 @@ def control_id(job_id: str, kind: str, src: str, dst: str) -> bytes:
     Hashed under another personalisation than :func:`transfer_id`, so no name and tag a
     caller may choose ever give a control notice's id.
     """
-    key = "\x00".join((job_id, kind, src, dst)).encode()
-    return hashlib.blake2b(key, digest_size=16, person=b"ft-control").digest()
+    return hashlib.blake2b(_fields(job_id, kind, src, dst), digest_size=16, person=b"ft-control").digest()
+
+
+def _fields(*parts: str) -> bytes:
+    """The parts as UTF-8, each behind its byte length: an encoding that maps back to one tuple.
+
+    A separator would let ``("a\\x00b", "c")`` and ``("a", "b\\x00c")`` meet. A lone surrogate
+    cannot be encoded; the api layer refuses such names before they get here.
+    """
+    out = bytearray()
+    for part in parts:
+        data = part.encode()
+        out += len(data).to_bytes(4, "little") + data
+    return bytes(out)
 
 
 class PayloadTransform(Protocol):

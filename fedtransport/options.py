@@ -19,6 +19,7 @@ unchecked.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -124,8 +125,8 @@ class Option:
         if self.type is int:
             lo, hi = self.range or (0, 0)
             return isinstance(value, int) and lo <= value <= hi, value
-        if self.type is float:
-            ok = isinstance(value, (int, float)) and value > 0
+        if self.type is float:  # finite: inf or nan would wait for ever (or overflow a deadline)
+            ok = isinstance(value, (int, float)) and value > 0 and math.isfinite(_as_float(value))
             return ok, float(value) if ok else value
         if self._regex is not None:
             return isinstance(value, str) and self._regex.fullmatch(value) is not None, value
@@ -166,6 +167,13 @@ class Option:
         else:
             what = "non-empty str"
         return f"{what}, or `None`" if self.nullable else what
+
+
+def _as_float(value: float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        return math.inf
 
 
 def _quantity(n: int, unit: str) -> str:

@@ -90,7 +90,7 @@ from .api import Federation
 from .claims import ClaimBook, Key
 from .errors import ConfigError, FederationError, IntegrityError
 from .options import split_options
-from .party import Party, as_parties, as_party, check_job_id, key_part
+from .party import Party, as_parties, as_party, check_job_id, check_timeout, key_part
 from .routing import RouteTable
 from .spark_tasks import RECEIVE_PROPERTY, TIMEOUT_PROPERTY, Record, partition_tag, receive_partition, send_partition
 from .transport import get_backend
@@ -391,8 +391,9 @@ def get(
     """
     name, tag = key_part("name", name), key_part("tag", tag)
     srcs = as_parties(parties)
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise ConfigError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    timeout = check_timeout(timeout)
+    if timeout == 0:  # the executors' tasks would give up before a partition could arrive
+        raise ConfigError("timeout must be a positive number of seconds or None, got 0")
     level = None if storage_level is None else _storage_level(storage_level)
     if materialize and level is None:
         raise ConfigError("materialize=True needs a storage_level: the received partitions must be kept somewhere")

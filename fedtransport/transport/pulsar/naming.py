@@ -7,6 +7,12 @@ lanes per job, never one per variable or partition; ``lane_offset`` shifts the l
 that sessions of one job, such as Spark tasks, own disjoint topics), and a receiving party's
 durable subscription ``fedtransport-{role}-{party_id}``.
 
+``-`` separates the parts, and roles and party ids may hold ``-`` too: ``("a-b", "c")`` and
+``("a", "b-c")`` would share every name. So inside a part ``-`` is written ``=``, which no id
+holds: each name maps back to one (src, dst, lane), and ids without ``-`` keep their names.
+Pulsar takes the longest ids whole (a 128-character job id as the namespace, 64-character
+roles and party ids in topics: ``tests/test_long_ids.py``).
+
 Pure functions of the names: no I/O, used by the control plane and the data plane alike.
 """
 
@@ -28,10 +34,15 @@ class PulsarNames:
     lane_offset: int = 0
 
     def topic(self, src: Party, dst: Party, lane: int) -> str:
-        name = f"{src.role}-{src.party_id}-{dst.role}-{dst.party_id}-{lane + self.lane_offset}"
+        name = f"{_party(src)}-{_party(dst)}-{lane + self.lane_offset}"
         return f"persistent://{self.tenant}/{self.namespace}/{name}"
 
     @staticmethod
     def subscription(party: Party) -> str:
         """The durable subscription ``party`` receives on, the same on every lane."""
-        return f"fedtransport-{party.role}-{party.party_id}"
+        return f"fedtransport-{_party(party)}"
+
+
+def _party(p: Party) -> str:
+    """``role-party_id``, a ``-`` inside either written ``=``: the separators stay unambiguous."""
+    return f"{p.role.replace('-', '=')}-{p.party_id.replace('-', '=')}"
