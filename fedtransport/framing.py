@@ -26,6 +26,7 @@ import errno
 import hashlib
 import mmap
 import struct
+import sys
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -342,6 +343,8 @@ class _Unit:
         self.pieces: list[tuple[int, bytes | memoryview]] = []  # chunks not yet copied into ``buf``
 
     def put(self, offset: int, data: bytes | memoryview) -> None:
+        if self.size > sys.maxsize:  # no buffer can ever hold it: fail now, not once data piled up
+            raise IntegrityError(f"cannot hold a unit of {self.size} bytes: longer than any address space")
         n = len(data)
         if offset + n > self.size or self.got + n > self.size:
             raise IntegrityError(f"chunk at {offset}+{n} overflows its {self.size}-byte unit")
