@@ -324,8 +324,10 @@ class _Unit:
     header claims (a peer may claim any length it likes and send 100 bytes of it):
 
     - a unit that arrives in one message is that message's payload, not copied;
-    - otherwise its chunks are kept as they came (``pieces``) and copied into one buffer once
-      the unit is complete: the same one copy as placing them, and nothing committed ahead;
+    - otherwise the chunks that continue what arrived so far are appended to a buffer that
+      grows with them (chunks in order, the usual case, are copied once, while in cache), and
+      any other chunk waits as it came (``pieces``) until the buffer reaches it or the unit is
+      complete;
     - a unit of at least ``_MAPPED_UNIT`` bytes moves, once ``_MAP_AFTER`` of it arrived, into an
       anonymous mapping whose pages are committed as data lands (:meth:`_place`), so a large
       array is never held twice. A small chunk beyond the committed part waits as a piece, so
@@ -340,7 +342,7 @@ class _Unit:
         self.ready = 0  # a mapped buffer's populated prefix
         self.filled = False  # an empty unit is complete only once its message arrived
         self.buf: mmap.mmap | bytearray | bytes | memoryview | None = None
-        self.pieces: list[tuple[int, bytes | memoryview]] = []  # chunks not yet copied into ``buf``
+        self.pieces: dict[int, bytes | memoryview] = {}  # offset -> a chunk not yet copied into ``buf``
 
     def put(self, offset: int, data: bytes | memoryview) -> None:
         if self.size > sys.maxsize:  # no buffer can ever hold it: fail now, not once data piled up
@@ -353,35 +355,40 @@ class _Unit:
         if n == self.size:  # the whole unit in one message: keep it, no copy
             self.buf = data
             return
-        if isinstance(self.buf, mmap.mmap):
-            self._place(self.buf, offset, data)
+        buf = self.buf
+        if isinstance(buf, mmap.mmap):
+            self._place(buf, offset, data)
+        elif self.size >= _MAPPED_UNIT and self.got >= _MAP_AFTER:
+            self.buf = mapped = self._map()
+            arrived, self.got = self.got, 0
+            held = [(0, memoryview(buf))] if isinstance(buf, bytearray) else []
+            pieces, self.pieces = [*held, *self.pieces.items(), (offset, data)], {}
+            for at, piece in pieces:  # replayed so each commits what it would have on arrival
+                self.got += len(piece)
+                self._place(mapped, at, piece)
+            self.got = arrived
         else:
-            self._keep(offset, data)
-            if self.size >= _MAPPED_UNIT and self.got >= _MAP_AFTER:
-                self.buf = mapped = self._map()
-                pieces, self.pieces, arrived = self.pieces, [], self.got
-                self.got = 0
-                for at, piece in pieces:  # replayed so each commits what it would have on arrival
-                    self.got += len(piece)
-                    self._place(mapped, at, piece)
-                self.got = arrived
+            if buf is None:
+                buf = self.buf = bytearray()
+            assert isinstance(buf, bytearray)
+            if offset == len(buf):
+                buf += data
+                while (nxt := self.pieces.pop(len(buf), None)) is not None:
+                    buf += nxt
+            else:
+                self._keep(offset, data)
         if self.got == self.size and self.pieces:  # complete: every byte is here, commit them
-            if self.buf is None:
-                self.buf = self._allocate()
-            view = memoryview(self.buf)
-            for at, piece in self.pieces:
+            buf = self.buf
+            if isinstance(buf, bytearray) and len(buf) < self.size:
+                buf += bytes(self.size - len(buf))
+            view = memoryview(buf)  # type: ignore[arg-type]  # a bytearray or a mapping here
+            for at, piece in self.pieces.items():
                 view[at : at + len(piece)] = piece
-            self.pieces = []
+            self.pieces = {}
 
     def _keep(self, offset: int, data: bytes | memoryview) -> None:
         # A writable view is a buffer its owner may reuse once add() returns: keep a copy of it.
-        self.pieces.append((offset, data if isinstance(data, bytes) or data.readonly else bytes(data)))
-
-    def _allocate(self) -> bytearray:
-        try:
-            return bytearray(self.size)
-        except MemoryError as exc:
-            raise IntegrityError(f"cannot hold a unit of {self.size} bytes: {exc}") from None
+        self.pieces[offset] = data if isinstance(data, bytes) or data.readonly else bytes(data)
 
     def _map(self) -> mmap.mmap:
         try:  # address space only: pages are committed by _place
