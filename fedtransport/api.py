@@ -66,7 +66,10 @@ class Federation:
         self._async_pool = concurrent.futures.ThreadPoolExecutor(_ASYNC_SENDS, thread_name_prefix="ft-async")
         # Unread table partitions may hold this much per lane before the lane waits for the reader.
         window = _WINDOW_MESSAGES * options.max_message_size
-        self._inbox = Inbox(transport, self._job, lambda src: self._transform(src, self.party), options.lanes, window)
+        self._inbox = Inbox(
+            transport, self._job, lambda src: self._transform(src, self.party), options.lanes, window,
+            max_streams=options.max_streams,
+        )  # fmt: skip
         self._closed = False
         self._peers: set[Party] = set()  # parties this session sent to or listened to: they hear an abort
         self._peers_heard: set[Party] = set()  # parties whose abort notice we listen for

@@ -32,6 +32,7 @@ import hashlib
 import mmap
 import os
 import struct
+import sys
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from typing import Protocol
 from .errors import IntegrityError
 
 __all__ = [
+    "DEFAULT_MAX_STREAMS",
     "HEADER_SIZE",
     "FrameWriter",
     "Header",
@@ -66,8 +68,12 @@ _SIZE = struct.Struct("<I")
 _SIZE_AT = struct.calcsize("<2sBB8s16s8sIIIII")  # the header's ``size`` field
 HEADER_SIZE = _PREFIX.size + _CRC.size  # 88
 INCARNATION_SIZE = 8
-# A unit at least this big is received into an anonymous mapping (see _allocate).
+# A unit at least this big is received into an anonymous mapping once _MAP_AFTER of it
+# arrived; in it, a chunk of at least _DIRECT bytes is placed at once wherever it lands (_Unit).
 _MAPPED_UNIT = 8 << 20
+_MAP_AFTER = 1 << 20
+_DIRECT = 32 << 10
+DEFAULT_MAX_STREAMS = 65536  # the max_streams option's default (options.py)
 # madvise(MADV_POPULATE_WRITE), Linux 5.14+: fault pages in with one call. Python's mmap
 # module does not name it before 3.13. Cleared on the first kernel that refuses it.
 _POPULATE_WRITE: int | None = getattr(mmap, "MADV_POPULATE_WRITE", 23 if hasattr(mmap.mmap, "madvise") else None)
@@ -353,47 +359,103 @@ def _frame_pending(
 
 
 class _Unit:
-    __slots__ = ("buf", "filled", "got", "ready", "size")
+    """One unit being received. Memory follows the bytes that arrived, never the length a
+    header claims (a peer may claim any length it likes and send 100 bytes of it):
+
+    - a unit that arrives in one message is that message's payload, not copied;
+    - otherwise the chunks that continue what arrived so far are appended to a buffer that
+      grows with them (chunks in order, the usual case, are copied once, while in cache), and
+      any other chunk waits as it came (``pieces``) until the buffer reaches it or the unit is
+      complete;
+    - a unit of at least ``_MAPPED_UNIT`` bytes moves, once ``_MAP_AFTER`` of it arrived, into an
+      anonymous mapping whose pages are committed as data lands (:meth:`_place`), so a large
+      array is never held twice. A small chunk beyond the committed part waits as a piece, so
+      scattered tiny chunks cannot commit a page each.
+    """
+
+    __slots__ = ("buf", "filled", "got", "pieces", "ready", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.got = 0
         self.ready = 0  # a mapped buffer's populated prefix
         self.filled = False  # an empty unit is complete only once its message arrived
-        self.buf: bytearray | mmap.mmap | bytes | memoryview | None = None
+        self.buf: mmap.mmap | bytearray | bytes | memoryview | None = None
+        self.pieces: dict[int, bytes | memoryview] = {}  # offset -> a chunk not yet copied into ``buf``
 
     def put(self, offset: int, data: bytes | memoryview) -> None:
+        if self.size > sys.maxsize:  # no buffer can ever hold it: fail now, not once data piled up
+            raise IntegrityError(f"cannot hold a unit of {self.size} bytes: longer than any address space")
         n = len(data)
         if offset + n > self.size or self.got + n > self.size:
             raise IntegrityError(f"chunk at {offset}+{n} overflows its {self.size}-byte unit")
-        if n == self.size:  # the whole unit in one message: keep it, no copy
-            self.buf = data
-        else:
-            if self.buf is None:
-                try:
-                    self.buf = _allocate(self.size)
-                except (MemoryError, OverflowError, OSError, ValueError) as exc:  # the length comes from the header
-                    raise IntegrityError(f"cannot hold a unit of {self.size} bytes: {exc}") from None
-            if isinstance(self.buf, mmap.mmap) and offset + n > self.ready:
-                self._populate(self.buf, offset, n)
-            memoryview(self.buf)[offset : offset + n] = data
         self.got += n
         self.filled = True
+        if n == self.size:  # the whole unit in one message: keep it, no copy
+            self.buf = data
+            return
+        buf = self.buf
+        if isinstance(buf, mmap.mmap):
+            self._place(buf, offset, data)
+        elif self.size >= _MAPPED_UNIT and self.got >= _MAP_AFTER:
+            self.buf = mapped = self._map()
+            arrived, self.got = self.got, 0
+            held = [(0, memoryview(buf))] if isinstance(buf, bytearray) else []
+            pieces, self.pieces = [*held, *self.pieces.items(), (offset, data)], {}
+            for at, piece in pieces:  # replayed so each commits what it would have on arrival
+                self.got += len(piece)
+                self._place(mapped, at, piece)
+            self.got = arrived
+        else:
+            if buf is None:
+                buf = self.buf = bytearray()
+            assert isinstance(buf, bytearray)
+            if offset == len(buf):
+                buf += data
+                while (nxt := self.pieces.pop(len(buf), None)) is not None:
+                    buf += nxt
+            else:
+                self._keep(offset, data)
+        if self.got == self.size and self.pieces:  # complete: every byte is here, commit them
+            buf = self.buf
+            if isinstance(buf, bytearray) and len(buf) < self.size:
+                buf += bytes(self.size - len(buf))
+            view = memoryview(buf)  # type: ignore[arg-type]  # a bytearray or a mapping here
+            for at, piece in self.pieces.items():
+                view[at : at + len(piece)] = piece
+            self.pieces = {}
 
-    def _populate(self, buf: mmap.mmap, offset: int, n: int) -> None:
-        """Fault in pages before a chunk is copied in, in few big kernel calls: faulting them one
-        by one, on the thread that also reads the socket, cost more than the copy itself.
+    def _keep(self, offset: int, data: bytes | memoryview) -> None:
+        # A writable view is a buffer its owner may reuse once add() returns: keep a copy of it.
+        self.pieces[offset] = data if isinstance(data, bytes) or data.readonly else bytes(data)
+
+    def _map(self) -> mmap.mmap:
+        try:  # address space only: pages are committed by _place
+            return mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except (OverflowError, OSError, ValueError) as exc:  # the length comes from the header
+            raise IntegrityError(f"cannot hold a unit of {self.size} bytes: {exc}") from None
+
+    def _place(self, buf: mmap.mmap, offset: int, data: bytes | memoryview) -> None:
+        """Copy a chunk into the mapping, faulting its pages in first in few big kernel calls:
+        faulting them one by one, on the thread that also reads the socket, cost more than the
+        copy itself.
 
         The populated prefix doubles with the bytes received (a few calls per unit) and never
-        passes twice what has arrived; a chunk beyond that gets only its own pages. So a
-        claimed length is never committed ahead of its data."""
-        end, limit = offset + n, 2 * (self.got + n)
-        if end > limit:
-            _madvise_populate(buf, offset, end)
-            return
-        target = min(self.size, limit)
-        _madvise_populate(buf, self.ready, target)
-        self.ready = target
+        passes twice what has arrived (``got``, this chunk included). A chunk beyond it gets its
+        own pages if it is big enough to fill most of them, else it waits as a piece."""
+        n = len(data)
+        end, limit = offset + n, 2 * self.got
+        if end > self.ready:
+            if end > limit:
+                if n < _DIRECT:
+                    self._keep(offset, data)
+                    return
+                _madvise_populate(buf, offset, end)
+            else:
+                target = min(self.size, limit)
+                _madvise_populate(buf, self.ready, target)
+                self.ready = target
+        memoryview(buf)[offset:end] = data
 
     @property
     def complete(self) -> bool:
@@ -401,14 +463,6 @@ class _Unit:
 
     def view(self) -> memoryview:
         return memoryview(self.buf if self.buf is not None else b"").cast("B")
-
-
-def _allocate(size: int) -> bytearray | mmap.mmap:
-    if size < _MAPPED_UNIT:
-        return bytearray(size)
-    # Address space only: memory is committed as data arrives (_Unit._populate), so a header
-    # that claims a huge unit costs nothing until the bytes themselves are sent.
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def _madvise_populate(buf: mmap.mmap, start: int, end: int) -> None:
@@ -450,10 +504,11 @@ class TransferAssembly:
     decides what that means for the transfer (the api fails the waiting ``get``).
     """
 
-    def __init__(self, transfer: bytes, transform: PayloadTransform) -> None:
+    def __init__(self, transfer: bytes, transform: PayloadTransform, max_streams: int = DEFAULT_MAX_STREAMS) -> None:
         self.transfer = transfer
         self._transform = transform
         self.incarnation: bytes | None = None
+        self._max_streams = max_streams
         self.nstreams: int | None = None
         self._streams: dict[int, _Stream] = {}
         self.messages = 0
@@ -472,6 +527,11 @@ class TransferAssembly:
         if self.nstreams is None:
             if header.nstreams == 0:
                 raise IntegrityError("frame declares a transfer of zero streams")
+            if header.nstreams > self._max_streams:  # a table's get would build a partition per stream
+                raise IntegrityError(
+                    f"frame declares a transfer of {header.nstreams} streams, more than the {self._max_streams} "
+                    "this receiver accepts (option max_streams)"
+                )
             self.nstreams = header.nstreams
         elif header.nstreams != self.nstreams:
             raise IntegrityError(f"frames disagree on the stream count ({header.nstreams} != {self.nstreams})")

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import FederationError, IntegrityError, TransferTimeout
-from .framing import PayloadTransform, TransferAssembly, parse_frame
+from .framing import DEFAULT_MAX_STREAMS, PayloadTransform, TransferAssembly, parse_frame
 from .party import Party
 from .transport import Delivery, Transport
 
@@ -113,11 +113,13 @@ class Inbox:
         transform_for: Callable[[Party], PayloadTransform],
         lanes: int,
         window: int,
+        max_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
         self._transport = transport
         self._job = job_fingerprint
         self._transform_for = transform_for
         self._lanes = lanes
+        self._max_streams = max_streams
         self._lock = threading.Lock()
         self._incoming: dict[bytes, Incoming] = {}
         self._finished: set[bytes] = set()
@@ -160,7 +162,7 @@ class Inbox:
             return inc
 
     def _new(self, transfer: bytes, src: Party) -> Incoming:
-        inc = Incoming(transfer, src, TransferAssembly(transfer, self._transform_for(src)))
+        inc = Incoming(transfer, src, TransferAssembly(transfer, self._transform_for(src), self._max_streams))
         self._incoming[transfer] = inc
         return inc
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .framing import HEADER_SIZE
+from .framing import DEFAULT_MAX_STREAMS, HEADER_SIZE
 
 __all__ = [
     "COMMON_DEFAULTS",
@@ -301,6 +301,10 @@ COMMON_OPTIONS = OptionSpec(
            "a transfer that a `get` waits for and that makes no progress this long makes the receiver ask the "
            "broker to redeliver",
            unit="seconds"),
+    Option("max_streams", int, DEFAULT_MAX_STREAMS,
+           "the most streams a received transfer may declare (a table: one per partition, plus one), so a "
+           "forged header cannot make a `get` build millions of partitions ([security.md](security.md))",
+           range=(2, 1 << 24)),
 )  # fmt: skip
 
 COMMON_DEFAULTS: dict[str, Any] = dict(COMMON_OPTIONS)
@@ -318,6 +322,7 @@ class CommonOptions:
     lane_offset: int
     send_workers: int
     redelivery_after: float
+    max_streams: int
 
 
 def split_options(

@@ -345,12 +345,16 @@ def test_receiving_side_raises_only_federation_errors(capped_address_space, case
 
 @pytest.mark.parametrize("unit_len", [2**63, 2**40], ids=["overflow", "terabyte"])
 def test_a_unit_longer_than_memory_is_an_integrity_error(capped_address_space, unit_len):
-    """A header's unit length is allocated when its first partial chunk arrives (was OverflowError/OSError)."""
-    writer = FrameWriter(JOB, transfer_id(JOB_ID, "v", "0", str(SRC), str(DST)), 1, TRANSFORMS["raw"])
-    msg = writer.frame(stream=0, unit=0, seq=0, offset=0, unit_len=unit_len, chunk=b"abcd", last=False)
-    header, payload = parse_frame(msg, JOB)
+    """A unit longer than any address space fails at its first chunk; one longer than this process
+    may map, once 1 MiB of it has arrived and it is mapped (was OverflowError/OSError)."""
+    tid = transfer_id(JOB_ID, "v", "0", str(SRC), str(DST))
+    writer = FrameWriter(JOB, tid, 1, TRANSFORMS["raw"])
+    asm = TransferAssembly(tid, TRANSFORMS["raw"])
     with pytest.raises(IntegrityError, match="cannot hold a unit"):
-        TransferAssembly(header.transfer, TRANSFORMS["raw"]).add(header, payload)
+        for seq, (offset, chunk) in enumerate([(0, b"abcd"), (4, bytes(1 << 20))]):
+            msg = writer.frame(stream=0, unit=0, seq=seq, offset=offset, unit_len=unit_len, chunk=chunk, last=False)
+            asm.add(*parse_frame(msg, JOB))
+            assert unit_len < 2**63 and seq == 0  # only the mapping of the terabyte unit may fail later
 
 
 def test_the_inbox_fails_that_transfer_and_keeps_delivering(capped_address_space):

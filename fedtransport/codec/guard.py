@@ -37,7 +37,19 @@ checks those opcodes (other pickles keep the fast C path; see ``serial.py``):
 - every call of a copying constructor is charged, before it runs, the length of its
   arguments (an int's value for ``bytes``/``bytearray``) against an :class:`Allowance` of
   twice the unit's own size plus 1 MiB; a unit that would exceed it is refused with
-  :class:`IntegrityError`, having built nothing big.
+  :class:`IntegrityError`, having built nothing big. ``_reconstruct`` is charged the
+  elements of the shape it is asked for (numpy's own pickles ask for none).
+
+**Spend CPU time superlinear in the bytes sent.** Converting between a number's binary and
+decimal forms, and a gcd, take time quadratic in the digits: ``int(Decimal("1e300000"))``
+is 2 s of CPU from a 272-byte pickle, ``Fraction("1e10000000")`` 6 s and a 4 MB int. So
+the numeric constructors (``int``, ``str``, ``Decimal``, ``Fraction``) are refused, with
+:class:`UnsafePayload`, an argument worth more than :data:`MAX_BITS` bits (a Decimal's
+digits and exponent counted, a string's length, a Fraction's exponent), and a pickle that
+names ``Decimal`` may not also carry an int of more than :data:`MAX_BITS` bits: a set or
+dict holding both compares them on a hash collision, converting the int to a Decimal.
+Honest values never come close: pickle writes a Decimal as its string and a Fraction as
+``"n/d"``, each within Python's own 4300-digit bound on int/str conversions.
 
 Every numpy object the stream hands to numpy code is marked as used: it can no longer be
 given a state. Refusals are :class:`UnsafePayload` naming the numpy global involved.
@@ -45,15 +57,19 @@ given a state. Refusals are :class:`UnsafePayload` naming the numpy global invol
 
 from __future__ import annotations
 
+import decimal
+import fractions
+import functools
 import io
 import pickle
+import re
 import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import IntegrityError, UnsafePayload
 
-__all__ = ["COPYING_GLOBALS", "Allowance", "GuardedUnpickler", "needs_guard"]
+__all__ = ["COPYING_GLOBALS", "MAX_BITS", "Allowance", "GuardedUnpickler", "needs_guard"]
 
 _MAX_DEPTH = 64
 _LIFTED_BY = "only options={'trust_remote_code': True} lifts this check"
@@ -72,6 +88,57 @@ COPYING_GLOBALS = frozenset(
         "fedtransport.table:Table",  # copies its list of partitions
     ]
 )
+
+
+#: the largest number, in bits, a numeric constructor converts: ~19,700 decimal digits, a few
+#: milliseconds of conversion or gcd, and well above CPython's own bound of 4300 digits
+MAX_BITS = 1 << 16
+_MAX_CHARS = 2 * 4300 + 64  # a "n/d" string within CPython's bound, with sign, point and spaces
+_BITS_PER_DIGIT = 3.33  # log2(10), rounded up
+_EXPONENT = re.compile(r"[eE]\s*[-+]?([0-9_]+)")
+_NUMERIC = (int, str, decimal.Decimal, fractions.Fraction)
+
+
+def _number_bits(x: Any) -> int:
+    """About how many bits a numeric conversion of ``x`` handles (0: nothing to convert)."""
+    if isinstance(x, int):
+        return x.bit_length()
+    if isinstance(x, fractions.Fraction):
+        return max(x.numerator.bit_length(), x.denominator.bit_length())
+    if isinstance(x, decimal.Decimal):
+        if not x.is_finite():
+            return 0
+        _, digits, exponent = x.as_tuple()
+        return int((len(digits) + abs(int(exponent))) * _BITS_PER_DIGIT)
+    return 0
+
+
+def _superlinear(func: Any, args: Iterable[Any]) -> str | None:
+    """Why calling numeric ``func`` on ``args`` would cost superlinear time, or None."""
+    for arg in args:
+        if isinstance(arg, (str, bytes, bytearray)):
+            if len(arg) > _MAX_CHARS and func in (int, fractions.Fraction):  # Decimal and str(b) are linear
+                return f"a {len(arg)}-character number"
+            if func is fractions.Fraction:
+                text = arg.decode("latin-1") if isinstance(arg, (bytes, bytearray)) else arg
+                m = _EXPONENT.search(text)
+                if m and (len(m[1]) > 6 or int(m[1].replace("_", "") or 0) * _BITS_PER_DIGIT > MAX_BITS):
+                    return f"an exponent of {m[1][:12]}"
+        elif (bits := _number_bits(arg)) > MAX_BITS:
+            return f"a number of about {bits} bits"
+    return None
+
+
+def _elements(shape: Any) -> int:
+    """The element count of a numpy shape argument (an int or a tuple of them)."""
+    count = 1
+    for n in shape if type(shape) is tuple else (shape,):
+        if type(n) is not int or n < 0:
+            return 0  # numpy refuses it, having allocated nothing
+        count *= n
+        if count > 1 << 62:
+            break
+    return count
 
 
 def _is_numpy_module(module: str) -> bool:
@@ -257,6 +324,8 @@ class GuardedUnpickler(_PyUnpickler):
         self._fresh: dict[int, Any] = {}  # dtypes/arrays made here whose state is not set yet
         self._used: dict[int, Any] = {}  # numpy objects numpy code has seen (kept alive: ids stay unique)
         self._own_views: dict[int, Any] = {}  # read-only views of our out-of-band buffers
+        self._decimal = False  # the stream named decimal.Decimal
+        self._huge_int = False  # the stream carried an int of more than MAX_BITS bits
 
     @property
     def _np(self) -> Any:
@@ -267,6 +336,9 @@ class GuardedUnpickler(_PyUnpickler):
         obj = super().find_class(self._admit(module, name), name)  # the allow-list first
         if f"{module}:{name}" in COPYING_GLOBALS:
             self._roles[id(obj)] = "copying"
+            if obj is decimal.Decimal:
+                self._decimal = True
+                self._mixed()
         elif _is_numpy_module(module):
             np = self._np
             if obj is np.dtype:
@@ -306,6 +378,7 @@ class GuardedUnpickler(_PyUnpickler):
         if role is None:
             return func(*args)
         if role == "copying":
+            self._check_numeric(func, args)
             self._allowance.charge(func, args)
             return func(*args)
         np = self._np
@@ -322,6 +395,7 @@ class GuardedUnpickler(_PyUnpickler):
             if len(args) != 3 or not (isinstance(args[0], type) and issubclass(args[0], np.ndarray)):
                 raise _refuse("numpy._core.multiarray:_reconstruct", "called with unexpected arguments", self._source)
             self._use(args[1:])
+            self._allowance.take(_elements(args[1]), "numpy._core.multiarray:_reconstruct")  # shape before data
             arr = func(*args)
             self._fresh[id(arr)] = arr
             return arr
@@ -338,6 +412,28 @@ class GuardedUnpickler(_PyUnpickler):
         self._allowance.charge(func, args)  # numpy's scalar() copies its bytes
         return func(*args)
 
+    def _mixed(self) -> None:
+        """A Decimal compared with an int (dict keys, set members whose hashes collide) converts
+        the int to a Decimal, in time quadratic in its digits: one pickle does not get both."""
+        if self._decimal and self._huge_int:
+            raise _refuse(
+                "decimal:Decimal",
+                f"a pickle naming Decimal also carries an int of more than {MAX_BITS} bits, which comparing "
+                "the two would convert in time superlinear in its size",
+                self._source,
+            )
+
+    def _load_int(self, load: Callable[[GuardedUnpickler], None]) -> None:
+        load(self)
+        top = self.stack[-1]
+        if type(top) is int and top.bit_length() > MAX_BITS:
+            self._huge_int = True
+            self._mixed()
+
+    for _op in (pickle.INT, pickle.LONG, pickle.LONG1, pickle.LONG4):  # the opcodes of unbounded ints
+        dispatch[_op[0]] = functools.partial(lambda self, load: self._load_int(load), load=dispatch[_op[0]])
+    del _op
+
     def load_reduce(self) -> None:
         stack = self.stack
         args = stack.pop()
@@ -345,10 +441,16 @@ class GuardedUnpickler(_PyUnpickler):
 
     dispatch[pickle.REDUCE[0]] = load_reduce
 
-    def _check_new(self, cls: Any, args: Any) -> None:
+    def _check_numeric(self, func: Any, args: Iterable[Any]) -> None:
+        if func in _NUMERIC and (why := _superlinear(func, args)) is not None:
+            raise _refuse(_qualname(func), f"{why} costs time superlinear in the bytes that carry it", self._source)
+
+    def _check_new(self, cls: Any, args: Any, kwargs: Any = None) -> None:
         role = self._roles.get(id(cls))
         if role == "copying" and type(args) is tuple:  # tuple.__new__(tuple, range(...)) expands too
-            self._allowance.charge(cls, args)
+            extra = tuple(kwargs.values()) if type(kwargs) is dict else ()  # Decimal.__new__(value=...)
+            self._check_numeric(cls, args + extra)
+            self._allowance.charge(cls, args + extra)
         elif role in ("type", "dtype"):
             raise _refuse(_qualname(cls), "numpy types are rebuilt only through numpy's reconstructors", self._source)
 
@@ -370,7 +472,7 @@ class GuardedUnpickler(_PyUnpickler):
         kwargs = self.stack.pop()
         args = self.stack.pop()
         cls = self.stack.pop()
-        self._check_new(cls, args)
+        self._check_new(cls, args, kwargs)
         if type(args) is not tuple or type(kwargs) is not dict:
             raise IntegrityError(f"pickle from {self._source}: malformed NEWOBJ_EX arguments")
         self.append(cls.__new__(cls, *args, **kwargs))
