@@ -160,7 +160,7 @@ class Inbox:
             if self.hand_over(inc, final=False):
                 with self._lock:
                     self.forged += count
-                log.warning("%s (%d messages)", error, count)
+                log.warning("%s: %s (%d messages)", type(error).__name__, error, count)
 
     def _new(self, transfer: bytes, src: Party) -> Incoming:
         inc = Incoming(transfer, src, TransferAssembly(transfer, self._transform_for(src)))
@@ -192,8 +192,8 @@ class Inbox:
         if late:
             if forged:
                 log.warning(
-                    "dropped a forged message from %s on lane %d: %s",
-                    d.src, d.lane, IntegrityError(f"transfer {header.transfer.hex()} comes from {owner}, not {d.src}"),
+                    "IntegrityError: a forged message from %s on lane %d: transfer %s comes from %s; dropped",
+                    d.src, d.lane, header.transfer.hex(), owner,
                 )  # fmt: skip
             self._ack([token])
             return
