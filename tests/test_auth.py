@@ -387,3 +387,14 @@ def test_federated_rabbitmq_links_authenticate_with_pair_key_passwords(rabbit_pa
         finally:
             g.cleanup()
             h.cleanup()
+
+
+def test_route_check_knows_public_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = tmp_path / "routes.yaml"
+    key = public_key_text(X25519PrivateKey.generate())
+    table.write_text(f'9999: {{host: 127.0.0.1, port: 6650, public_key: "{key}"}}\n')
+    assert cli_main(["route", "check", str(table)]) == 0
+    assert "public_key" not in capsys.readouterr().err  # a key it uses, not a typo
+    table.write_text('9999: {host: 127.0.0.1, port: 6650, public_key: "c2hvcnQ="}\n')
+    assert cli_main(["route", "check", str(table)]) == 1
+    assert "9999.public_key" in capsys.readouterr().err
