@@ -243,7 +243,7 @@ def test_a_forged_head_before_the_real_one_is_refused(trio: Trio, job_id: str) -
     assert refused(host) == 1
 
 
-@pytest.mark.parametrize("backend", ["memory", "pulsar"], indirect=True)
+@pytest.mark.parametrize("backend", ["memory", "pulsar", "rabbitmq"], indirect=True)
 def test_only_pair_keys_stop_a_party_publishing_on_the_source_s_own_lanes(connect: Connect, mode: str) -> None:
     # (d) The arbiter connects in the guest's name (as anyone able to publish on the guest's
     # lanes could) holding only its own private key.
