@@ -17,6 +17,7 @@ from .claims import ClaimBook
 from .codec import Compressor, PayloadCodec, Sealer, UnpicklePolicy
 from .errors import BackendError, ConfigError, FederationError, IntegrityError, PeerAborted, TransferTimeout
 from .framing import FrameWriter, PayloadTransform, chunk_size, control_id, job_fingerprint, transfer_id
+from .identity import pair_keys
 from .inbox import Inbox, Incoming
 from .options import CommonOptions, max_chunk, split_options
 from .party import Party, as_parties, as_party, check_job_id, check_timeout, key_part
@@ -56,7 +57,13 @@ class Federation:
         self._opts = options
         self._job = job_fingerprint(ctx.job_id)
         self._compressor = Compressor(options.compression == "lz4")
-        self._sealer = Sealer(options.secret, ctx.job_id) if options.secret else None
+        routes = ctx.route_table
+        pairs = pair_keys(
+            ctx.job_id, ctx.party, options.identity, options.peer_keys,
+            routes.public_keys() if routes is not None else {}, options.secret,
+            source=routes.source if routes is not None else "",
+        )  # fmt: skip
+        self._sealer = Sealer(options.secret, ctx.job_id, pairs) if options.secret or pairs else None
         self._policy = UnpicklePolicy(options.allow, options.trust_remote_code, options.allow_mode)
         self._sent = ClaimBook("remote(name={name!r}, tag={tag!r}) was already sent to {parties}")
         self._got = ClaimBook("get(name={name!r}, tag={tag!r}) from {parties} was already done")
@@ -196,8 +203,9 @@ class Federation:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Bytes and messages moved by this session so far."""
-        return dict(self._stats)
+        """Bytes and messages moved by this session so far, and ``forged_refused``: messages
+        refused because they came on the lanes of a party that is not their transfer's source."""
+        return {**self._stats, "forged_refused": self._inbox.forged}
 
     def _check_process(self) -> None:
         if os.getpid() != self._pid:
@@ -214,7 +222,7 @@ class Federation:
             raise FederationError(f"the federation session of job {self.job_id} is closed")
 
     def _transform(self, src: Party, dst: Party) -> PayloadTransform:
-        aead = self._sealer.for_pair(str(src), str(dst)) if self._sealer else None
+        aead = self._sealer.for_pair(src, dst) if self._sealer else None
         return PayloadCodec(self._compressor, aead)
 
     # sending -----------------------------------------------------------------------------------
@@ -390,6 +398,7 @@ class Federation:
 
     def _listen(self, src: Party) -> None:
         """Listen to ``src``'s lanes, and for its abort notice from the first time on."""
+        self._transform(src, self.party)  # with pair keys, a peer without a public key fails here
         self._inbox.listen(src)
         with self._peers_lock:
             if src in self._peers_heard:

@@ -1,4 +1,4 @@
-"""The ``fedtransport`` command: demo, route, certs, cleanup, doctor and bench.
+"""The ``fedtransport`` command: demo, route, certs, keys, cleanup, doctor and bench.
 
 Every subcommand has ``--help`` with examples; docs/cli.md has the long form. Exit codes:
 0 success, 1 a check failed or the broker/route table/option was refused (the message says
@@ -30,6 +30,7 @@ examples:
   fedtransport demo --backend rabbitmq   on a throw-away local RabbitMQ node
   fedtransport route show route_tables/pulsar_star_route_table.yaml --party 9999
   fedtransport certs --domain fate.org --party 9999 --party 10000 --out ./certs
+  fedtransport keys new --out ./identity.pem --party 9999
   fedtransport doctor --backend rabbitmq --option host=10.0.0.5 --option password=secret
   fedtransport cleanup --backend pulsar --job job-42 --option admin_url=http://10.0.0.4:8080
   fedtransport bench --backend pulsar --json results.json --chart results.png
@@ -51,6 +52,18 @@ examples:
       (a party not listed: reached as 8888.fate.org through the SNI proxy)
   fedtransport route show route_tables/rabbitmq_route_table.yaml --json
   fedtransport route check route_tables/pulsar_route_table.yaml && echo usable
+"""
+
+KEYS_EXAMPLES = """\
+examples:
+  fedtransport keys new --out /etc/fedtransport/identity.pem --party 9999
+      writes this party's X25519 private key (0600) and prints its route table line
+  fedtransport keys public /etc/fedtransport/identity.pem --party 9999
+      prints the route table line of an existing key
+
+Give the key file as the option identity=PATH on this party; add the printed
+public_key to this party's entry in every party's route table (or peer_keys).
+See docs/security.md#pair-keys-identity.
 """
 
 CERTS_EXAMPLES = """\
@@ -261,6 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--ca-days", type=int, default=3650, help="validity of a new CA (default 3650)")
     certs.add_argument("--json", action="store_true", help="machine-readable output")
 
+    keys = sub.add_parser(
+        "keys",
+        help="make this party's key pair for per-pair authentication",
+        formatter_class=raw,
+        epilog=KEYS_EXAMPLES,
+        description="Make or show the X25519 key pair of option 'identity': the private key stays "
+        "with the party, the public key goes into its route table entry.",
+    )
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    new = keys_sub.add_parser("new", help="write a new private key (0600), print its public key", epilog=KEYS_EXAMPLES,
+                              formatter_class=raw)  # fmt: skip
+    new.add_argument("--out", required=True, type=Path, metavar="PATH", help="the key file to write (not overwritten)")
+    public = keys_sub.add_parser("public", help="print the public key of a key file", epilog=KEYS_EXAMPLES,
+                                 formatter_class=raw)  # fmt: skip
+    public.add_argument("file", type=Path, help="a private key file written by 'keys new'")
+    for p in (new, public):
+        p.add_argument("--party", default="PARTY_ID", metavar="ID", help="the party id to print the entry under")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
     cleanup = sub.add_parser(
         "cleanup",
         help="delete the broker resources of a crashed job",
@@ -320,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _demo,
         "route": route_command,
         "certs": _certs,
+        "keys": _keys,
         "cleanup": _cleanup,
         "doctor": _doctor,
         "bench": _bench,
@@ -398,6 +431,31 @@ def _certs(args: argparse.Namespace, out: _Out) -> int:
         out(f"  {p.cert}")
         out(f"  {p.key}   (0600)")
         out(f"  {p.combined}   cert + key (0600)")
+    return 0
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+def _keys(args: argparse.Namespace, out: _Out) -> int:
+    from .identity import new_identity, parse_identity, public_key_text
+
+    if args.keys_command == "new":
+        key = new_identity(args.out)
+    else:
+        try:
+            key = parse_identity(args.file)
+        except ValueError as exc:
+            raise ConfigError(f"{args.file}: {exc}") from None
+    path = args.out if args.keys_command == "new" else args.file
+    entry = {str(args.party): {"public_key": public_key_text(key)}}
+    if args.json:
+        out(json.dumps({"identity": str(path), "public_key": public_key_text(key), "route_table": entry}, indent=2))
+        return 0
+    if args.keys_command == "new":
+        out(f"wrote {path} (0600): this party's private key, option identity={path}; keep it private")
+    out(f"add to party {args.party}'s entry in every party's route table (or to their option peer_keys):")
+    out(f'  {args.party}: {{public_key: "{public_key_text(key)}"}}')
     return 0
 
 

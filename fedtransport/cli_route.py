@@ -94,7 +94,7 @@ def _endpoint_info(rt: Any, pid: str) -> dict[str, Any]:
     return info
 
 
-_ROUTE_KEYS = {"host", "port", "sslPort", "ssl_port", "mngPort", "mng_port", "proxy", "domain", "cluster"}
+_ROUTE_KEYS = {"host", "port", "sslPort", "ssl_port", "mngPort", "mng_port", "proxy", "domain", "cluster", "public_key"}
 
 
 def _route_check(args: argparse.Namespace, out: Output) -> int:

@@ -121,8 +121,14 @@ class Inbox:
         self._lanes = lanes
         self._max_streams = max_streams
         self._lock = threading.Lock()
-        self._incoming: dict[bytes, Incoming] = {}
+        # Filed by (lane's sender, transfer id): frames another party sends under a transfer's id
+        # land in an entry of their own and never touch the real one.
+        self._incoming: dict[tuple[Party, bytes], Incoming] = {}
         self._finished: set[bytes] = set()
+        # The true source of each transfer a get or a notice waits for: transfer ids hash the
+        # source (framing.transfer_id), so that id on any other party's lane is a forgery.
+        self._owner: dict[bytes, Party] = {}
+        self.forged = 0  # frames and entries refused as another party's forgery
         self._listening: set[Party] = set()
         self._unacked: dict[tuple[Party, int], int] = {}  # deliveries held unacknowledged, per lane
         self._room: dict[tuple[Party, int], int] = {}  # what make_room last allowed beyond the limit
@@ -155,15 +161,38 @@ class Inbox:
         with self._lock:
             if src in self._aborted:
                 raise self._aborted[src]
-            inc = self._incoming.get(transfer)
-            if inc is None:
-                inc = self._new(transfer, src)
+            inc, forged = self._own(transfer, src)
             inc.last_progress = time.monotonic()
-            return inc
+        self._refuse(forged)
+        return inc
+
+    def _own(self, transfer: bytes, src: Party) -> tuple[Incoming, list[Incoming]]:
+        """Under ``_lock``: record ``src`` as the source of ``transfer``. Returns its entry, and
+        the entries filed under that id from other parties' lanes: forgeries, for ``_refuse``."""
+        self._owner[transfer] = src
+        others = [(p, transfer) for p in self._listening if p != src]
+        forged = [self._incoming[key] for key in others if key in self._incoming]
+        return self._incoming.get((src, transfer)) or self._new(transfer, src), forged
+
+    def _refuse(self, forged: list[Incoming]) -> None:
+        """Drop (acknowledge) entries filed from lanes whose sender is not their transfer's source."""
+        for inc in forged:
+            error = IntegrityError(
+                f"frames of transfer {inc.transfer.hex()} arrived on the lanes of {inc.src}, which is not "
+                "its source: a forgery, dropped"
+            )
+            with inc.lock:
+                inc.fail(error)
+                count = len(inc.tokens)
+                inc.arrived.notify_all()
+            if self.hand_over(inc, final=False):
+                with self._lock:
+                    self.forged += count
+                log.warning("%s: %s (%d messages)", type(error).__name__, error, count)
 
     def _new(self, transfer: bytes, src: Party) -> Incoming:
         inc = Incoming(transfer, src, TransferAssembly(transfer, self._transform_for(src), self._max_streams))
-        self._incoming[transfer] = inc
+        self._incoming[(src, transfer)] = inc
         return inc
 
     def on_delivery(self, d: Delivery) -> None:
@@ -177,14 +206,23 @@ class Inbox:
             self._ack([token])
             return
         with self._lock:
-            if header.transfer in self._finished:  # late duplicate of a handed-over transfer
+            owner = self._owner.get(header.transfer)
+            forged = owner is not None and owner != d.src
+            if forged:
+                self.forged += 1
+            if forged or header.transfer in self._finished:  # a forgery, or a late duplicate
                 late = True
             else:
                 late = False
-                inc = self._incoming.get(header.transfer) or self._new(header.transfer, d.src)
+                inc = self._incoming.get((d.src, header.transfer)) or self._new(header.transfer, d.src)
                 key = (d.src, d.lane)
                 self._unacked[key] = self._unacked.get(key, 0) + 1
         if late:
+            if forged:
+                log.warning(
+                    "IntegrityError: a forged message from %s on lane %d: transfer %s comes from %s; dropped",
+                    d.src, d.lane, header.transfer.hex(), owner,
+                )  # fmt: skip
             self._ack([token])
             return
         grew, charged = 0, d.lane
@@ -200,8 +238,6 @@ class Inbox:
                 pass
             elif inc.done.done():
                 pass  # failed earlier: keep the token so the handover acks it
-            elif inc.src != d.src:
-                inc.fail(IntegrityError(f"a message of a transfer from {inc.src} arrived from {d.src}"))
             elif (asm := self._route(inc, header.incarnation, freed)) is not None:
                 stream = header.stream
                 before = asm.held(stream) if stream else 0
@@ -287,7 +323,7 @@ class Inbox:
                 )  # fmt: skip
                 inc.rivals.pop(gone.incarnation or b"", None)
                 self._drop(inc, gone, freed)
-            asm = inc.rivals[incarnation] = TransferAssembly(inc.transfer, self._transform_for(inc.src))
+            asm = inc.rivals[incarnation] = TransferAssembly(inc.transfer, self._transform_for(inc.src), self._max_streams)
         if not chosen:  # until a send is chosen, the latest to make progress is the one timeouts describe
             del inc.rivals[incarnation]
             if current.incarnation not in inc.dropped:
@@ -318,8 +354,9 @@ class Inbox:
         """Call ``on_arrival(entry)`` (on a thread of its own) once the notice ``transfer`` from
         ``src`` is complete. It arrives on ``src``'s lanes like a transfer, whenever it comes."""
         with self._lock:
-            inc = self._incoming.get(transfer) or self._new(transfer, src)
+            inc, forged = self._own(transfer, src)
             inc.control = True
+        self._refuse(forged)
 
         def arrived(_: Future[None]) -> None:
             # Called where the last message was placed, under the entry's lock: hand off.
@@ -503,7 +540,8 @@ class Inbox:
             if inc.handed:
                 return False
             inc.handed = True
-            self._incoming.pop(inc.transfer, None)
+            if self._incoming.get((inc.src, inc.transfer)) is inc:
+                del self._incoming[(inc.src, inc.transfer)]
             if final and not inc.kept:  # with a new send left for the next session, its frames stay
                 self._finished.add(inc.transfer)
             with inc.lock:

@@ -28,6 +28,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .framing import DEFAULT_MAX_STREAMS, HEADER_SIZE
+from .identity import X25519PrivateKey, X25519PublicKey, parse_identity, parse_peer_keys
 
 __all__ = [
     "COMMON_DEFAULTS",
@@ -265,6 +266,22 @@ SECRET = Option(
     nullable=True, parse=parse_secret, accepted="bytes or str of at least 16 bytes", sensitive=True,
 )  # fmt: skip
 
+IDENTITY = Option(
+    "identity", object, None,
+    "this party's X25519 private key (`fedtransport keys new`). When set, every message is sealed with a key "
+    "only its source and destination can compute, from their key agreement; each peer's public key comes from "
+    "its route table entry (`public_key`) or `peer_keys` ([security.md](security.md#pair-keys-identity)). "
+    "RabbitMQ also derives its federation link users from these pair keys.",
+    nullable=True, parse=parse_identity, sensitive=True,
+    accepted="a path to its PEM file, PEM text, the raw 32 bytes, or an `X25519PrivateKey`",
+)  # fmt: skip
+
+PEER_KEYS = Option(
+    "peer_keys", object, {},
+    "the other parties' public keys, for `identity`, where the route table does not list them",
+    parse=parse_peer_keys, accepted="`{party_id: base64 of the raw 32-byte X25519 public key}`",
+)  # fmt: skip
+
 COMMON_OPTIONS = OptionSpec(
     Option("max_message_size", int, 4 * MiB,  # PowerFL's figure; Pulsar's default broker limit is 5 MB
            "bytes per broker message, the 88-byte header included. Must be below the broker's own limit "
@@ -287,6 +304,8 @@ COMMON_OPTIONS = OptionSpec(
            "`True` lifts the allow-list (unpickle anything), and the sender falls back to cloudpickle for lambdas "
            "and local classes. Only between parties that trust each other."),
     SECRET,
+    IDENTITY,
+    PEER_KEYS,
     Option("lanes", int, 4,
            "topics/queues per ordered pair of parties ([concepts.md](concepts.md#lane)); the same on every party",
            range=(1, 256)),
@@ -318,6 +337,8 @@ class CommonOptions:
     allow_mode: str
     trust_remote_code: bool
     secret: bytes | None
+    identity: X25519PrivateKey | None
+    peer_keys: dict[str, X25519PublicKey]
     lanes: int
     lane_offset: int
     send_workers: int

@@ -17,7 +17,8 @@ RabbitMQ (``conf/rabbitmq_route_table.yaml``)::
 
 Keys may be spelled ``sslPort``/``ssl_port`` and ``mngPort``/``mng_port``; a
 ``cluster`` key names a party's Pulsar cluster (default ``fl-pulsar-{party_id}``,
-the naming PowerFL uses).
+the naming PowerFL uses). A ``public_key`` key publishes the party's X25519 public key
+(base64 of its raw 32 bytes, ``fedtransport keys new``) for per-pair authentication.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 import yaml
 
 from .errors import RouteError
+from .identity import X25519PublicKey, parse_public_key
 from .party import Party
 
 __all__ = ["Endpoint", "RouteTable"]
@@ -41,7 +43,7 @@ _DEFAULT_PORTS = {
 }
 _ALIASES = {"sslPort": "ssl_port", "mngPort": "mng_port"}
 _PORT_KEYS = ("port", "ssl_port", "mng_port")
-_KNOWN = {"host", "proxy", "domain", "cluster", *_PORT_KEYS}
+_KNOWN = {"host", "proxy", "domain", "cluster", "public_key", *_PORT_KEYS}
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,13 @@ class RouteTable:
                     v = ""
                 elif not isinstance(v, str) or ":" not in v or not v.rsplit(":", 1)[1].isdigit():
                     raise fail(f"{where}.proxy", f"{v!r} must be 'host:port'")
+            elif k == "public_key":
+                if v in (None, ""):
+                    continue
+                try:
+                    parse_public_key(v)
+                except ValueError as exc:
+                    raise fail(f"{where}.public_key", f"{exc} (base64 of a raw X25519 public key)") from None
             elif v is None:
                 v = ""
             elif not isinstance(v, (str, int)) or isinstance(v, bool):
@@ -205,6 +214,10 @@ class RouteTable:
 
     def parties(self) -> list[str]:
         return list(self.entries)
+
+    def public_keys(self) -> dict[str, X25519PublicKey]:
+        """Party id -> the X25519 public key its entry publishes (``public_key``), for pair keys."""
+        return {pid: parse_public_key(e["public_key"]) for pid, e in self.entries.items() if e.get("public_key")}
 
     def resolve(self, party: Party | str | int) -> Endpoint:
         pid = _party_key(party)

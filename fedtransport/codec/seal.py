@@ -1,10 +1,16 @@
 """End-to-end sealing: AES-256-GCM with a key per (job, source, destination).
 
-Keys come from the job secret through HKDF-SHA256, so a key sealed for one
-direction of one job opens nothing else. Each message gets a fresh random 96-bit
-nonce (carried in front of the ciphertext) and the frame header as associated
-data: a flipped bit anywhere, a message replayed into another job, transfer or
-position, or a peer without the secret all fail to open.
+Two ways to get the keys (docs/security.md):
+
+* ``secret`` only: HKDF-SHA256 of the job secret. A key sealed for one direction of one job
+  opens nothing else, but every party holding the secret can compute every direction's key.
+* pair keys (``identity``): HKDF-SHA256 of the pair key of source and destination
+  (fedtransport/identity.py: X25519 agreement, bound to the job id and both parties), so
+  only those two parties can seal or open the direction's messages.
+
+Each message gets a fresh random 96-bit nonce (carried in front of the ciphertext) and the
+frame header as associated data: a flipped bit anywhere, a message replayed into another
+job, transfer or position, or a peer without the key all fail to open.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import IntegrityError
+from ..identity import PairKeys
+from ..party import Party
 
 __all__ = ["OVERHEAD", "Sealer"]
 
@@ -27,19 +35,35 @@ _SALT = b"fedtransport/seal/v1"
 
 
 class Sealer:
-    """Seals and opens payloads for one job; ``for_pair`` picks the direction key."""
+    """Seals and opens payloads for one job; ``for_pair`` picks the direction key.
 
-    def __init__(self, secret: bytes, job_id: str) -> None:
+    With ``pair_keys`` the direction key comes from the pair key of its two parties (the
+    secret, if any, is already bound into it); else from ``secret``.
+    """
+
+    def __init__(self, secret: bytes | None, job_id: str, pair_keys: PairKeys | None = None) -> None:
+        if secret is None and pair_keys is None:
+            raise ValueError("a Sealer needs a secret or pair keys")
         self._secret = secret
         self._job = job_id
+        self._pairs = pair_keys
         self._keys: dict[tuple[str, str], AESGCM] = {}
+        self.mode = "pair keys" if pair_keys is not None else "secret"
 
-    def for_pair(self, src: str, dst: str) -> AESGCM:
-        key = self._keys.get((src, dst))
+    def for_pair(self, src: Party | str, dst: Party | str) -> AESGCM:
+        """The key of direction ``src`` -> ``dst`` (parties, or ``"role:id"`` in secret mode)."""
+        key = self._keys.get((str(src), str(dst)))
         if key is None:
             info = f"{self._job}\x00{src}\x00{dst}".encode()
-            raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=info).derive(self._secret)
-            key = self._keys[(src, dst)] = AESGCM(raw)
+            if self._pairs is not None:
+                if not (isinstance(src, Party) and isinstance(dst, Party)):
+                    raise TypeError("pair keys need the two Party objects")
+                ikm = self._pairs.pair_key(src, dst)
+            else:
+                assert self._secret is not None
+                ikm = self._secret
+            raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=info).derive(ikm)
+            key = self._keys[(str(src), str(dst))] = AESGCM(raw)
         return key
 
     @staticmethod
@@ -56,6 +80,7 @@ class Sealer:
             return aead.decrypt(view[:NONCE], view[NONCE:], aad)
         except InvalidTag:
             raise IntegrityError(
-                "sealed payload failed authentication: tampered, replayed from another job or "
-                "transfer, or the parties do not share the same 'secret'"
+                "sealed payload failed authentication: tampered, replayed from another job, transfer or "
+                "direction, or the parties do not share the same 'secret' (or, with 'identity', the sender "
+                "is not who the lane says or holds another key than its published public key)"
             ) from None

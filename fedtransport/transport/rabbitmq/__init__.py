@@ -46,7 +46,9 @@ Features
       sealing), the sender creates on its own broker, per receiving party, a link user
       ``{vhost}:link:{src_role}:{src_id}:{dst_role}:{dst_id}`` that may only read (and
       declare) the queues towards that party; both sides derive its password from the
-      secret (HMAC-SHA256), so no admin credential leaves a party. Without a secret, the
+      secret (HMAC-SHA256), so no admin credential leaves a party. With pair keys
+      (``identity``), the password comes from the pair key of the two parties instead
+      (fedtransport/identity.py), so a third party of the job cannot compute it. Without either, the
       upstream uses the remote broker's admin credentials from ``peer_credentials``, else
       this party's own admin ``user``/``password`` (FATE's convention of one admin account
       on every broker); a warning says so.
@@ -60,8 +62,8 @@ Features
 
 Connection options (``options=`` of ``Federation.connect``)
     Declared with their types, ranges and defaults in ``options.py`` (``RABBITMQ_OPTIONS``);
-    the ``rabbitmq`` table of docs/backends.md is generated from that spec. ``secret`` is the
-    common job secret, also read here (see above).
+    the ``rabbitmq`` table of docs/backends.md is generated from that spec. ``secret``,
+    ``identity`` and ``peer_keys`` are common options, also read here (see above).
 
 Errors
     ``BackendError`` carrying the broker's reply text (connection refused, access refused,
@@ -89,6 +91,7 @@ from collections.abc import Iterable, Sequence, Sized
 from typing import Any, ClassVar
 
 from ...errors import BackendError, ConfigError
+from ...identity import pair_keys
 from ...options import OptionSpec
 from ...party import Party
 from ..base import DeliverFn, JobContext
@@ -120,6 +123,12 @@ class RabbitTransport(RabbitOperatorHooks):
         self._federated = self.mode == "federated"
         ssl_settings, fed_ssl = self._tls_settings(o)
         secret: bytes | None = o["secret"]
+        routes = ctx.route_table
+        pairs = pair_keys(
+            ctx.job_id, ctx.party, o["identity"], o["peer_keys"],
+            routes.public_keys() if routes is not None else {}, secret,
+            source=routes.source if routes is not None else "",
+        )  # fmt: skip
 
         self.host: str = o["host"]
         self.port: int = o["port"]
@@ -139,6 +148,7 @@ class RabbitTransport(RabbitOperatorHooks):
             fed_ssl=fed_ssl,
             peer_credentials={pid: (c["user"], c["password"]) for pid, c in o["peer_credentials"].items()},
             secret=secret,
+            pair_keys=pairs,
             data_user=self.user_name,
             data_password=self._password,
         )

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from ...errors import BackendError, RouteError
+from ...identity import PairKeys
 from ...party import Party
 from ...routing import RouteTable, is_ip
 from .admin import RabbitAdmin
@@ -56,6 +57,7 @@ class RabbitManagement:
         fed_ssl: Mapping[str, str] | None,
         peer_credentials: Mapping[str, tuple[str, str]],
         secret: bytes | None,
+        pair_keys: PairKeys | None = None,
         data_user: str,
         data_password: str,
     ) -> None:
@@ -67,6 +69,7 @@ class RabbitManagement:
         self._fed_ssl = fed_ssl
         self._peer_credentials = peer_credentials
         self._secret = secret
+        self._pairs = pair_keys
         self._data_user = data_user
         self._data_password = data_password
         self._ttl_ms = int(options["ttl_seconds"]) * 1000
@@ -140,24 +143,39 @@ class RabbitManagement:
 
     # federation ----------------------------------------------------------------------------
 
+    def link_password(self, src: Party, dst: Party) -> str | None:
+        """The password of the link user of ``src`` -> ``dst``; None without secret or pair keys.
+
+        From the pair key of the two parties when there are pair keys (a third party of the
+        job cannot compute it), else from the job secret (every party of the job can).
+        """
+        name = self.names.link_user(src, dst)
+        if self._pairs is not None:
+            return derive_password(self._pairs.pair_key(src, dst), "federation-link", f"{self.vhost}\0{name}")
+        if self._secret is not None:
+            return derive_password(self._secret, "federation-link", f"{self.vhost}\0{name}")
+        return None
+
     def ensure_link_user(self, dst: Party) -> None:
-        """Federated mode with a secret: the user ``dst``'s broker pulls our queues to it as."""
-        if not self.federated or self._secret is None:
+        """Federated mode with a secret or pair keys: the user ``dst``'s broker pulls our queues as."""
+        if not self.federated or (self._secret is None and self._pairs is None):
             return
         with self._setup_lock:  # the lanes' sends start together: one of them creates it
             if dst in self._links:
                 return
             name = self.names.link_user(self.names.me, dst)
             pattern = self.names.queue_pattern(self.names.me, dst)
-            self._put_user(name, derive_password(self._secret, "federation-link", f"{self.vhost}\0{name}"))
+            password = self.link_password(self.names.me, dst)
+            assert password is not None
+            self._put_user(name, password)
             # The link declares the upstream queue (configure) and consumes it (read); nothing else.
             self.admin().set_permissions(self.vhost, name, pattern, "^$", pattern)
             self._links.add(dst)
 
     def _upstream_credentials(self, src: Party) -> tuple[str, str]:
-        if self._secret is not None:
-            name = self.names.link_user(src, self.names.me)
-            return name, derive_password(self._secret, "federation-link", f"{self.vhost}\0{name}")
+        password = self.link_password(src, self.names.me)
+        if password is not None:
+            return self.names.link_user(src, self.names.me), password
         if src.party_id in self._peer_credentials:
             return self._peer_credentials[src.party_id]
         if not self._warned_admin_upstream:

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from ...options import SECRET, MiB, Option, OptionSpec
+from ...options import IDENTITY, PEER_KEYS, SECRET, MiB, Option, OptionSpec
 
 __all__ = ["FED_SSL_KEYS", "RABBITMQ_OPTIONS", "SSL_KEYS"]
 
@@ -109,11 +109,18 @@ RABBITMQ_OPTIONS = OptionSpec(
            nullable=True, parse=_federation_ssl,
            accepted=f"`False` or a mapping with any of the keys {_keys(FED_SSL_KEYS)}"),
     Option("peer_credentials", object, {},
-           "admin credentials of remote brokers, for federated mode without a `secret`",
+           "admin credentials of remote brokers, for federated mode without a `secret` or `identity`",
            parse=_peer_credentials, accepted='`{party_id: {"user": ..., "password": ...}}`', sensitive=True),
     # The common job secret (also checked there), declared so that it reaches this backend,
     # which derives the federation link passwords from it.
     dataclasses.replace(
         SECRET, doc="the common `secret`, declared here so it reaches the backend (federation link users)"
+    ),
+    # Likewise the common pair-key options: with them, link passwords come from the pair keys.
+    dataclasses.replace(
+        IDENTITY, doc="the common `identity`, declared here so it reaches the backend (federation link users)"
+    ),
+    dataclasses.replace(
+        PEER_KEYS, doc="the common `peer_keys`, declared here so it reaches the backend (federation link users)"
     ),
 )  # fmt: skip
