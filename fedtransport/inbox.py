@@ -323,7 +323,8 @@ class Inbox:
                 )  # fmt: skip
                 inc.rivals.pop(gone.incarnation or b"", None)
                 self._drop(inc, gone, freed)
-            asm = inc.rivals[incarnation] = TransferAssembly(inc.transfer, self._transform_for(inc.src), self._max_streams)
+            asm = TransferAssembly(inc.transfer, self._transform_for(inc.src), self._max_streams)
+            inc.rivals[incarnation] = asm
         if not chosen:  # until a send is chosen, the latest to make progress is the one timeouts describe
             del inc.rivals[incarnation]
             if current.incarnation not in inc.dropped:
