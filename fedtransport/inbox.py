@@ -567,6 +567,11 @@ class Inbox:
             # Not fatal: an unacknowledged message is delivered again and dropped as a duplicate.
             log.warning("acknowledging %d messages failed: %s", len(tokens), exc)
 
+    def entry(self, src: Party, transfer: bytes) -> Incoming | None:
+        """The entry of ``transfer`` from ``src``, if one is held (for diagnostics and tests)."""
+        with self._lock:
+            return self._incoming.get((src, transfer))
+
     def pending(self) -> int:
         with self._lock:
             return sum(not inc.control for inc in self._incoming.values())

@@ -48,7 +48,7 @@ def receiver(backend: str, job_id: str, party: tuple[str, str], peer: tuple[str,
             def watch() -> None:
                 tid = ft.framing.transfer_id(job_id, name, tag, str(src), str(fed.party))
                 while True:
-                    inc = fed._inbox._incoming.get(tid)  # test probe into the inbox
+                    inc = fed._inbox.entry(src, tid)  # test probe into the inbox
                     if inc is not None and inc.assembly.messages >= report_progress_after:
                         out.put(("progress", inc.assembly.messages))
                         return

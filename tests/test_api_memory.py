@@ -213,7 +213,7 @@ def test_sends_cut_short_are_kept_apart_at_most_two_at_a_time_and_never_mixed(jo
     with connect(job_id, HOST, **opts) as h:
         with pytest.raises(ft.TransferTimeout):
             h.get("w", "0", [GUEST], timeout=0.1)
-        inc = h._inbox._incoming[transfer_id(job_id, "w", "0", str(GUEST), str(HOST))]
+        inc = h._inbox.entry(GUEST, transfer_id(job_id, "w", "0", str(GUEST), str(HOST)))
         for fill in (1.0, 2.0, 3.0):  # three sends, each killed after 3 messages
             with ft.Federation.connect("memory-lossy", job_id=job_id, party=GUEST, options=opts) as g:
                 g.remote(np.full(n, fill), "w", "0", [HOST])
@@ -274,7 +274,7 @@ def arrived(fed, name, tag, src):
     """True once the transfer's head is complete in ``fed``'s inbox (test probe)."""
     from fedtransport.framing import transfer_id
 
-    inc = fed._inbox._incoming.get(transfer_id(fed.job_id, name, tag, str(src), str(fed.party)))
+    inc = fed._inbox.entry(src, transfer_id(fed.job_id, name, tag, str(src), str(fed.party)))
     return inc is not None and inc.done.done()
 
 

@@ -60,7 +60,7 @@ needs_rabbitmq = pytest.mark.skipif(not rabbit_installed(), reason="rabbitmq-ser
 
 def received(fed: ft.Federation, name: str, tag: str, src: ft.Party) -> int:
     """Messages of one transfer the receiving session holds (test probe into the inbox)."""
-    inc = fed._inbox._incoming.get(transfer_id(fed.job_id, name, tag, str(src), str(fed.party)))
+    inc = fed._inbox.entry(src, transfer_id(fed.job_id, name, tag, str(src), str(fed.party)))
     return 0 if inc is None else inc.assembly.messages
 
 

@@ -365,8 +365,8 @@ def test_the_inbox_fails_that_transfer_and_keeps_delivering(capped_address_space
                                                  last=False), 1))  # fmt: skip
     for i, m in enumerate(FRAMES[("raw", "dict")]):
         inbox.on_delivery(Delivery(SRC, i % 2, m, 10 + i))
-    failed = inbox._incoming[transfer_id(JOB_ID, "v", "bad", str(SRC), str(DST))]
+    failed = inbox.entry(SRC, transfer_id(JOB_ID, "v", "bad", str(SRC), str(DST)))
     assert isinstance(failed.done.exception(), IntegrityError)
-    good = inbox._incoming[transfer_id(JOB_ID, "v", "dict", str(SRC), str(DST))]
+    good = inbox.entry(SRC, transfer_id(JOB_ID, "v", "dict", str(SRC), str(DST)))
     assert good.done.done() and good.done.exception() is None
     assert decode_object_transfer(good.assembly, POLICY, "peer") == VALUES["dict"]

@@ -426,7 +426,7 @@ def test_a_get_of_what_has_arrived_never_times_out(pool_nodes, job_id):
     from fedtransport.framing import transfer_id
 
     def arrived(h: ft.Federation, name: str) -> bool:
-        inc = h._inbox._incoming.get(transfer_id(job_id, name, "0", str(GUEST), str(HOST)))
+        inc = h._inbox.entry(GUEST, transfer_id(job_id, name, "0", str(GUEST), str(HOST)))
         return inc is not None and inc.done.done()
 
     node = pool_nodes[0]
