@@ -40,7 +40,7 @@ from conftest import GUEST, HOST
 import fedtransport as ft
 from fedtransport.brokers import EmbeddedPulsar
 from fedtransport.codec import Compressor, PayloadCodec, UnpicklePolicy, decode_object
-from fedtransport.framing import FrameWriter, TransferAssembly, job_fingerprint, parse_frame, transfer_id
+from fedtransport.framing import HEADER_SIZE, FrameWriter, TransferAssembly, job_fingerprint, parse_frame, transfer_id
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIN = PayloadCodec(Compressor(False))
@@ -68,9 +68,12 @@ def run_child(code: str, stdin: str = "", *, cpu: int = 60, memory: int = 3 << 3
 # ==================================================================================================
 
 
+SEND = b"bombsend"  # the incarnation of the crafted frames: they are all of one send
+
+
 def frame(unit: int, unit_len: int, offset: int, chunk: bytes, *, stream: int = 0, nstreams: int = 1,
           seq: int | None = None, last: bool = False) -> bytes:  # fmt: skip
-    writer = FrameWriter(JOB, TID, nstreams, PLAIN)
+    writer = FrameWriter(JOB, TID, nstreams, PLAIN, incarnation=SEND)  # one send: every frame of it
     seq = unit if seq is None else seq
     return writer.frame(stream=stream, unit=unit, seq=seq, offset=offset, unit_len=unit_len, chunk=chunk, last=last)
 
@@ -179,7 +182,7 @@ def readdressed(frames: list[bytes], job_id: str, tag: str) -> list[bytes]:
     for f in frames:
         header, payload = parse_frame(f)
         writer = FrameWriter(job_fingerprint(job_id), transfer_id(job_id, "w", tag, str(GUEST), str(HOST)),
-                             header.nstreams, PLAIN)  # fmt: skip
+                             header.nstreams, PLAIN, incarnation=header.incarnation)  # fmt: skip
         h = header
         out.append(writer.frame(stream=h.stream, unit=h.unit, seq=h.seq, offset=h.offset, unit_len=h.unit_len,
                                 chunk=bytes(payload), last=h.last, aux=h.aux))  # fmt: skip
@@ -225,7 +228,7 @@ def table_head(nstreams: int, tid: bytes = TID, job: bytes = JOB) -> bytes:
 
 def test_a_head_declaring_more_streams_than_max_streams_is_refused():
     head = table_head(3_000_000)
-    assert len(head) == 80
+    assert len(head) == HEADER_SIZE  # a bare header: no payload
     with pytest.raises(ft.IntegrityError, match=r"3000000 streams.*max_streams"):
         TransferAssembly(TID, PLAIN).add(*parse_frame(head, JOB))
     with pytest.raises(ft.IntegrityError, match="max_streams"):
