@@ -68,6 +68,7 @@ Java 17 and Maven (see ``fedtransport.brokers.standalone``).
 
 from __future__ import annotations
 
+from . import fate as fate  # registers the FATE side-by-side workloads (pyfate imported only when they run)
 from .contexts import _CONTEXTS as _CONTEXTS
 from .contexts import PULSAR_BROKERS, REPL_CLUSTERS, REPL_TENANT
 from .parties import CLEANUP_TIMEOUT, fed_receiver, fed_sender, run_pair
