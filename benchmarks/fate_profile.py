@@ -8,7 +8,10 @@ array) records) under ``py-spy record --subprocesses`` on a fresh RabbitMQ node 
 standalone broker), and sums the sampled stacks up by layer. A sample counts for the innermost
 frame of a known layer (a socket call made by the transport is the transport's time); stacks of
 the party start-up (imports, building the table, FATE contexts) and of the end (destroy) are left
-out, so the shares are of the transfer itself. py-spy samples threads that run (not idle ones).
+out, so the shares are of the transfer itself. py-spy runs with ``--gil``: a sample is the thread that
+holds the GIL, i.e. Python's own work. Threads that wait poll with timeouts and look busy to py-spy's
+idle heuristic; with ``--gil`` they do not count. Work done with the GIL released (socket writes,
+LMDB, CRC32, numpy copies) is not in the samples: the shares are of the Python-side time.
 """
 
 from __future__ import annotations
@@ -55,8 +58,18 @@ def layer_of(frames: list[str]) -> str | None:
     return None
 
 
-def summarize(raw: str) -> dict[str, dict[str, float]]:
-    """Per side (sender / receiver / other), each layer's share of the transfer's samples."""
+def innermost(frames: list[str]) -> str:
+    """The innermost frame of a known layer, as ``function (file)``, or ``other``."""
+    for frame in reversed(frames):
+        m = FRAME.match(frame)
+        if m and any(pattern.search(m.group("file")) for _, pattern in LAYERS):
+            return f"{m.group('func')} ({m.group('file')})"
+    return "other"
+
+
+def summarize(raw: str, top: int = 8) -> dict[str, dict[str, float]]:
+    """Per side (sender / receiver), each layer's share of the transfer's samples, and under
+    ``functions`` the ``top`` innermost functions of the layers with theirs."""
     by_pid: dict[str, list[tuple[list[str], int]]] = collections.defaultdict(list)
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -73,13 +86,16 @@ def summarize(raw: str) -> dict[str, dict[str, float]]:
         if side is None:
             continue  # the driver, the broker's helpers
         counts: collections.Counter[str] = collections.Counter()
+        functions: collections.Counter[str] = collections.Counter()
         for frames, n in samples:
             if not any(TRANSFER.search(f) for f in frames):
                 continue
             counts[layer_of(frames) or "other (numpy, stdlib outside the layers)"] += n
+            functions[innermost(frames)] += n
         total = sum(counts.values()) or 1
         shares[side] = {k: round(100 * v / total, 1) for k, v in counts.most_common()}
         shares[side]["samples"] = float(total)
+        shares[f"{side} functions"] = {k: round(100 * v / total, 1) for k, v in functions.most_common(top)}
     return shares
 
 
@@ -126,15 +142,18 @@ def main() -> int:
     spy = Path(sys.executable).with_name("py-spy")
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "stacks.txt"
-        cmd = [str(spy), "record", "--subprocesses", "--format", "raw", "--rate", str(args.rate), "-o", str(raw),
-               "--", sys.executable, __file__, "--child", "--backend", args.backend,
+        cmd = [str(spy), "record", "--subprocesses", "--gil", "--format", "raw", "--rate", str(args.rate),
+               "-o", str(raw), "--", sys.executable, __file__, "--child", "--backend", args.backend,
                "--mib", str(args.mib)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
         run = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
         shares = summarize(raw.read_text())
+    # How much of the transfer each side spent running Python (holding the GIL) at all.
+    busy = {side: round(100 * s["samples"] / (args.rate * run["seconds"]), 1) for side, s in shares.items()
+            if "samples" in s}  # fmt: skip
     report = {"backend": args.backend, "mib": args.mib, "run": run, "load_average": list(os.getloadavg()),
-              "shares_percent": shares}  # fmt: skip
+              "rate": args.rate, "gil_held_percent_of_transfer": busy, "shares_percent": shares}  # fmt: skip
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

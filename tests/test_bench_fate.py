@@ -25,7 +25,7 @@ except ModuleNotFoundError:  # plain `pytest` without the repository root on sys
 
 pytestmark = pytest.mark.timeout(300)
 
-KINDS = ["table", "table-8x4", "object", "small"]
+KINDS = ["object", "table-8x4", "table", "small"]
 MiB = 1 << 20
 
 
