@@ -103,12 +103,12 @@ def test_the_chart_names_fate_s_own_federation_as_the_baseline() -> None:
                    "fate-ft-small": {"median": 10.0, "worst": 10.0, "per_repeat": [10.0]}},
     }  # fmt: skip
     panels = {p.title: p for p in bench.chart_layout([result])}
-    assert set(panels) == {"FATE 2.2: table, 8 partitions", "FATE 2.2: 1 KiB objects, one by one"}
-    table = panels["FATE 2.2: table, 8 partitions"]
+    assert set(panels) == {"FATE: table, 8 partitions", "FATE: 1 KiB objects"}
+    table = panels["FATE: table, 8 partitions"]
     assert table.unit == "MB/s"
     [group] = table.groups
     assert [(b.workload, b.note) for b in group.bars] == [("fate-native-table", "FATE"),
                                                           ("fate-ft-table", "4.00×, worst 4.00×")]  # fmt: skip
-    small_panel = panels["FATE 2.2: 1 KiB objects, one by one"]
+    small_panel = panels["FATE: 1 KiB objects"]
     assert small_panel.unit == "objects/s"
     assert [round(b.value) for b in small_panel.groups[0].bars] == [100, 1000]

@@ -24,8 +24,8 @@ from .workloads import SMALL
 _DEFAULT_BASELINES = {"object": "raw-large", "table": "raw-large", "small": "raw-small", "small-async": "raw-small",
                       "object-repl": "raw-repl", "table-repl": "raw-repl"}  # fmt: skip
 _FATE_NATIVE = "fate-native-"  # the baselines of fedtransport/bench/fate.py's workloads
-_FATE_TITLES = {"table": "table, 8 partitions", "table-8x4": "table, 8 x 4 MiB", "object": "4 MiB objects",
-                "small": "1 KiB objects, one by one"}  # fmt: skip
+_FATE_TITLES = {"table": "table, 8 partitions", "table-8x4": "table, 8 × 4 MiB", "object": "4 MiB objects",
+                "small": "1 KiB objects"}  # fmt: skip
 _RAW_COLOUR = "#8c8c8c"
 _COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
@@ -110,7 +110,7 @@ def _panels(results: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, list[s
     for base, names in by_base.items():
         if base.startswith(_FATE_NATIVE):  # the FATE side by side: FATE's own federation is the baseline
             what = base[len(_FATE_NATIVE) :]
-            panels.append((f"FATE 2.2: {_FATE_TITLES.get(what, what)}", "objects/s" if what == "small" else "MB/s",
+            panels.append((f"FATE: {_FATE_TITLES.get(what, what)}", "objects/s" if what == "small" else "MB/s",
                            names))  # fmt: skip
         elif base == "raw-small":
             panels.append(("1 KiB objects, one confirm each", "objects/s", names))
@@ -233,11 +233,10 @@ def render_chart(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
             if not bars:
                 continue
             colour = _RAW_COLOUR if j == 0 else _COLOURS[(j - 1) % len(_COLOURS)]
-            fate = name.startswith("fate-")
-            if j == 0:
-                label = f"{name} (FATE 2.2's own federation)" if fate else f"{name} (raw client)"
+            if name.startswith("fate-"):  # the panel's title names the workload
+                label = "FATE 2.2's own federation" if j == 0 else "FATE over fedtransport"
             else:
-                label = f"{name} (FATE over fedtransport)" if fate else f"{name} (fedtransport)"
+                label = f"{name} (raw client)" if j == 0 else f"{name} (fedtransport)"
             below = [b.value - b.worst if b.worst is not None else 0.0 for b in bars]
             whisker = {"ecolor": "#333333", "capsize": 2, "lw": 1}
             drawn = ax.bar([b.x for b in bars], [b.value for b in bars], _BAR_WIDTH, color=colour, label=label,
@@ -250,9 +249,11 @@ def render_chart(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
         ax.set_xlim(-1, panel.extent + 1)
         ax.set_ylabel(panel.unit)
         ax.set_title(panel.title)
-        ax.margins(y=0.35)  # room for the rotated ratio labels above the bars
+        fate_panel = panel.workloads[0].startswith(_FATE_NATIVE)
+        ax.margins(y=0.6 if fate_panel else 0.35)  # room for the rotated ratio labels above the bars
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1 if fate_panel else 2,
+                  frameon=False)  # fmt: skip
     dates = sorted({str(r.get("date", "")) for r in results} - {""})
     cpus = sorted({str(r.get("cpu_count", "?")) for r in results})
     fate_only = all(p.workloads[0].startswith(_FATE_NATIVE) for p in panels)
