@@ -32,6 +32,7 @@ RabbitMQ federation in ``replication`` mode needs a federation upstream per job,
 from __future__ import annotations
 
 import argparse
+import atexit
 import shutil
 import sys
 import tempfile
@@ -128,6 +129,9 @@ class _Party:
         from fate.arch.context import Context
 
         self.dir = tempfile.mkdtemp(prefix=f"fate-bench-{who}-")
+        # A FATE table destroys itself when collected, reopening its LMDB directory to do so:
+        # after close() and the party's return. The directory goes once more at exit.
+        atexit.register(shutil.rmtree, self.dir, True)
         self.computing = CSession(session_id=f"{cfg['job_id']}_{who}", data_dir=self.dir)
         self.ctx = Context(computing=self.computing, federation=_federation(cfg, who, self.computing))
 
