@@ -28,6 +28,12 @@ between two clusters, fl-pulsar-9999 (A) and fl-pulsar-10000 (B), registered wit
   object-repl  the object workload in ``mode: replication``: guest connected to A, host to B
   table-repl   the table workload (8 partitions) in the same way
 
+With ``--fate`` (pyfate 2.2; the real Pulsar broker or a shared RabbitMQ node), the FATE 2.2 side
+by side runs alone (``--only`` picks among it): two processes with FATE ``Context``s exchange 8
+objects of 4 MiB, tables of 8 x 4 MiB and of --mib MiB (8 partitions, 4 KiB records) and 1000
+objects of 1 KiB, once over FATE's own federation for the broker (fate-native-*) and once over
+fedtransport (fate-ft-*); each fate-ft-* ratio is to its fate-native-* run (fedtransport/bench/fate.py).
+
 --mib sizes every large workload, so each one moves exactly the bytes of its raw baseline and
 its ratio compares equal transfers. A workload's ``bytes`` is its payload as received: the
 array's bytes for ``object``, the rows' array bytes for a table (its int keys are not counted,
@@ -68,6 +74,7 @@ Java 17 and Maven (see ``fedtransport.brokers.standalone``).
 
 from __future__ import annotations
 
+from . import fate as fate  # registers the FATE side-by-side workloads (pyfate imported only when they run)
 from .contexts import _CONTEXTS as _CONTEXTS
 from .contexts import PULSAR_BROKERS, REPL_CLUSTERS, REPL_TENANT
 from .parties import CLEANUP_TIMEOUT, fed_receiver, fed_sender, run_pair

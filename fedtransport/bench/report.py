@@ -23,6 +23,9 @@ from .workloads import SMALL
 # Default baselines for result files written before they recorded their own.
 _DEFAULT_BASELINES = {"object": "raw-large", "table": "raw-large", "small": "raw-small", "small-async": "raw-small",
                       "object-repl": "raw-repl", "table-repl": "raw-repl"}  # fmt: skip
+_FATE_NATIVE = "fate-native-"  # the baselines of fedtransport/bench/fate.py's workloads
+_FATE_TITLES = {"table": "table, 8 partitions", "table-8x4": "table, 8 × 4 MiB", "object": "4 MiB objects",
+                "small": "1 KiB objects"}  # fmt: skip
 _RAW_COLOUR = "#8c8c8c"
 _COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
@@ -105,7 +108,11 @@ def _panels(results: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, list[s
                     by_base[base].append(name)
     panels = []
     for base, names in by_base.items():
-        if base == "raw-small":
+        if base.startswith(_FATE_NATIVE):  # the FATE side by side: FATE's own federation is the baseline
+            what = base[len(_FATE_NATIVE) :]
+            panels.append((f"FATE: {_FATE_TITLES.get(what, what)}", "objects/s" if what == "small" else "MB/s",
+                           names))  # fmt: skip
+        elif base == "raw-small":
             panels.append(("1 KiB objects, one confirm each", "objects/s", names))
         elif base == "raw-repl":
             panels.append(("geo-replication, cluster A to B", "MB/s", names))
@@ -125,8 +132,9 @@ class ChartBar:
     workload: str
     x: float
     value: float
-    #: "raw" on the baseline, else the ratio of the medians ("1.22×"), with the worst per-repetition
-    #: ratio when the set recorded one ("1.22×, worst 0.91×"); "" when the set lacks the baseline
+    #: "raw" on the baseline ("FATE" on FATE's own federation), else the ratio of the medians
+    #: ("1.22×"), with the worst per-repetition ratio when the set recorded one ("1.22×, worst
+    #: 0.91×"); "" when the set lacks the baseline
     note: str
     worst: float | None = None  # the worst run's value (the whisker), None when unknown
 
@@ -179,7 +187,8 @@ def chart_layout(results: Iterable[Mapping[str, Any]]) -> list[ChartPanel]:
             for k, name in enumerate(present):
                 median, worst = median_and_worst(w[name])
                 value = _value(median, unit)
-                note = "raw" if name == base else (f"{value / raw:.2f}×" if raw else "")
+                baseline_note = "FATE" if base.startswith(_FATE_NATIVE) else "raw"
+                note = baseline_note if name == base else (f"{value / raw:.2f}×" if raw else "")
                 worst_ratio = _worst_ratio(r, name)
                 if raw and name != base and worst_ratio is not None:
                     note += f", worst {worst_ratio:.2f}×"
@@ -224,7 +233,10 @@ def render_chart(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
             if not bars:
                 continue
             colour = _RAW_COLOUR if j == 0 else _COLOURS[(j - 1) % len(_COLOURS)]
-            label = f"{name} (raw client)" if j == 0 else f"{name} (fedtransport)"
+            if name.startswith("fate-"):  # the panel's title names the workload
+                label = "FATE 2.2's own federation" if j == 0 else "FATE over fedtransport"
+            else:
+                label = f"{name} (raw client)" if j == 0 else f"{name} (fedtransport)"
             below = [b.value - b.worst if b.worst is not None else 0.0 for b in bars]
             whisker = {"ecolor": "#333333", "capsize": 2, "lw": 1}
             drawn = ax.bar([b.x for b in bars], [b.value for b in bars], _BAR_WIDTH, color=colour, label=label,
@@ -237,12 +249,16 @@ def render_chart(results: Iterable[Mapping[str, Any]], path: str | os.PathLike[s
         ax.set_xlim(-1, panel.extent + 1)
         ax.set_ylabel(panel.unit)
         ax.set_title(panel.title)
-        ax.margins(y=0.35)  # room for the rotated ratio labels above the bars
+        fate_panel = panel.workloads[0].startswith(_FATE_NATIVE)
+        ax.margins(y=0.6 if fate_panel else 0.35)  # room for the rotated ratio labels above the bars
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1 if fate_panel else 2,
+                  frameon=False)  # fmt: skip
     dates = sorted({str(r.get("date", "")) for r in results} - {""})
     cpus = sorted({str(r.get("cpu_count", "?")) for r in results})
-    fig.suptitle(f"fedtransport vs the raw broker client (bar: median run, whisker: worst run; {', '.join(cpus)} cores"
+    fate_only = all(p.workloads[0].startswith(_FATE_NATIVE) for p in panels)
+    versus = "FATE 2.2's own federation" if fate_only else "the raw broker client"
+    fig.suptitle(f"fedtransport vs {versus} (bar: median run, whisker: worst run; {', '.join(cpus)} cores"
                  + (f"; {', '.join(dates)}" if dates else "") + ")", fontsize=11)  # fmt: skip
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
