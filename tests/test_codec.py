@@ -186,6 +186,32 @@ def test_records_batches_respect_target_and_roundtrip():
     assert back == records
 
 
+def test_serialised_records_travel_as_one_pickle_a_run_in_order():
+    """(bytes, bytes) records (FATE's serialised tables) are pickled as a list per run, between
+    records of other kinds, in their order; the unit stays within its target."""
+    arr = np.arange(4.0)
+    records = [(b"k%d" % i, b"v" * (i % 300)) for i in range(400)]
+    records[100:100] = [(1, arr), (2, {"a": 1})]
+    records += [(b"last", bytearray(b"not bytes"))]
+    batches = list(encode_records(iter(records), 4096))
+    assert sum(n for _, n in batches) == len(records)
+    assert all(b.size <= 4096 + 64 for b, n in batches if n > 1)
+    back = [r for b, _ in batches for r in decode_records(b.tobytes(), SAFE, "p")]
+    assert [k for k, _ in back] == [k for k, _ in records]
+    assert all(type(v) is type(w) and (v == w if not isinstance(v, np.ndarray) else (v == w).all())
+               for (_, v), (_, w) in zip(back, records, strict=True))  # fmt: skip
+    pickles = batches[0][0].tobytes().count(b"\x95")  # FRAME opcodes: one per pickle of protocol 5
+    assert pickles < 20  # not one per record
+
+
+@pytest.mark.parametrize("run", [[b"not a pair"], [(b"k",)], [(b"k", b"v", b"w")], [[b"k", b"v"]]])
+def test_a_run_that_is_not_of_records_is_an_integrity_error(run):
+    payload = pickle.dumps(run, protocol=5)
+    head = struct.pack("<4sIQ", b"FTO1", 0, len(payload))  # the unit preamble, no out-of-band buffers
+    with pytest.raises(IntegrityError, match="not of records"):
+        decode_records(head + bytes(-len(head) % 64) + payload, SAFE, "peer")
+
+
 def test_array_records_travel_as_row_batches_and_come_back_equal():
     rng = np.random.default_rng(3)
     rows = rng.random((300, 64))

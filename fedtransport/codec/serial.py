@@ -281,7 +281,7 @@ def encode_records(records: Iterable[Any], target_size: int) -> Iterator[tuple[E
     """Batch ``(key, value)`` records into units of at most ``target_size`` bytes.
 
     Yields ``(unit, record_count)``. A unit is a sequence of pickles, each a
-    record or a row batch. The pickler's memo is cleared after each: a generator
+    record, a row batch or a list of ``(bytes, bytes)`` records. The pickler's memo is cleared after each: a generator
     may yield the same object again, changed, and must not find its first state
     referenced. A record that overflows the unit is taken back and opens the next
     one; a single record larger than the target becomes a unit of its own, which
@@ -295,6 +295,15 @@ def encode_records(records: Iterable[Any], target_size: int) -> Iterator[tuple[E
         if unit.run is not None and unit.run.add(key, value):
             continue
         unit.flush_run()
+        if type(key) is bytes and type(value) is bytes:  # serialised records (FATE's): one pickle a run
+            need = len(key) + len(value) + _PAIR_OVERHEAD
+            if (unit.count or unit.pairs) and unit.size + need > target_size:
+                unit.flush_pairs()
+                yield unit.done()
+                unit = _UnitWriter(target_size)
+            unit.add_pair(rec if type(rec) is tuple else (key, value), need)
+            continue
+        unit.flush_pairs()
         if can_start_rows(value):
             if unit.count and unit.size + value.nbytes > target_size:
                 yield unit.done()
@@ -310,12 +319,14 @@ def encode_records(records: Iterable[Any], target_size: int) -> Iterator[tuple[E
             _dump_record(unit.pickler, (key, value))
         unit.count += 1
     unit.flush_run()
+    unit.flush_pairs()
     if unit.count:
         yield unit.done()
 
 
 _RUN_OVERHEAD = 256  # bytes a row batch's call takes besides its keys and rows
 _KEY_ALLOWANCE = 16  # bytes a row's key is assumed to take: an int, a short string
+_PAIR_OVERHEAD = 16  # pickle opcodes around one (bytes, bytes) pair in a run
 
 
 class _UnitWriter:
@@ -330,11 +341,27 @@ class _UnitWriter:
         self.pickler = _pickler(self.buf, self.oob)
         self.count = 0  # records written
         self.run: RowBlock | None = None
+        # A run of (bytes, bytes) records not yet written, and its size as pickled (about). Such
+        # records hold nothing mutable, so they need no memo cleared between them: one pickle of
+        # the list costs one pickler and one unpickler call, not one per record.
+        self.pairs: list[tuple[bytes, bytes]] = []
+        self._pairs_size = 0
 
     @property
     def size(self) -> int:
         """At least the unit's size so far, laid out (:func:`_layout`): exact but for the main pickle's padding."""
-        return self.buf.tell() + self.oob.laid_out + ALIGN - 1
+        return self.buf.tell() + self._pairs_size + self.oob.laid_out + ALIGN - 1
+
+    def add_pair(self, rec: tuple[bytes, bytes], size: int) -> None:
+        self.pairs.append(rec)
+        self._pairs_size += size
+
+    def flush_pairs(self) -> None:
+        if not self.pairs:
+            return
+        _dump_record(self.pickler, self.pairs, self.pairs[0][0])
+        self.count += len(self.pairs)
+        self.pairs, self._pairs_size = [], 0
 
     def start_run(self, key: Any, value: Any) -> None:
         # as many rows as the unit has room for (at least this one: an oversized row is a unit of its own)
@@ -428,6 +455,11 @@ def _load_records(main: memoryview, unpickler: Callable[[io.BytesIO], Any], sour
             rec = unpickler(stream).load()
             if type(rec) is RowBatch:
                 out += rec.records()
+                continue
+            if type(rec) is list:  # a run of serialised records (encode_records)
+                if not all(type(pair) is tuple and len(pair) == 2 for pair in rec):
+                    raise IntegrityError(f"table batch from {source} holds a run that is not of records")
+                out += rec
                 continue
             if not isinstance(rec, tuple) or len(rec) != 2:
                 raise IntegrityError(f"table batch from {source} holds a {type(rec).__name__}, not a record")
