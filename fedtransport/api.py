@@ -507,10 +507,20 @@ class Federation:
 
 
 def _progress_of(claims: list[Incoming], progress: ProgressFn) -> Callable[[], None]:
+    # Called by the get's own thread and by every lane's delivery thread: one at a time, and
+    # never a smaller figure after a larger one (two threads' sums could pass each other).
+    lock = threading.Lock()
+    reported = -1
+
     def report() -> None:
-        sizes = [inc.assembly.value_size for inc in claims]
-        total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
-        progress(sum(inc.assembly.value_bytes for inc in claims), total)
+        nonlocal reported
+        with lock:
+            sizes = [inc.assembly.value_size for inc in claims]
+            total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+            done = sum(inc.assembly.value_bytes for inc in claims)
+            if done > reported:
+                reported = done
+                progress(done, total)
 
     return report
 
