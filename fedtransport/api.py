@@ -21,6 +21,7 @@ from .identity import pair_keys
 from .inbox import Inbox, Incoming
 from .options import CommonOptions, max_chunk, split_options
 from .party import Party, as_parties, as_party, check_job_id, check_timeout, key_part
+from .presence import PeerWatch
 from .routing import RouteTable
 from .table import Table
 from .transfer import KIND_TABLE, Outgoing, decode_object_transfer, streamed_table, transfer_kind
@@ -77,6 +78,7 @@ class Federation:
             transport, self._job, lambda src: self._transform(src, self.party), options.lanes, window,
             max_streams=options.max_streams,
         )  # fmt: skip
+        self._presence = PeerWatch(transport.peer_present)  # for timeout messages: is a peer still connected?
         self._closed = False
         self._peers: set[Party] = set()  # parties this session sent to or listened to: they hear an abort
         self._peers_heard: set[Party] = set()  # parties whose abort notice we listen for
@@ -345,6 +347,7 @@ class Federation:
                             break
                         except concurrent.futures.TimeoutError:
                             self._watch(claims)
+                            self._presence.poll(inc.src for inc in claims if not inc.head.done())
                         except FederationError:
                             break  # surfaced by _finish, after the handover
         return self._finish(name, tag, claims, started, timeout)
@@ -370,11 +373,13 @@ class Federation:
                 while not all(inc.head.done() for inc in claims):  # as in get: arrived is never late
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
-                        raise self._timeout(name, tag, claims, timeout)
+                        raise await asyncio.to_thread(self._timeout, name, tag, claims, timeout)
                     tick = _WAIT_TICK if left is None else min(_WAIT_TICK, left)
                     _, pending = await asyncio.wait(futures, timeout=tick)
                     if pending:
                         self._watch(claims)
+                        waiting = [inc.src for inc in claims if not inc.head.done()]
+                        await asyncio.to_thread(self._presence.poll, waiting)  # may ask the broker
         return await asyncio.to_thread(self._finish, name, tag, claims, started, timeout)
 
     def _key(self, name: str, tag: str, parties: Party | Sequence[Party]) -> tuple[str, str, list[Party]]:
@@ -436,15 +441,16 @@ class Federation:
             self._inbox.redeliver(src)
 
     def _timeout(self, name: str, tag: str, claims: list[Incoming], timeout: float | None) -> TransferTimeout:
-        missing = {
-            str(inc.src): ("nothing" if inc.assembly.messages == 0 else inc.assembly.describe())
-            for inc in claims
-            if not inc.head.done()
-        }
-        parts = "; ".join(f"from {p}: {what}" for p, what in missing.items())
+        late = [inc for inc in claims if not inc.head.done()]
+        missing = {str(inc.src): ("nothing" if inc.assembly.messages == 0 else inc.assembly.describe()) for inc in late}
+        self._presence.poll((inc.src for inc in late), force=True)  # as the broker sees it now
+        presence = {str(inc.src): self._presence.state(inc.src) for inc in late}
+        notes = {str(inc.src): self._presence.note(inc.src) for inc in late}
+        parts = "; ".join(f"from {p}: {what}" + (f" ({notes[p]})" if notes[p] else "") for p, what in missing.items())
         return TransferTimeout(
             f"get(name={name!r}, tag={tag!r}) in job {self.job_id} timed out after {timeout} s; not complete: {parts}",
             missing,
+            presence,
         )
 
     def _finish(self, name: str, tag: str, claims: list[Incoming], started: float, timeout: float | None) -> list[Any]:

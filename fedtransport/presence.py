@@ -1,0 +1,105 @@
+"""What a session has seen of its peers' connections to the broker, for its timeout messages.
+
+A process killed outright (SIGKILL, power loss) cannot send an abort notice, but its TCP
+connections close, and a broker notices that at once. A backend that can ask its broker
+whether a party has a session connected right now implements ``Transport.peer_present``
+(RabbitMQ: an exclusive presence queue per party, deleted by the broker when the owning
+connection closes; Pulsar: a presence producer per party, listed live in the topic's stats).
+A waiting ``get`` polls it about once a second for the parties it still waits for, and a
+timeout says what was seen: connected, never connected, or connected and then gone (when it
+was first seen gone). A peer that connects again (restarted) is present again.
+
+``None`` from the backend means it cannot tell (memory backend, Pulsar without ``admin_url``,
+RabbitMQ federated mode): the message then says nothing about it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .party import Party
+
+__all__ = ["PeerWatch"]
+
+POLL_EVERY = 1.0  # seconds between two checks of one party
+
+
+@dataclass
+class _Seen:
+    present: bool | None = None  # at the last check; None: the backend cannot tell
+    checked: float = 0.0  # monotonic time of the last check
+    seen_at: float | None = None  # wall time it was last seen connected
+    gone_at: float | None = None  # wall time it was first seen gone after being connected
+    gone_mono: float | None = None
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(t))
+
+
+class PeerWatch:
+    """Per-party presence as last seen through ``probe`` (``Transport.peer_present``)."""
+
+    def __init__(self, probe: Callable[[Party], bool | None]) -> None:
+        self._probe = probe
+        self._seen: dict[Party, _Seen] = {}
+        self._lock = threading.Lock()
+
+    def poll(self, parties: Iterable[Party], *, force: bool = False) -> None:
+        """Check each party not checked in the last second (every one with ``force``)."""
+        now = time.monotonic()
+        for party in parties:
+            with self._lock:
+                seen = self._seen.setdefault(party, _Seen())
+                if not force and now - seen.checked < POLL_EVERY:
+                    continue
+                seen.checked = now
+            present = self._probe(party)
+            with self._lock:
+                self._update(seen, present)
+
+    @staticmethod
+    def _update(seen: _Seen, present: bool | None) -> None:
+        seen.present = present
+        if present:
+            seen.seen_at, seen.gone_at, seen.gone_mono = time.time(), None, None  # (again) connected
+        elif present is False and seen.seen_at is not None and seen.gone_at is None:
+            seen.gone_at, seen.gone_mono = time.time(), time.monotonic()
+
+    def state(self, party: Party) -> str:
+        """``"connected"``, ``"gone"`` (seen, then disconnected), ``"absent"`` (never seen), ``"unknown"``."""
+        with self._lock:
+            seen = self._seen.get(party)
+            if seen is None or seen.present is None:
+                return "unknown"
+            if seen.present:
+                return "connected"
+            return "gone" if seen.gone_at is not None else "absent"
+
+    def gone_for(self, party: Party) -> float | None:
+        """Seconds since ``party`` was seen gone after being connected; None unless it is gone."""
+        with self._lock:
+            seen = self._seen.get(party)
+            if seen is None or seen.present is not False or seen.gone_mono is None:
+                return None
+            return time.monotonic() - seen.gone_mono
+
+    def note(self, party: Party) -> str:
+        """Words for a timeout message; "" when the backend cannot tell."""
+        state = self.state(party)
+        with self._lock:
+            seen = self._seen.get(party) or _Seen()
+        if state == "connected":
+            return f"{party} is connected to the broker but has not sent it all"
+        if state == "gone":
+            assert seen.gone_at is not None and seen.seen_at is not None
+            return (
+                f"{party} is not connected to the broker: it disconnected (connected at {_clock(seen.seen_at)}, "
+                f"gone by {_clock(seen.gone_at)}; a process killed outright?)"
+            )
+        if state == "absent":
+            return f"{party} is not connected to the broker (not seen connected by this session)"
+        return ""
