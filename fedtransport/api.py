@@ -15,7 +15,15 @@ from typing import Any
 
 from .claims import ClaimBook
 from .codec import Compressor, PayloadCodec, Sealer, UnpicklePolicy
-from .errors import BackendError, ConfigError, FederationError, IntegrityError, PeerAborted, TransferTimeout
+from .errors import (
+    BackendError,
+    ConfigError,
+    FederationError,
+    IntegrityError,
+    PeerAborted,
+    PeerGone,
+    TransferTimeout,
+)
 from .framing import FrameWriter, PayloadTransform, chunk_size, control_id, job_fingerprint, transfer_id
 from .identity import pair_keys
 from .inbox import Inbox, Incoming
@@ -347,7 +355,7 @@ class Federation:
                             break
                         except concurrent.futures.TimeoutError:
                             self._watch(claims)
-                            self._presence.poll(inc.src for inc in claims if not inc.head.done())
+                            self._check_peers(name, tag, claims, timeout)
                         except FederationError:
                             break  # surfaced by _finish, after the handover
         return self._finish(name, tag, claims, started, timeout)
@@ -378,8 +386,7 @@ class Federation:
                     _, pending = await asyncio.wait(futures, timeout=tick)
                     if pending:
                         self._watch(claims)
-                        waiting = [inc.src for inc in claims if not inc.head.done()]
-                        await asyncio.to_thread(self._presence.poll, waiting)  # may ask the broker
+                        await asyncio.to_thread(self._check_peers, name, tag, claims, timeout)  # asks the broker
         return await asyncio.to_thread(self._finish, name, tag, claims, started, timeout)
 
     def _key(self, name: str, tag: str, parties: Party | Sequence[Party]) -> tuple[str, str, list[Party]]:
@@ -440,13 +447,34 @@ class Federation:
         for src in {inc.src for inc in claims if self._inbox.stalled(inc, after)}:
             self._inbox.redeliver(src)
 
-    def _timeout(self, name: str, tag: str, claims: list[Incoming], timeout: float | None) -> TransferTimeout:
+    def _check_peers(self, name: str, tag: str, claims: list[Incoming], timeout: float | None) -> None:
+        """Ask the broker about the parties still waited for; ``PeerGone`` for one gone too long."""
+        late = [inc.src for inc in claims if not inc.head.done()]
+        self._presence.poll(late)
+        after = self._opts.peer_gone_after
+        for src in late:
+            gone = self._presence.gone_for(src)
+            if after is not None and gone is not None and gone >= after:
+                raise self._timeout(name, tag, claims, timeout, gone=src)
+
+    def _timeout(
+        self, name: str, tag: str, claims: list[Incoming], timeout: float | None, gone: Party | None = None
+    ) -> TransferTimeout:
         late = [inc for inc in claims if not inc.head.done()]
         missing = {str(inc.src): ("nothing" if inc.assembly.messages == 0 else inc.assembly.describe()) for inc in late}
-        self._presence.poll((inc.src for inc in late), force=True)  # as the broker sees it now
+        if gone is None:
+            self._presence.poll((inc.src for inc in late), force=True)  # as the broker sees it now
         presence = {str(inc.src): self._presence.state(inc.src) for inc in late}
         notes = {str(inc.src): self._presence.note(inc.src) for inc in late}
         parts = "; ".join(f"from {p}: {what}" + (f" ({notes[p]})" if notes[p] else "") for p, what in missing.items())
+        if gone is not None:
+            return PeerGone(
+                f"get(name={name!r}, tag={tag!r}) in job {self.job_id} stopped waiting: {gone} was gone from the "
+                f"broker for {self._opts.peer_gone_after} s (peer_gone_after); not complete: {parts}",
+                missing,
+                presence,
+                gone,
+            )
         return TransferTimeout(
             f"get(name={name!r}, tag={tag!r}) in job {self.job_id} timed out after {timeout} s; not complete: {parts}",
             missing,

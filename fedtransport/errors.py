@@ -52,6 +52,26 @@ class TransferTimeout(FederationError, TimeoutError):
         self.presence = dict(presence or {})
 
 
+class PeerGone(TransferTimeout):
+    """A ``get`` stopped waiting: a party it waited for was seen connected to the broker and then
+    not, for ``peer_gone_after`` seconds (a process killed outright sends no abort notice).
+
+    A ``TransferTimeout`` (also a ``TimeoutError``), with ``missing`` and ``presence``; ``party`` is
+    the peer. Unlike :class:`PeerAborted` nothing is failed for good: what arrived stays, and a
+    later ``get`` waits again (for a restarted peer).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        missing: dict[str, str] | None = None,
+        presence: dict[str, str] | None = None,
+        party: Party | None = None,
+    ) -> None:
+        super().__init__(message, missing, presence)
+        self.party = party
+
+
 class SerializationError(FederationError, TypeError):
     """A value given to ``remote`` cannot be encoded (unpicklable, or a table record that is not a pair)."""
 

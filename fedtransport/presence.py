@@ -3,11 +3,13 @@
 A process killed outright (SIGKILL, power loss) cannot send an abort notice, but its TCP
 connections close, and a broker notices that at once. A backend that can ask its broker
 whether a party has a session connected right now implements ``Transport.peer_present``
-(RabbitMQ: an exclusive presence queue per party, deleted by the broker when the owning
-connection closes; Pulsar: a presence producer per party, listed live in the topic's stats).
-A waiting ``get`` polls it about once a second for the parties it still waits for, and a
-timeout says what was seen: connected, never connected, or connected and then gone (when it
-was first seen gone). A peer that connects again (restarted) is present again.
+(RabbitMQ: a presence queue per party that each of its sessions consumes from, deleted by
+the broker when the last one's connection closes; Pulsar: a presence producer per session,
+listed live in the topic's stats). A waiting ``get`` polls it about once a second for the
+parties it still waits for, and a timeout says what was seen: connected, never connected, or
+connected and then gone (when it was first seen gone). A peer that connects again (restarted)
+is present again. A peer seen gone for ``peer_gone_after`` seconds ends the wait with
+``PeerGone``; one never seen connected is waited for (it may start later).
 
 ``None`` from the backend means it cannot tell (memory backend, Pulsar without ``admin_url``,
 RabbitMQ federated mode): the message then says nothing about it.

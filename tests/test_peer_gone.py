@@ -94,10 +94,11 @@ def test_a_killed_sender_is_named_disconnected_in_the_timeout(request, backend, 
             err = timeout_of(h)  # alive and sending: connected
             assert err.presence == {"guest:9999": "connected"}, err
             assert "guest:9999 is connected to the broker" in str(err)
-            proc.kill()
-            proc.join(30)
             killed = time.monotonic()
-            seen = wait_until(lambda: h.transport.peer_present(GUEST) is False, "the kill is seen", SEEN_BOUND)
+            proc.kill()
+            wait_until(lambda: h.transport.peer_present(GUEST) is False, "the kill is seen", SEEN_BOUND)
+            seen = time.monotonic() - killed
+            proc.join(30)
             print(f"{backend}: the kill was visible after {seen:.3f} s")  # docs/reliability.md quotes this
             err = timeout_of(h)
             assert err.presence == {"guest:9999": "gone"}, err
@@ -134,8 +135,71 @@ def test_an_alive_peer_that_never_sends_is_connected_not_gone(request, backend, 
                 assert err.presence == {"guest:9999": "connected"}, err
                 assert "guest:9999 is connected to the broker but has not sent it all" in str(err)
         finally:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(30)
+        h.cleanup()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_get_without_timeout_stops_waiting_for_a_killed_peer(request, backend, job_id):
+    """``get(timeout=None)`` from a guest SIGKILLed mid-send raises ``PeerGone`` about
+    ``peer_gone_after`` seconds after the kill, not never; a later ``get`` waits again."""
+    options = options_for(request, backend)
+    options.update(max_message_size=65536, peer_gone_after=3.0)
+    q = SPAWN.Queue()
+    proc = SPAWN.Process(target=guest, args=(backend, job_id, options, True, q))
+    outcome: list[BaseException] = []
+    with ft.Federation.connect(backend, job_id=job_id, party=HOST, options=options) as h:
+        try:
+            proc.start()
+            assert q.get(timeout=300) == "ready"
+            wait_until(lambda: h.transport.peer_present(GUEST) is True, "the guest shows as connected", 60)
+
+            def wait_forever() -> None:
+                try:
+                    h.get("w", "0", [GUEST], timeout=None)
+                except BaseException as exc:  # the outcome under test
+                    outcome.append(exc)
+
+            waiter = threading.Thread(target=wait_forever, daemon=True)
+            waiter.start()
+            # the waiting get has seen the guest connected (test probe), so its going counts
+            wait_until(lambda: h._presence.state(GUEST) == "connected", "the get sees the guest", 60)
+            killed = time.monotonic()
             proc.kill()
+            waiter.join(3.0 + 60)  # the grace, plus generous slack for polling on a loaded machine
+            took = time.monotonic() - killed
+            assert outcome, "the get was still waiting"
+            [err] = outcome
+            assert isinstance(err, ft.PeerGone) and isinstance(err, ft.TransferTimeout), repr(err)
+            assert err.party == GUEST and err.presence == {"guest:9999": "gone"}
+            assert "guest:9999 was gone from the broker for 3.0 s (peer_gone_after)" in str(err)
+            assert took >= 3.0
+            print(f"{backend}: PeerGone {took:.2f} s after the kill (peer_gone_after 3 s)")
+            err2 = timeout_of(h, 0.5)  # not failed for good: a later get waits (and times out) again
+            assert type(err2) is ft.PeerGone or err2.presence == {"guest:9999": "gone"}
+        finally:
+            if proc.is_alive():
+                proc.kill()
             proc.join(30)
+        h.cleanup()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_party_with_two_sessions_stays_connected_while_one_lives(request, backend, job_id):
+    """Spark runs a party as several sessions (driver and tasks, ``lane_offset``): one of them
+    closing does not make the party gone while another is connected."""
+    options = options_for(request, backend)
+    with ft.Federation.connect(backend, job_id=job_id, party=HOST, options=options) as h:
+        driver = ft.Federation.connect(backend, job_id=job_id, party=GUEST, options={**options, "lane_offset": 256})
+        task = ft.Federation.connect(backend, job_id=job_id, party=GUEST, options={**options, "lane_offset": 3})
+        wait_until(lambda: h.transport.peer_present(GUEST) is True, "the guest shows as connected", 60)
+        task.close()
+        for _ in range(5):  # the broker has dropped the closed session's consumer or producer already
+            assert h.transport.peer_present(GUEST) is True
+        driver.close()
+        wait_until(lambda: h.transport.peer_present(GUEST) is False, "the guest's last session closed", SEEN_BOUND)
         h.cleanup()
 
 

@@ -503,6 +503,9 @@ def test_names_and_permissions():
     assert re.match(read, "job-1.a:guest:9999") and not re.match(read, "job-1.a:host:10000")
     assert re.match(configure, t.queue(GUEST, HOST, 0)) and re.match(configure, t.queue(HOST, GUEST, 1))
     assert not re.match(configure, t.queue(HOST, ARBITER, 0))
+    presence = t.names.presence(GUEST)  # its own presence queue only
+    assert re.match(configure, presence) and re.match(read, presence) and not re.match(write, presence)
+    assert not re.match(configure, t.names.presence(HOST)) and not re.match(read, t.names.presence(HOST))
     assert not re.match(read, t.queue(HOST, GUEST, 0).replace("job-1.a", "job-1xa"))  # dots are literal
 
 

@@ -79,7 +79,7 @@ Modules of this package (each imports only modules listed below it)
     ``admin``       ``RabbitAdmin``, the management HTTP API client
     ``publisher``   the confirming publish channel and the send window
     ``consumer``    lane consumers: qos, acks, recover
-    ``presence``    the session's exclusive presence queue; is a peer connected right now?
+    ``presence``    the party's presence queue; is a peer connected right now?
     ``connection``  the pika I/O thread, posting work onto it, reconnect with back-off
     ``naming``      names of the job's queues, exchanges, users and their permission patterns
     ``options``     the option spec: every key's type, range, default and doc line
@@ -179,8 +179,7 @@ class RabbitTransport(RabbitOperatorHooks):
             max_size=ctx.max_message_size,
         )
 
-        # Spark tasks' extra sessions (lane_offset > 0) leave presence to the party's main session.
-        self.presence = Presence(self.connection, self.names, announce=ctx.lane_offset == 0)
+        self.presence = Presence(self.connection, self.names)
 
     # options -------------------------------------------------------------------------------
 

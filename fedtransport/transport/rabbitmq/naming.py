@@ -81,7 +81,7 @@ class RabbitNames:
         return f"{self._job}:{_party(src)}"
 
     def presence(self, party: Party) -> str:
-        """The exclusive queue a session of ``party`` holds while connected (see presence.py)."""
+        """The auto-delete queue every session of ``party`` consumes from while connected (presence.py)."""
         return f"{self._job}:present:{_party(party)}"
 
     def party_user(self, party: Party) -> str:
@@ -117,6 +117,6 @@ class RabbitNames:
         me = self.me
         outgoing, incoming = self.queue_pattern(me, None), self.queue_pattern(None, me)
         exchange = f"^{re.escape(self.exchange(me))}$"
-        presence = f"^{re.escape(self.presence(me))}$"
+        presence = f"^{re.escape(self.presence(me))}$"  # declared and consumed by each session
         configure = f"{outgoing}|{incoming}|{exchange}|{presence}"  # own queues both ways, exchange, presence
-        return configure, f"{exchange}|{outgoing}", f"{incoming}|{exchange}"
+        return configure, f"{exchange}|{outgoing}", f"{incoming}|{exchange}|{presence}"

@@ -1,21 +1,21 @@
 """Presence on a RabbitMQ node: is a peer's session connected right now?
 
-Each session (but Spark tasks' extra sessions, ``lane_offset`` > 0) declares an exclusive
-queue ``{job}:present:{role}:{party_id}`` on its connection. The broker deletes an exclusive
-queue the moment its connection closes, a SIGKILLed process's included (the kernel closes its
-sockets), so a passive ``queue.declare`` of a peer's presence queue answers from the node's
-live state: 405 RESOURCE_LOCKED (exclusive to another connection), the peer is connected;
-404, it is not. A passive declare needs no permission on the queue. (The management API's
-connection list was tried first and lags by its statistics interval, ~5 s: a peer that had
-just connected showed as absent.) The check runs on a channel of its own, since a 404 closes
-the channel. A second session of the same party finds the queue locked (405) and tries again
-now and then, so it takes over when the first one ends.
+Every session of a party consumes from the party's presence queue ``{job}:present:{role}:{id}``,
+an auto-delete queue: the broker deletes it the moment its last consumer goes, and a consumer
+goes the moment its connection closes, a SIGKILLed process's included (the kernel closes its
+sockets). A peer asks with a passive ``queue.declare``, answered from the node's live state:
+declare-ok with consumers, the party is connected; 404 (or no consumer), it is not. (The
+management API's connection list was tried first: it lags by its statistics interval, ~5 s,
+so a peer that had just connected showed as absent.) The check runs on a channel of its own,
+since a 404 closes the channel. Sessions of one party (Spark tasks, a restarted process) share
+the queue; one that declares it just as the last other consumer leaves tries again.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+from typing import Any
 
 import pika.exceptions
 from pika.channel import Channel
@@ -27,16 +27,15 @@ from .naming import RabbitNames
 
 log = logging.getLogger("fedtransport.rabbitmq")
 
-_RETRY_LOCKED = 5.0  # seconds before a session of a party already present tries to own the queue again
+_RETRY = 1.0  # seconds before the presence queue is declared again after the broker refused it
 
 
 class Presence:
     """This session's presence queue and passive checks of peers' (see the module docstring)."""
 
-    def __init__(self, connection: RabbitConnection, names: RabbitNames, *, announce: bool) -> None:
+    def __init__(self, connection: RabbitConnection, names: RabbitNames) -> None:
         self._conn = connection
         self._names = names
-        self._announce = announce
         self._epoch = 0  # bumped per connection: a retry timer of an old connection does nothing
         connection.add_listener(self)
 
@@ -44,8 +43,7 @@ class Presence:
 
     def connection_opened(self) -> None:
         self._epoch += 1
-        if self._announce:
-            self._declare(self._epoch)
+        self._declare(self._epoch)
 
     def connection_lost(self) -> None:
         self._epoch += 1
@@ -59,14 +57,14 @@ class Presence:
         name = self._names.presence(self._names.me)
 
         def closed(ch: Channel, exc: BaseException) -> None:
-            if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == 405:
-                self._conn.call_later(_RETRY_LOCKED, lambda: self._declare(epoch))  # another session has it
-            elif isinstance(exc, pika.exceptions.ChannelClosedByBroker):
-                log.warning("the presence queue %s was refused: %s", name, exc)
+            if isinstance(exc, pika.exceptions.ChannelClosedByBroker):  # e.g. deleted between declare and consume
+                log.info("the presence queue %s: %s; declaring it again", name, exc)
+                self._conn.call_later(_RETRY, lambda: self._declare(epoch))
 
         def opened(ch: Channel) -> None:
             ch.add_on_close_callback(closed)
-            ch.queue_declare(name, exclusive=True, auto_delete=True)
+            consume = lambda frame: ch.basic_consume(name, lambda *_: None, auto_ack=True)  # noqa: E731
+            ch.queue_declare(name, auto_delete=True, callback=consume)
 
         self._conn.open_channel(opened)
 
@@ -87,11 +85,11 @@ class Presence:
                 return
 
             def closed(ch: Channel, exc: BaseException) -> None:
-                code = exc.reply_code if isinstance(exc, pika.exceptions.ChannelClosedByBroker) else None
-                settle({404: False, 405: True}.get(code))  # type: ignore[arg-type]
+                gone = isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == 404
+                settle(False if gone else None)
 
-            def declared(frame: object, ch: Channel) -> None:
-                settle(True)
+            def declared(frame: Any, ch: Channel) -> None:
+                settle(frame.method.consumer_count > 0)
                 ch.close()
 
             def opened(ch: Channel) -> None:
