@@ -139,6 +139,7 @@ class Federation:
             return
         self._pool.shutdown(wait=True)
         self._async_pool.shutdown(wait=True)
+        self._presence.close()
         self._inbox.close()  # wakes readers of streamed tables and lanes held back for them
         self._transport.close()
 
@@ -381,12 +382,12 @@ class Federation:
                 while not all(inc.head.done() for inc in claims):  # as in get: arrived is never late
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
-                        raise await asyncio.to_thread(self._timeout, name, tag, claims, timeout)
+                        raise await asyncio.to_thread(self._timeout, name, tag, claims, timeout)  # waits for the broker
                     tick = _WAIT_TICK if left is None else min(_WAIT_TICK, left)
                     _, pending = await asyncio.wait(futures, timeout=tick)
                     if pending:
                         self._watch(claims)
-                        await asyncio.to_thread(self._check_peers, name, tag, claims, timeout)  # asks the broker
+                        self._check_peers(name, tag, claims, timeout)
         return await asyncio.to_thread(self._finish, name, tag, claims, started, timeout)
 
     def _key(self, name: str, tag: str, parties: Party | Sequence[Party]) -> tuple[str, str, list[Party]]:
@@ -463,7 +464,7 @@ class Federation:
         late = [inc for inc in claims if not inc.head.done()]
         missing = {str(inc.src): ("nothing" if inc.assembly.messages == 0 else inc.assembly.describe()) for inc in late}
         if gone is None:
-            self._presence.poll((inc.src for inc in late), force=True)  # as the broker sees it now
+            self._presence.poll((inc.src for inc in late), fresh=True)  # as the broker sees it now
         presence = {str(inc.src): self._presence.state(inc.src) for inc in late}
         notes = {str(inc.src): self._presence.note(inc.src) for inc in late}
         parts = "; ".join(f"from {p}: {what}" + (f" ({notes[p]})" if notes[p] else "") for p, what in missing.items())

@@ -17,6 +17,7 @@ RabbitMQ federated mode): the message then says nothing about it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +28,7 @@ from .party import Party
 __all__ = ["PeerWatch"]
 
 POLL_EVERY = 1.0  # seconds between two checks of one party
+FRESH_WAIT = 2.0  # seconds a timeout waits for a fresh answer before saying what it knew
 
 
 @dataclass
@@ -49,19 +51,44 @@ class PeerWatch:
         self._probe = probe
         self._seen: dict[Party, _Seen] = {}
         self._lock = threading.Lock()
+        # Probes run on a thread of their own, made on first use: a broker slow to answer
+        # never holds a get past its deadline.
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closed = False
 
-    def poll(self, parties: Iterable[Party], *, force: bool = False) -> None:
-        """Check each party not checked in the last second (every one with ``force``)."""
+    def poll(self, parties: Iterable[Party], *, fresh: bool = False) -> None:
+        """Have each party not checked in the last second checked; with ``fresh``, check every one
+        and wait up to ``FRESH_WAIT`` seconds for the answers."""
         now = time.monotonic()
-        for party in parties:
-            with self._lock:
+        due = []
+        with self._lock:
+            if self._closed:
+                return
+            for party in parties:
                 seen = self._seen.setdefault(party, _Seen())
-                if not force and now - seen.checked < POLL_EVERY:
-                    continue
-                seen.checked = now
+                if fresh or now - seen.checked >= POLL_EVERY:
+                    seen.checked = now
+                    due.append((party, seen))
+            if not due:
+                return
+            if self._worker is None:
+                self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ft-presence")
+            job = self._worker.submit(self._check, due)
+        if fresh:
+            concurrent.futures.wait([job], FRESH_WAIT)
+
+    def _check(self, due: list[tuple[Party, _Seen]]) -> None:
+        for party, seen in due:
             present = self._probe(party)
             with self._lock:
                 self._update(seen, present)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
     def _update(seen: _Seen, present: bool | None) -> None:

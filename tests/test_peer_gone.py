@@ -21,6 +21,7 @@ import pytest
 from conftest import GUEST, HOST
 
 import fedtransport as ft
+from fedtransport.presence import FRESH_WAIT
 
 try:
     from tests.rabbit_fixtures import rabbit_installed, rabbit_node, rabbit_opts, rabbit_pool  # by parameter name
@@ -208,3 +209,22 @@ def test_the_memory_backend_cannot_tell(job_id):
         err = timeout_of(h, 0.1)
         assert err.presence == {"guest:9999": "unknown"}
         assert "connected" not in str(err)
+
+
+def test_a_broker_slow_to_answer_does_not_hold_a_get_past_its_deadline(job_id, monkeypatch):
+    """The probes run on a thread of their own: a presence check that hangs (a frozen broker's
+    admin API) delays a timeout by at most ``FRESH_WAIT``, and the party is then "unknown"."""
+    release = threading.Event()
+
+    def hangs(party: ft.Party) -> bool | None:
+        release.wait(60)
+        return True
+
+    with ft.Federation.connect("memory", job_id=job_id, party=HOST) as h:
+        monkeypatch.setattr(h._presence, "_probe", hangs)  # test probe: the session's presence check
+        start = time.monotonic()
+        err = timeout_of(h, 1.5)
+        took = time.monotonic() - start
+        release.set()
+        assert err.presence == {"guest:9999": "unknown"}
+        assert took < 1.5 + FRESH_WAIT + 5, took
