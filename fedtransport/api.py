@@ -463,8 +463,8 @@ class Federation:
     ) -> TransferTimeout:
         late = [inc for inc in claims if not inc.head.done()]
         missing = {str(inc.src): ("nothing" if inc.assembly.messages == 0 else inc.assembly.describe()) for inc in late}
-        if gone is None:
-            self._presence.poll((inc.src for inc in late), fresh=True)  # as the broker sees it now
+        if gone is None:  # as the broker sees it now; timeout=0 (a look at what is there) does not wait for it
+            self._presence.poll((inc.src for inc in late), fresh=bool(timeout))
         presence = {str(inc.src): self._presence.state(inc.src) for inc in late}
         notes = {str(inc.src): self._presence.note(inc.src) for inc in late}
         parts = "; ".join(f"from {p}: {what}" + (f" ({notes[p]})" if notes[p] else "") for p, what in missing.items())
