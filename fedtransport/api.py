@@ -15,12 +15,21 @@ from typing import Any
 
 from .claims import ClaimBook
 from .codec import Compressor, PayloadCodec, Sealer, UnpicklePolicy
-from .errors import BackendError, ConfigError, FederationError, IntegrityError, PeerAborted, TransferTimeout
+from .errors import (
+    BackendError,
+    ConfigError,
+    FederationError,
+    IntegrityError,
+    PeerAborted,
+    PeerGone,
+    TransferTimeout,
+)
 from .framing import FrameWriter, PayloadTransform, chunk_size, control_id, job_fingerprint, transfer_id
 from .identity import pair_keys
 from .inbox import Inbox, Incoming
 from .options import CommonOptions, max_chunk, split_options
 from .party import Party, as_parties, as_party, check_job_id, check_timeout, key_part
+from .presence import PeerWatch
 from .routing import RouteTable
 from .table import Table
 from .transfer import KIND_TABLE, Outgoing, decode_object_transfer, streamed_table, transfer_kind
@@ -77,6 +86,7 @@ class Federation:
             transport, self._job, lambda src: self._transform(src, self.party), options.lanes, window,
             max_streams=options.max_streams,
         )  # fmt: skip
+        self._presence = PeerWatch(transport.peer_present)  # for timeout messages: is a peer still connected?
         self._closed = False
         self._peers: set[Party] = set()  # parties this session sent to or listened to: they hear an abort
         self._peers_heard: set[Party] = set()  # parties whose abort notice we listen for
@@ -129,6 +139,7 @@ class Federation:
             return
         self._pool.shutdown(wait=True)
         self._async_pool.shutdown(wait=True)
+        self._presence.close()
         self._inbox.close()  # wakes readers of streamed tables and lanes held back for them
         self._transport.close()
 
@@ -345,6 +356,7 @@ class Federation:
                             break
                         except concurrent.futures.TimeoutError:
                             self._watch(claims)
+                            self._check_peers(name, tag, claims, timeout)
                         except FederationError:
                             break  # surfaced by _finish, after the handover
         return self._finish(name, tag, claims, started, timeout)
@@ -370,11 +382,12 @@ class Federation:
                 while not all(inc.head.done() for inc in claims):  # as in get: arrived is never late
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
-                        raise self._timeout(name, tag, claims, timeout)
+                        raise await asyncio.to_thread(self._timeout, name, tag, claims, timeout)  # waits for the broker
                     tick = _WAIT_TICK if left is None else min(_WAIT_TICK, left)
                     _, pending = await asyncio.wait(futures, timeout=tick)
                     if pending:
                         self._watch(claims)
+                        self._check_peers(name, tag, claims, timeout)
         return await asyncio.to_thread(self._finish, name, tag, claims, started, timeout)
 
     def _key(self, name: str, tag: str, parties: Party | Sequence[Party]) -> tuple[str, str, list[Party]]:
@@ -435,16 +448,38 @@ class Federation:
         for src in {inc.src for inc in claims if self._inbox.stalled(inc, after)}:
             self._inbox.redeliver(src)
 
-    def _timeout(self, name: str, tag: str, claims: list[Incoming], timeout: float | None) -> TransferTimeout:
-        missing = {
-            str(inc.src): ("nothing" if inc.assembly.messages == 0 else inc.assembly.describe())
-            for inc in claims
-            if not inc.head.done()
-        }
-        parts = "; ".join(f"from {p}: {what}" for p, what in missing.items())
+    def _check_peers(self, name: str, tag: str, claims: list[Incoming], timeout: float | None) -> None:
+        """Ask the broker about the parties still waited for; ``PeerGone`` for one gone too long."""
+        late = [inc.src for inc in claims if not inc.head.done()]
+        self._presence.poll(late)
+        after = self._opts.peer_gone_after
+        for src in late:
+            gone = self._presence.gone_for(src)
+            if after is not None and gone is not None and gone >= after:
+                raise self._timeout(name, tag, claims, timeout, gone=src)
+
+    def _timeout(
+        self, name: str, tag: str, claims: list[Incoming], timeout: float | None, gone: Party | None = None
+    ) -> TransferTimeout:
+        late = [inc for inc in claims if not inc.head.done()]
+        missing = {str(inc.src): ("nothing" if inc.assembly.messages == 0 else inc.assembly.describe()) for inc in late}
+        if gone is None:  # as the broker sees it now; timeout=0 (a look at what is there) does not wait for it
+            self._presence.poll((inc.src for inc in late), fresh=bool(timeout))
+        presence = {str(inc.src): self._presence.state(inc.src) for inc in late}
+        notes = {str(inc.src): self._presence.note(inc.src) for inc in late}
+        parts = "; ".join(f"from {p}: {what}" + (f" ({notes[p]})" if notes[p] else "") for p, what in missing.items())
+        if gone is not None:
+            return PeerGone(
+                f"get(name={name!r}, tag={tag!r}) in job {self.job_id} stopped waiting: {gone} was gone from the "
+                f"broker for {self._opts.peer_gone_after} s (peer_gone_after); not complete: {parts}",
+                missing,
+                presence,
+                gone,
+            )
         return TransferTimeout(
             f"get(name={name!r}, tag={tag!r}) in job {self.job_id} timed out after {timeout} s; not complete: {parts}",
             missing,
+            presence,
         )
 
     def _finish(self, name: str, tag: str, claims: list[Incoming], started: float, timeout: float | None) -> list[Any]:

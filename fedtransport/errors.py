@@ -38,12 +38,38 @@ class TransferTimeout(FederationError, TimeoutError):
     """A ``get`` did not complete in time.
 
     ``missing`` maps each party not fully heard from to a short description of
-    what did arrive (``"nothing"`` or ``"12 of 64 messages"``).
+    what did arrive (``"nothing"`` or ``"12 of 64 messages"``). ``presence`` maps each of them
+    to what the broker showed of its connection: ``"connected"``, ``"gone"`` (connected, then
+    disconnected: a process killed outright), ``"absent"`` (not seen connected) or
+    ``"unknown"`` (the backend cannot tell); see docs/reliability.md.
     """
 
-    def __init__(self, message: str, missing: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, missing: dict[str, str] | None = None, presence: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.missing = dict(missing or {})
+        self.presence = dict(presence or {})
+
+
+class PeerGone(TransferTimeout):
+    """A ``get`` stopped waiting: a party it waited for was seen connected to the broker and then
+    not, for ``peer_gone_after`` seconds (a process killed outright sends no abort notice).
+
+    A ``TransferTimeout`` (also a ``TimeoutError``), with ``missing`` and ``presence``; ``party`` is
+    the peer. Unlike :class:`PeerAborted` nothing is failed for good: what arrived stays, and a
+    later ``get`` waits again (for a restarted peer).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        missing: dict[str, str] | None = None,
+        presence: dict[str, str] | None = None,
+        party: Party | None = None,
+    ) -> None:
+        super().__init__(message, missing, presence)
+        self.party = party
 
 
 class SerializationError(FederationError, TypeError):

@@ -320,6 +320,11 @@ COMMON_OPTIONS = OptionSpec(
            "a transfer that a `get` waits for and that makes no progress this long makes the receiver ask the "
            "broker to redeliver",
            unit="seconds"),
+    Option("peer_gone_after", float, 30.0,
+           "a `get` stops waiting with `PeerGone` once a party it waits for was seen connected to the broker "
+           "and then not for this long (a process killed outright); `None`: never "
+           "([reliability.md](reliability.md#a-peer-killed-outright))",
+           unit="seconds", nullable=True),
     Option("max_streams", int, DEFAULT_MAX_STREAMS,
            "the most streams a received transfer may declare (a table: one per partition, plus one), so a "
            "forged header cannot make a `get` build millions of partitions ([security.md](security.md))",
@@ -343,6 +348,7 @@ class CommonOptions:
     lane_offset: int
     send_workers: int
     redelivery_after: float
+    peer_gone_after: float | None
     max_streams: int
 
 

@@ -49,6 +49,11 @@ def lanes(src: ft.Party, dst: ft.Party, job_id: str, n: int = 4) -> set[str]:
     }
 
 
+def presence(job_id: str, *parties: ft.Party) -> set[str]:
+    """Each connected party's presence topic (fedtransport/transport/pulsar/presence.py)."""
+    return {f"persistent://fl-tenant/{job_id}/present-{p.role}-{p.party_id}" for p in parties}
+
+
 def test_shared_object_and_table_roundtrip(broker, job_id):
     with connect(job_id, GUEST, broker) as g, connect(job_id, HOST, broker) as h:
         obj = {"w": np.arange(1000.0), "meta": ("lr", 0.1)}
@@ -59,8 +64,9 @@ def test_shared_object_and_table_roundtrip(broker, job_id):
         [t] = h.get("t", "0", [GUEST], timeout=60)
         assert np.array_equal(w["w"], obj["w"]) and w["meta"] == ("lr", 0.1)
         assert t == table
-        # parties x lanes topics, each with host's one durable subscription
-        assert set(read(broker, f"/admin/v2/persistent/fl-tenant/{job_id}")) == lanes(GUEST, HOST, job_id)
+        # parties x lanes topics, each with host's one durable subscription, and a presence topic per party
+        topics = set(read(broker, f"/admin/v2/persistent/fl-tenant/{job_id}"))
+        assert topics == lanes(GUEST, HOST, job_id) | presence(job_id, GUEST, HOST)
         for topic in lanes(GUEST, HOST, job_id):
             stats = read(broker, f"/admin/v2/persistent/{topic.split('://')[1]}/stats")
             assert list(stats["subscriptions"]) == ["fedtransport-host-10000"]
@@ -140,7 +146,8 @@ def test_control_plane_sets_up_the_namespace_and_cleanup_deletes_it(broker, job_
         h.remote(np.ones(600_000), "x", "0", [GUEST])
         assert np.array_equal(h.get("x", "0", [GUEST], timeout=60)[0], np.zeros(600_000))
         assert np.array_equal(g.get("x", "0", [HOST], timeout=60)[0], np.ones(600_000))
-        assert set(read(broker, f"{ns}/topics")) == lanes(GUEST, HOST, job_id) | lanes(HOST, GUEST, job_id)
+        lane_topics = lanes(GUEST, HOST, job_id) | lanes(HOST, GUEST, job_id)
+        assert set(read(broker, f"{ns}/topics")) == lane_topics | presence(job_id, GUEST, HOST)
         # Host's producers and consumers are still connected and reconnect when their topics go:
         # cleanup must not let them create the topics again, or the namespace would not be empty.
         g.cleanup()

@@ -141,8 +141,9 @@ def test_shared_object_and_table_roundtrip(pool_nodes, job_id):
         assert t == table
         vhost = transport(g).vhost
         queues = {q["name"]: q for q in admin_of(node).list_queues(vhost)}
-        assert set(queues) == {f"{job_id}:guest:9999:host:10000:{lane}" for lane in range(4)}
-        assert all(q["durable"] for q in queues.values())
+        present = {f"{job_id}:present:guest:9999", f"{job_id}:present:host:10000"}  # auto-delete, see presence.py
+        assert set(queues) == {f"{job_id}:guest:9999:host:10000:{lane}" for lane in range(4)} | present
+        assert all(q["durable"] for name, q in queues.items() if name not in present)
         # the data plane runs as the job's own users, not as the admin
         users = {f"{vhost}:guest:9999", f"{vhost}:host:10000"}
         wait_for(lambda: connection_users(node, vhost) == users, "the job users' connections")
@@ -503,6 +504,9 @@ def test_names_and_permissions():
     assert re.match(read, "job-1.a:guest:9999") and not re.match(read, "job-1.a:host:10000")
     assert re.match(configure, t.queue(GUEST, HOST, 0)) and re.match(configure, t.queue(HOST, GUEST, 1))
     assert not re.match(configure, t.queue(HOST, ARBITER, 0))
+    presence = t.names.presence(GUEST)  # its own presence queue only
+    assert re.match(configure, presence) and re.match(read, presence) and not re.match(write, presence)
+    assert not re.match(configure, t.names.presence(HOST)) and not re.match(read, t.names.presence(HOST))
     assert not re.match(read, t.queue(HOST, GUEST, 0).replace("job-1.a", "job-1xa"))  # dots are literal
 
 

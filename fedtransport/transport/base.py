@@ -127,6 +127,14 @@ class Transport(ABC):
         """
         return set()
 
+    def peer_present(self, party: Party) -> bool | None:
+        """Whether ``party`` has a session connected to the broker right now, as the broker sees it.
+
+        ``None``: this backend cannot tell. Used for timeout messages (fedtransport/presence.py);
+        it must return within a few seconds, also when the broker is down.
+        """
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Release connections; idempotent. Broker-side resources stay."""

@@ -65,6 +65,7 @@ Modules of this package (each imports only modules listed below it)
     ``management``  the control plane: tenant, namespace and its policies, replication
                     clusters and peer registration, waiting for replicators, inventory, cleanup
     ``publisher``   producers per lane, the send window of receipts, producer replacement
+    ``presence``    the session's presence producer; is a peer connected right now?
     ``consumer``    lane consumers: subscribe, the receive loops, ack, redeliver
     ``connection``  the pulsar-client connections, their log, the credentials check
     ``admin``       ``PulsarAdmin``, the admin REST v2 client (and reading a token)
@@ -91,6 +92,7 @@ from .doctor import PulsarOperatorHooks
 from .management import PulsarManagement
 from .naming import PulsarNames
 from .options import PULSAR_OPTIONS
+from .presence import Presence
 from .publisher import Publisher
 
 __all__ = ["PulsarAdmin", "PulsarManagement", "PulsarNames", "PulsarTransport"]
@@ -133,6 +135,8 @@ class PulsarTransport(PulsarOperatorHooks):
             on_new_producer=self.management.await_replicator if self.mode == "replication" else None,
         )
         self.consumers = Consumers(self.clients, self.names, ctx.party, o, closed=self._closed)
+        # In direct and replication modes a peer's presence is on its own broker, not ours.
+        self.presence = Presence(self.clients, self.names, o, usable=self.mode == "shared")
 
     def _check_options(self, o: dict[str, Any]) -> None:
         """What depends on more than one option; each value was checked by ``PULSAR_OPTIONS``."""
@@ -165,6 +169,7 @@ class PulsarTransport(PulsarOperatorHooks):
         note = check_credentials(url, self.ctx.options)
         own = self.topic(self.ctx.party, self.ctx.party, 0)
         pulsar_call(f"reaching {url}{note}", lambda: self.clients.client(url).get_topic_partitions(own))
+        self.presence.announce(self.ctx.party, url)  # every session: Spark's tasks' too
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -214,6 +219,9 @@ class PulsarTransport(PulsarOperatorHooks):
 
     def redeliver(self, src: Party, lane: int) -> None:
         self.consumers.redeliver(src, lane)
+
+    def peer_present(self, party: Party) -> bool | None:
+        return None if self._closed.is_set() else self.presence.present(party)
 
     def describe(self) -> str:
         return f"pulsar {self.mode} via {self.clients.service_url}"

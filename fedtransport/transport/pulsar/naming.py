@@ -5,7 +5,8 @@ has to be looked up: the job's namespace ``{tenant}/{job_id}``, its topics
 ``persistent://{tenant}/{job_id}/{src_role}-{src_id}-{dst_role}-{dst_id}-{lane}`` (parties x
 lanes per job, never one per variable or partition; ``lane_offset`` shifts the lane number so
 that sessions of one job, such as Spark tasks, own disjoint topics), and a receiving party's
-durable subscription ``fedtransport-{role}-{party_id}``.
+durable subscription ``fedtransport-{role}-{party_id}``. A party's presence topic
+``present-{role}-{party_id}`` (presence.py) has three parts, a lane's topic five.
 
 ``-`` separates the parts, and roles and party ids may hold ``-`` too: ``("a-b", "c")`` and
 ``("a", "b-c")`` would share every name. So inside a part ``-`` is written ``=``, which no id
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from ...party import Party
 
-__all__ = ["PulsarNames"]
+__all__ = ["PulsarNames", "party_part"]
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,15 @@ class PulsarNames:
     lane_offset: int = 0
 
     def topic(self, src: Party, dst: Party, lane: int) -> str:
-        name = f"{_party(src)}-{_party(dst)}-{lane + self.lane_offset}"
+        name = f"{party_part(src)}-{party_part(dst)}-{lane + self.lane_offset}"
         return f"persistent://{self.tenant}/{self.namespace}/{name}"
 
     @staticmethod
     def subscription(party: Party) -> str:
         """The durable subscription ``party`` receives on, the same on every lane."""
-        return f"fedtransport-{_party(party)}"
+        return f"fedtransport-{party_part(party)}"
 
 
-def _party(p: Party) -> str:
+def party_part(p: Party) -> str:
     """``role-party_id``, a ``-`` inside either written ``=``: the separators stay unambiguous."""
     return f"{p.role.replace('-', '=')}-{p.party_id.replace('-', '=')}"

@@ -79,6 +79,7 @@ Modules of this package (each imports only modules listed below it)
     ``admin``       ``RabbitAdmin``, the management HTTP API client
     ``publisher``   the confirming publish channel and the send window
     ``consumer``    lane consumers: qos, acks, recover
+    ``presence``    the party's presence queue; is a peer connected right now?
     ``connection``  the pika I/O thread, posting work onto it, reconnect with back-off
     ``naming``      names of the job's queues, exchanges, users and their permission patterns
     ``options``     the option spec: every key's type, range, default and doc line
@@ -102,6 +103,7 @@ from .doctor import RabbitOperatorHooks
 from .management import RabbitManagement, derive_password
 from .naming import RabbitNames
 from .options import FED_SSL_KEYS, RABBITMQ_OPTIONS
+from .presence import Presence
 from .publisher import Publisher
 
 __all__ = ["DEFAULT_FEDERATION_PREFETCH", "RabbitAdmin", "RabbitManagement", "RabbitNames", "RabbitTransport"]
@@ -176,6 +178,8 @@ class RabbitTransport(RabbitOperatorHooks):
             prefetch_bytes=o["prefetch_bytes"],
             max_size=ctx.max_message_size,
         )
+
+        self.presence = Presence(self.connection, self.names)
 
     # options -------------------------------------------------------------------------------
 
@@ -275,6 +279,11 @@ class RabbitTransport(RabbitOperatorHooks):
             self.management.warn_about_links(src)
         if not self.connection.closed:
             self.consumers.redeliver(src, lane)
+
+    def peer_present(self, party: Party) -> bool | None:
+        if self._federated or self.connection.closed:
+            return None  # a federated peer is connected to its own node, which we do not ask
+        return self.presence.present(party, min(self.connection.connect_timeout, 5.0))
 
     @property
     def _ops(self) -> Sized:

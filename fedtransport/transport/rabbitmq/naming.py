@@ -80,6 +80,10 @@ class RabbitNames:
         """The exchange ``src`` publishes to: only its own queues are bound to it."""
         return f"{self._job}:{_party(src)}"
 
+    def presence(self, party: Party) -> str:
+        """The auto-delete queue every session of ``party`` consumes from while connected (presence.py)."""
+        return f"{self._job}:present:{_party(party)}"
+
     def party_user(self, party: Party) -> str:
         return f"{self._user_base}:{_party(party)}"
 
@@ -113,5 +117,6 @@ class RabbitNames:
         me = self.me
         outgoing, incoming = self.queue_pattern(me, None), self.queue_pattern(None, me)
         exchange = f"^{re.escape(self.exchange(me))}$"
-        configure = f"{outgoing}|{incoming}|{exchange}"  # declare own queues, both ways, and the exchange
-        return configure, f"{exchange}|{outgoing}", f"{incoming}|{exchange}"
+        presence = f"^{re.escape(self.presence(me))}$"  # declared and consumed by each session
+        configure = f"{outgoing}|{incoming}|{exchange}|{presence}"  # own queues both ways, exchange, presence
+        return configure, f"{exchange}|{outgoing}", f"{incoming}|{exchange}|{presence}"
