@@ -269,11 +269,13 @@ class Federation:
                 tid = control_id(self.job_id, notice, str(self.party), str(dst))
             else:
                 tid = transfer_id(self.job_id, name, tag, str(self.party), str(dst))
-            log.debug(
-                "sending %s/%s %s -> %s: transfer %s, %s, %d streams",
-                name, tag, self.party, dst, tid.hex(),
-                "table" if out.table is not None else f"object of {total and total // len(dsts)} bytes", out.nstreams,
-            )  # fmt: skip
+            if log.isEnabledFor(logging.DEBUG):  # its arguments cost more than a small object's framing
+                log.debug(
+                    "sending %s/%s %s -> %s: transfer %s, %s, %d streams",
+                    name, tag, self.party, dst, tid.hex(),
+                    "table" if out.table is not None else f"object of {total and total // len(dsts)} bytes",
+                    out.nstreams,
+                )  # fmt: skip
             writer = FrameWriter(self._job, tid, out.nstreams, transform)
             limit = max_chunk(self._opts, transform.overhead)
             for lane, messages in out.lane_messages(writer, self._opts.lanes, limit).items():
@@ -302,11 +304,12 @@ class Federation:
         nbytes, nmsgs = counter.bytes, counter.messages
         self._stats["bytes_sent"] += nbytes
         self._stats["messages_sent"] += nmsgs
-        elapsed = time.perf_counter() - started
-        log.info(
-            "sent %s/%s to %s: %d bytes in %d messages, %.3f s, %.1f MB/s",
-            name, tag, ",".join(map(str, dsts)), nbytes, nmsgs, elapsed, nbytes / 1e6 / max(elapsed, 1e-9),
-        )  # fmt: skip
+        if log.isEnabledFor(logging.INFO):
+            elapsed = time.perf_counter() - started
+            log.info(
+                "sent %s/%s to %s: %d bytes in %d messages, %.3f s, %.1f MB/s",
+                name, tag, ",".join(map(str, dsts)), nbytes, nmsgs, elapsed, nbytes / 1e6 / max(elapsed, 1e-9),
+            )  # fmt: skip
 
     async def remote_async(
         self, obj: Any, name: str, tag: str, parties: Party | Sequence[Party], *, progress: ProgressFn | None = None
@@ -400,7 +403,8 @@ class Federation:
         for src in srcs:
             self._listen(src)
             tid = transfer_id(self.job_id, name, tag, str(src), str(self.party))
-            log.debug("getting %s/%s %s -> %s: transfer %s", name, tag, src, self.party, tid.hex())
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("getting %s/%s %s -> %s: transfer %s", name, tag, src, self.party, tid.hex())
             claims.append(self._inbox.claim(tid, src))
         if progress is not None:
             report = _progress_of(claims, progress)
@@ -507,13 +511,14 @@ class Federation:
             values.append(value)
         if first_error is not None:
             raise first_error
-        elapsed = time.perf_counter() - started
-        nbytes = sum(inc.assembly.bytes for inc in claims)
-        log.info(
-            "got %s/%s from %s: %d bytes in %d messages, %.3f s, %.1f MB/s",
-            name, tag, ",".join(str(i.src) for i in claims), nbytes, sum(i.assembly.messages for i in claims),
-            elapsed, nbytes / 1e6 / max(elapsed, 1e-9),
-        )  # fmt: skip
+        if log.isEnabledFor(logging.INFO):
+            elapsed = time.perf_counter() - started
+            nbytes = sum(inc.assembly.bytes for inc in claims)
+            log.info(
+                "got %s/%s from %s: %d bytes in %d messages, %.3f s, %.1f MB/s",
+                name, tag, ",".join(str(i.src) for i in claims), nbytes, sum(i.assembly.messages for i in claims),
+                elapsed, nbytes / 1e6 / max(elapsed, 1e-9),
+            )  # fmt: skip
         return values
 
     def _streamed_table(self, name: str, tag: str, inc: Incoming, timeout: float | None) -> Table:

@@ -289,7 +289,8 @@ COMMON_OPTIONS = OptionSpec(
            range=(64 * KiB, 512 * MiB), unit="bytes"),
     Option("compression", object, "lz4",
            "lz4 per message. A 64 KiB sample is tried first, and a chunk travels compressed only if that saves "
-           "at least 10 %. Receivers decompress whatever is flagged, whatever their own setting.",
+           "at least 10 %; a chunk under 4 KiB travels raw. Receivers decompress whatever is flagged, whatever "
+           "their own setting.",
            choices=("lz4", "none", None)),
     Option("allow", object, (),
            "classes a receiver may unpickle on top of the built-in allow-list ([security.md](security.md))",

@@ -323,3 +323,13 @@ def test_pickle_protocol_is_5():
     unit = encode_object({"a": 1})
     raw = unit.tobytes()
     assert pickle.PROTO[0] in raw and b"\x80\x05" in raw
+
+
+def test_compressor_leaves_chunks_under_4_kib_raw():
+    """A small chunk is not worth lz4 (nor its GIL hand-off): compressible or not, it travels raw."""
+    c = Compressor(True)
+    assert c.compress(bytes(4095)) is None
+    assert c.compress([bytes(2048), memoryview(bytes(2047))]) is None
+    packed = c.compress([bytes(2048), memoryview(bytes(2048))])  # 4 KiB: tried, and it pays
+    assert packed is not None and decompress(packed, 4096) == bytes(4096)
+    assert Compressor(True, min_size=512).compress(bytes(1024)) is not None

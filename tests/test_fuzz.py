@@ -60,8 +60,10 @@ CRC_AT = HEADER_SIZE - 4
 
 TRANSFORMS = {
     "raw": PayloadCodec(Compressor(False)),
-    "lz4": PayloadCodec(Compressor(True, sample=1024)),
-    "sealed": PayloadCodec(Compressor(True, sample=1024), Sealer(SECRET, JOB_ID).for_pair(str(SRC), str(DST))),
+    "lz4": PayloadCodec(Compressor(True, sample=1024, min_size=512)),
+    "sealed": PayloadCodec(
+        Compressor(True, sample=1024, min_size=512), Sealer(SECRET, JOB_ID).for_pair(str(SRC), str(DST))
+    ),
 }
 
 
@@ -96,7 +98,10 @@ RECORDS = [
     [(np.float64(i), {"i": i}) for i in range(40)],
 ]
 BATCHES = [u.tobytes() for records in RECORDS for u, _ in ft.codec.encode_records(iter(records), 600)]
-LZ4 = [Compressor(True, sample=512).compress(b"abc" * 400 + bytes(range(200))), Compressor(True).compress(bytes(5000))]
+LZ4 = [
+    Compressor(True, sample=512, min_size=512).compress(b"abc" * 400 + bytes(range(200))),
+    Compressor(True).compress(bytes(5000)),
+]
 SEALED = [Sealer.seal(TRANSFORMS["sealed"]._aead, b"secret chunk " * 20, b"header as aad")]
 PICKLE_OPCODES = b"()NKJMC\x8c\x93\x94hqRbs]}\x85\x86\x87tela\x81\x92\x95\x96\x97\x98.\x80\x8a\x8b\x88\x89"
 

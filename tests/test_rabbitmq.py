@@ -167,6 +167,34 @@ def test_lane_qos_rises_for_small_messages_and_falls_for_big_ones(pool_nodes, jo
     g.cleanup()
 
 
+def test_a_small_remote_wakes_the_io_thread_once(pool_nodes, job_id, monkeypatch):
+    """A one-message remote hands its message to the I/O thread and nothing else: the books are
+    kept and cleared without hops of their own (each hop was a share of a small transfer's time)."""
+    node = pool_nodes[0]
+    with connect(job_id, GUEST, node) as g, connect(job_id, HOST, node) as h:
+        g.remote(b"warm", "warm", "0", [HOST])  # declares the lane's queue and binding
+        io = transport(g).connection
+        posted: list[Any] = []
+        real_post = io.post
+
+        def counting_post(fn: Any) -> None:
+            if threading.get_ident() != io._io_ident:
+                posted.append(fn)
+            real_post(fn)
+
+        monkeypatch.setattr(io, "post", counting_post)
+        for i in range(20):
+            before = len(posted)
+            g.remote(bytes(1024) + bytes([i]), "small", str(i), [HOST])
+            # the message; and, only when its confirm overtook the caller's last step, a forget
+            assert len(posted) - before <= 2, [getattr(fn, "func", fn) for fn in posted[before:]]
+            wait_for(lambda: transport(g).publisher.in_flight == 0, "the books cleared")
+        assert len(posted) <= 25, [getattr(fn, "func", fn) for fn in posted]  # was 3 hops each
+        got = [h.get("small", str(i), [GUEST], timeout=30)[0] for i in range(20)]
+        assert got == [bytes(1024) + bytes([i]) for i in range(20)]
+    g.cleanup()
+
+
 def test_federated_object_and_table_roundtrip(pool_nodes, job_id):
     a, b = pool_nodes[0], pool_nodes[1]
     with (

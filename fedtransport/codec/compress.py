@@ -2,8 +2,11 @@
 
 A 64 KiB sample of each chunk is compressed first (tens of microseconds); when it
 does not shrink by at least 10 % the chunk is sent raw, so float arrays and
-ciphertext cost nothing. Decompression is bounded by the length the frame header
-promises, so a hostile peer cannot make us inflate a bomb.
+ciphertext cost nothing. A chunk under 4 KiB is not tried at all: it saves at most
+a few KiB of a message whose cost is its broker round trip, and lz4 lets go of the
+GIL, which on a small transfer's path hands it to the I/O thread. Decompression is
+bounded by the length the frame header promises, so a hostile peer cannot make us
+inflate a bomb.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ __all__ = ["Compressor", "decompress"]
 
 SAMPLE = 64 * 1024
 MIN_SAVING = 0.10
+MIN_SIZE = 4096  # smaller chunks travel raw (see the module docstring)
 
 
 class Compressor:
-    def __init__(self, enabled: bool = True, *, sample: int = SAMPLE, min_saving: float = MIN_SAVING) -> None:
+    def __init__(
+        self, enabled: bool = True, *, sample: int = SAMPLE, min_saving: float = MIN_SAVING, min_size: int = MIN_SIZE
+    ) -> None:
         self.enabled = enabled
         self._sample = sample
         self._keep = 1.0 - min_saving
+        self._min_size = min_size
 
     def compress(self, chunk: bytes | memoryview | Sequence[bytes | memoryview]) -> bytes | None:
         """Compressed bytes, or ``None`` when the chunk should travel raw.
@@ -35,7 +42,7 @@ class Compressor:
         """
         pieces = [chunk] if isinstance(chunk, (bytes, bytearray, memoryview)) else chunk
         n = sum(len(p) for p in pieces)
-        if not self.enabled or n < 512:
+        if not self.enabled or n < self._min_size:
             return None
         if n > self._sample:
             probe = lz4.block.compress(_head(pieces, self._sample), store_size=False)
