@@ -546,21 +546,30 @@ class Federation:
         return True
 
 
+class _Rising:
+    """A caller's progress callback, called by several threads (the caller's and each lane's):
+    one call at a time, and never a smaller figure after a larger one, which two threads'
+    counts taken at once could otherwise be reported as."""
+
+    def __init__(self, progress: ProgressFn) -> None:
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._reported = -1
+
+    def __call__(self, done: int, total: int | None) -> None:
+        with self._lock:
+            if done > self._reported:
+                self._reported = done
+                self._progress(done, total)
+
+
 def _progress_of(claims: list[Incoming], progress: ProgressFn) -> Callable[[], None]:
-    # Called by the get's own thread and by every lane's delivery thread: one at a time, and
-    # never a smaller figure after a larger one (two threads' sums could pass each other).
-    lock = threading.Lock()
-    reported = -1
+    rising = _Rising(progress)
 
     def report() -> None:
-        nonlocal reported
-        with lock:
-            sizes = [inc.assembly.value_size for inc in claims]
-            total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
-            done = sum(inc.assembly.value_bytes for inc in claims)
-            if done > reported:
-                reported = done
-                progress(done, total)
+        sizes = [inc.assembly.value_size for inc in claims]
+        total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+        rising(sum(inc.assembly.value_bytes for inc in claims), total)
 
     return report
 
@@ -570,7 +579,7 @@ class _Counting:
 
     def __init__(self, total: int | None, progress: ProgressFn | None) -> None:
         self.total = total
-        self.progress = progress
+        self.progress = None if progress is None else _Rising(progress)
         self.bytes = 0  # as on the wire
         self.messages = 0
         self.done = 0  # uncompressed payload

@@ -519,6 +519,25 @@ def test_lane_offset_gives_sessions_of_one_job_lanes_of_their_own(job_id):
         connect(job_id, GUEST, lane_offset=-1)
 
 
+def test_progress_figures_reported_by_several_threads_only_rise():
+    """A remote's lanes and a get's delivery threads report progress at once: a caller sees one
+    call at a time, each figure above the one before, and the last one."""
+    import random
+
+    from fedtransport.api import _Rising
+
+    seen: list[int] = []
+    rising = _Rising(lambda done, total: seen.append(done))
+    figures = list(range(1, 4001))
+    random.Random(7).shuffle(figures)
+    threads = [threading.Thread(target=lambda part=figures[i::8]: [rising(f, None) for f in part]) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == sorted(set(seen)) and seen[-1] == 4000
+
+
 def test_progress_callbacks_report_bytes_done_and_total(job_id):
     sent, got = [], []
     with connect(job_id, GUEST, max_message_size=1 << 20) as g, connect(job_id, HOST, max_message_size=1 << 20) as h:
