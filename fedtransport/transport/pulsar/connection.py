@@ -120,7 +120,11 @@ def bounded(call: Callable[[], _T], timeout: float, message: str, late: Callable
         if abandoned and result[0]:
             late(result[1])
 
-    threading.Thread(target=run, name="ft-pulsar-call", daemon=True).start()
+    # Not a daemon: the interpreter's exit waits for it. A daemon thread still inside the
+    # client's C++ call at exit is stopped when it comes back for the GIL, which aborts the
+    # process ("terminate called without an active exception"); the wait is at most the
+    # client's operation timeout, and only after a caller already gave up on a dead broker.
+    threading.Thread(target=run, name="ft-pulsar-call").start()
     if not done.wait(timeout):
         with lock:
             if not done.is_set():
