@@ -14,6 +14,7 @@ keyword arguments of ``pulsar.Client``.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -98,6 +99,21 @@ def pulsar_call(what: str, call: Callable[[], Any]) -> Any:
         raise BackendError(f"Pulsar: {what} failed: {exc}", broker_message=str(exc)) from exc
 
 
+# Calls given up on and maybe still inside the C++ client. A daemon thread that comes back
+# from it for the GIL while the interpreter shuts down aborts the process ("terminate called
+# without an active exception"), so exit gives them a bounded while to finish first; one that
+# never comes back (a call on a client closed under it) is left, which does not abort.
+_abandoned: set[threading.Thread] = set()
+_EXIT_WAIT = 10.0
+
+
+@atexit.register
+def _let_abandoned_calls_finish() -> None:
+    deadline = time.monotonic() + _EXIT_WAIT
+    for worker in list(_abandoned):
+        worker.join(max(0.0, deadline - time.monotonic()))
+
+
 def bounded(call: Callable[[], _T], timeout: float, message: str, late: Callable[[_T], None]) -> _T:
     """``call()``, waited for at most ``timeout`` seconds, then :class:`TimeoutError` ``message``.
 
@@ -119,16 +135,15 @@ def bounded(call: Callable[[], _T], timeout: float, message: str, late: Callable
             abandoned = len(box) > 1
         if abandoned and result[0]:
             late(result[1])
+        _abandoned.discard(threading.current_thread())
 
-    # Not a daemon: the interpreter's exit waits for it. A daemon thread still inside the
-    # client's C++ call at exit is stopped when it comes back for the GIL, which aborts the
-    # process ("terminate called without an active exception"); the wait is at most the
-    # client's operation timeout, and only after a caller already gave up on a dead broker.
-    threading.Thread(target=run, name="ft-pulsar-call").start()
+    worker = threading.Thread(target=run, name="ft-pulsar-call", daemon=True)
+    worker.start()
     if not done.wait(timeout):
         with lock:
             if not done.is_set():
                 box.append((False, None))  # marks the call abandoned
+                _abandoned.add(worker)
                 raise TimeoutError(message)
     ok, value = box[0]
     if ok:
