@@ -35,6 +35,7 @@ from fedtransport.brokers.standalone import (
     pulsar_cache_root,
     resolve_pulsar,
 )
+from fedtransport.brokers.standalone_config import DEFAULT_MAX_MESSAGE_SIZE, broker_config, journal_buffers
 from fedtransport.errors import BackendError, ConfigError
 
 try:
@@ -317,3 +318,19 @@ def test_tls_accepts_files_made_by_fedtransport_certs(tmp_path: Path) -> None:
         PulsarStandalone(tls={"cert": party.cert, "key": party.key})
     with pytest.raises(ConfigError, match="must be True, a mapping"):
         PulsarStandalone(tls=party)  # CertPaths carries no CA: pass a mapping with the star's CA
+
+
+# ---------------------------------------------------------------------------- crash safety
+def test_journal_buffer_holds_a_whole_entry_of_the_largest_message() -> None:
+    """The journal flushes after ``threshold`` bytes of entries, so a buffer of threshold plus
+    a whole entry never has to write one entry in two pieces (see journal_buffers)."""
+    for size in (64 * 1024, DEFAULT_MAX_MESSAGE_SIZE, 100 * 2**20):
+        keys = journal_buffers(size)
+        assert keys["journalWriteBufferSizeKB"] * 1024 >= keys["journalBufferedWritesThreshold"] + size + 2**16
+    conf = broker_config(cluster="c", run_dir=Path("/nonexistent"), ports={"broker": 1, "web": 2},
+                         tls_paths=None, secret=None, superuser="su",
+                         extra={"maxMessageSize": 20 * 2**20})  # fmt: skip
+    assert int(conf["journalWriteBufferSizeKB"]) * 1024 >= 20 * 2**20 + int(conf["journalBufferedWritesThreshold"])
+    with pytest.raises(ConfigError, match="maxMessageSize"):
+        broker_config(cluster="c", run_dir=Path("/nonexistent"), ports={"broker": 1, "web": 2},
+                      tls_paths=None, secret=None, superuser="su", extra={"maxMessageSize": "big"})  # fmt: skip

@@ -329,12 +329,7 @@ def fault_table() -> ft.Table:
 
 # Once, in a full-suite run, the client never called back for some messages after the restart;
 # remote() now sends those again after 1.5 × send_timeout (test_pulsar_lost_receipts_...).
-@pytest.mark.quarantine(
-    reason="the restarted standalone broker now and then cannot recover one lane's ledger "
-    "(BrokerPersistenceError: 'Error while recovering ledger error code: -10') and refuses that "
-    "topic's producer and consumer until the test's 300 s run out: 2 of 5 runs under load on "
-    "2026-12-05, 1 of 2 CI rehearsals on 2026-12-06; the client kept retrying correctly"
-)
+@pytest.mark.timeout(600)  # a loaded 2-core machine: the broker reboots in 6-60 s
 def test_pulsar_broker_sigkilled_and_restarted_mid_transfer(pulsar_broker, job_id):
     """An object and a table in flight, every lane 8 messages in, the receiver subscribed: the
     broker dies (SIGKILL), the rest is published while it is down and while it boots, and it
@@ -342,7 +337,7 @@ def test_pulsar_broker_sigkilled_and_restarted_mid_transfer(pulsar_broker, job_i
     broker = pulsar_broker
     a, table = big_array(8), fault_table()  # 128 + 64 messages of 64 KiB
     # 8 workers: both transfers reach the gate on every lane at once
-    opts = pulsar_opts(broker, max_message_size=65536, send_timeout=90.0, redelivery_after=3.0, send_workers=8)
+    opts = pulsar_opts(broker, max_message_size=65536, send_timeout=240.0, redelivery_after=3.0, send_workers=8)
     g = ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=opts)
     h = ft.Federation.connect("pulsar", job_id=job_id, party=HOST, options=opts)
     with g, h:

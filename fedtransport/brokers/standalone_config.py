@@ -5,8 +5,9 @@ module holds the text it writes and the words it passes:
 
 - :func:`broker_config`: the ``standalone.conf`` keys (BookKeeper reads the same file for the
   bookie): every listener on 127.0.0.1, one bookie, no load balancer, websocket service,
-  functions worker or bookie HTTP server; TLS and token authentication when asked for; the
-  caller's extra keys last. :func:`write_run_files` writes it with ``log4j2.xml``.
+  functions worker or bookie HTTP server; a bookie journal that a crash never tears
+  (:func:`journal_buffers`); TLS and token authentication when asked for; the caller's extra
+  keys last. :func:`write_run_files` writes it with ``log4j2.xml``.
 - :func:`jvm_command`: the ``java`` command line of ``PulsarStandaloneStarter`` (heap, direct
   memory, the module openings Pulsar's own ``bin/pulsar`` passes, the RocksDB metadata store).
 - :func:`hs256_token`: the JWTs ``AuthenticationProviderToken`` verifies; :func:`secret_bytes`,
@@ -38,6 +39,7 @@ __all__ = [
     "check_options",
     "config_value",
     "hs256_token",
+    "journal_buffers",
     "jvm_command",
     "jvm_environment",
     "loopback_interface",
@@ -251,6 +253,8 @@ def broker_config(
         "dbStorage_rocksDB_blockCacheSize": 16 * 1024 * 1024,
         "journalSyncData": False,  # a process crash keeps the page cache; fsync buys nothing here
         "journalMaxGroupWaitMSec": 1,
+        # A SIGKILL must never tear a journal entry (see journal_buffers).
+        **journal_buffers(_max_message_size(extra)),
         "diskUsageThreshold": 0.999,  # CI disks run full; a read-only bookie refuses writes
         "diskUsageWarnThreshold": 0.99,
     }
@@ -283,6 +287,38 @@ def broker_config(
         )
     conf.update(extra)
     return {key: config_value(value) for key, value in conf.items()}
+
+
+# The broker's own default maxMessageSize (5 MiB); an entry is at most that plus its headers.
+DEFAULT_MAX_MESSAGE_SIZE = 5 * 1024 * 1024
+_ENTRY_OVERHEAD = 64 * 1024
+_JOURNAL_FLUSH_THRESHOLD_KB = 512
+
+
+def _max_message_size(extra: Mapping[str, object]) -> int:
+    value = extra.get("maxMessageSize", DEFAULT_MAX_MESSAGE_SIZE)
+    try:
+        return max(int(str(value)), 0)
+    except ValueError:
+        raise ConfigError(f"PulsarStandalone config maxMessageSize must be an int, got {value!r}") from None
+
+
+def journal_buffers(max_message_size: int) -> dict[str, int]:
+    """The bookie journal's buffer sizes that keep every entry in one ``write()``.
+
+    BookKeeper's journal has no checksum of its own (BK #4659) and preallocates its file with
+    zeros. With the default 64 KiB write buffer, an entry larger than the buffer goes to the
+    file in several writes; a SIGKILL between two leaves a torn entry that replays as garbage,
+    and ledger recovery then fails with "Mac mismatch" (error code -10) on every restart. The
+    buffer here holds the flush threshold's worth of small entries plus two whole entries of
+    the largest message, so the journal flushes whole entries only, and the page cache (which a
+    process crash keeps) has each one complete or not at all.
+    """
+    entry_kb = (max_message_size + _ENTRY_OVERHEAD + 1023) // 1024
+    return {
+        "journalBufferedWritesThreshold": _JOURNAL_FLUSH_THRESHOLD_KB * 1024,  # bytes
+        "journalWriteBufferSizeKB": _JOURNAL_FLUSH_THRESHOLD_KB + 2 * entry_kb,
+    }
 
 
 def log4j_xml(log_level: str) -> str:
