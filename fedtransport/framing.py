@@ -14,7 +14,8 @@ can copy any chunk straight into place whatever order messages arrive in.
 ``seq`` numbers the messages of a stream (duplicates are dropped by it), the LAST
 flag marks a stream's final message and ``aux`` carries a per-stream count the
 layer above checks (records of a table partition). The CRC covers header and
-payload; the header is parsed with :mod:`struct`, never unpickled.
+payload (CRC-32 as zlib computes it, by ISA-L); the header is parsed with :mod:`struct`, never
+unpickled.
 
 The *incarnation* is drawn at random for every send of a transfer: a sender that
 is killed and sends the transfer again (maybe a recomputed value) uses a new one,
@@ -33,10 +34,13 @@ import mmap
 import os
 import struct
 import sys
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+# ISA-L's CRC32: the same values as zlib.crc32 (the same polynomial, so frames from either read
+# alike), about 3 times faster on 4 MiB messages; zlib's was 14 % of a large transfer's profile.
+from isal.isal_zlib import crc32
 
 from .errors import IntegrityError
 
@@ -152,11 +156,11 @@ def _crc(prefix: bytes | memoryview, flags: int, payload: Sequence[bytes | memor
     """CRC32 over the header prefix and the payload, given as the pieces it is made of."""
     # A sealed payload is covered by its AEAD tag, and the header is its associated data:
     # checksumming the payload as well would only spend time.
-    crc = zlib.crc32(prefix)
+    crc = crc32(prefix)
     if flags & SEALED:
         return crc
     for piece in payload:
-        crc = zlib.crc32(piece, crc)
+        crc = crc32(piece, crc)
     return crc
 
 

@@ -167,6 +167,13 @@ def test_table_moves_the_bytes_of_its_raw_baseline(capsys: pytest.CaptureFixture
     assert set(doc["ratios"]) == {"object", "table", "table-3"}
     assert doc["baselines"]["table"] == doc["baselines"]["table-3"] == "raw-large"
     assert "ratio table / raw-large" in out
+    # every side of every run reported the CPU it spent, and the report compares it
+    for w in doc["workloads"].values():
+        [run] = w["runs"]
+        assert run["cpu_sender"] > 0 and run["cpu_receiver"] > 0
+        assert run["cpu_processes"] >= run["cpu_sender"] + run["cpu_receiver"]  # whole lives hold the transfer
+    assert doc["ratios"]["object"]["cpu"]["median"] > 0
+    assert "cpu ratio object / raw-large" in out
 
 
 # ---------------------------------------------------------------------------- median, worst, interleaving
@@ -179,10 +186,16 @@ SMALL_SECONDS = [2.0, 1.0, 3.0]
 RAW_SMALL_SECONDS = [1.0, 1.0, 1.0]
 
 
-def _fake_run(capsys: pytest.CaptureFixture[str], *only: str, warmup: int = 0) -> tuple[dict[str, Any], list[str], str]:
+def _fake_run(
+    capsys: pytest.CaptureFixture[str],
+    *only: str,
+    warmup: int = 0,
+    cpu: dict[str, list[tuple[float, float]]] | None = None,
+) -> tuple[dict[str, Any], list[str], str]:
     """``bench.run`` on a backend whose workloads take the seconds above; (results, call order, output).
 
-    A warm-up round (index 3 and up) takes 100 s: counted anywhere, it would show.
+    A warm-up round (index 3 and up) takes 100 s: counted anywhere, it would show. ``cpu`` gives
+    a workload's (sender, receiver) CPU seconds per repetition; its processes took 3 times that.
     """
     order: list[str] = []
     seconds = {"raw-large": RAW_SECONDS, "object": OBJECT_SECONDS, "raw-small": RAW_SMALL_SECONDS,
@@ -192,7 +205,11 @@ def _fake_run(capsys: pytest.CaptureFixture[str], *only: str, warmup: int = 0) -
         def one(i: int) -> bench.Result:
             order.append(f"{name} {i}")
             t = seconds[name][i] if i < 3 else 100.0
-            return {"seconds": t, "bytes": nbytes, "MB_per_s": round(nbytes / 1e6 / t, 1)}
+            result: bench.Result = {"seconds": t, "bytes": nbytes, "MB_per_s": round(nbytes / 1e6 / t, 1)}
+            if cpu and name in cpu and i < 3:
+                sender, receiver = cpu[name][i]
+                result |= {"cpu_sender": sender, "cpu_receiver": receiver, "cpu_processes": 3 * (sender + receiver)}
+            return result
 
         return one
 
@@ -265,6 +282,24 @@ def test_the_report_holds_every_run_the_median_and_the_worst(capsys: pytest.Capt
     assert "ratio object / raw-large: median 0.50, worst 0.50  (per repetition: 0.80 1.00 0.50; " in out
     assert "small" in out and "500 objects/s (worst 333)" in out
     assert "best" not in out
+
+
+def test_cpu_seconds_per_side_are_summed_up_and_compared_per_byte(capsys: pytest.CaptureFixture[str]) -> None:
+    """CPU reported by the sides: medians per workload; the ratio is fed's CPU per byte over raw's."""
+    cpu = {"raw-large": [(1.0, 1.0), (1.0, 3.0), (2.0, 2.0)], "object": [(2.0, 2.0), (1.0, 1.0), (5.0, 5.0)]}
+    results, _, out = _fake_run(capsys, "raw-large", "object", cpu=cpu)
+    raw, obj = results["workloads"]["raw-large"], results["workloads"]["object"]
+    assert raw["cpu"] == {"cpu_sender": 1.0, "cpu_receiver": 2.0, "cpu_processes": 12.0}
+    assert obj["runs"][2]["cpu_sender"] == 5.0
+    ratio = results["ratios"]["object"]["cpu"]
+    assert ratio["per_repeat"] == [2.0, 0.5, 2.5]  # (2+2)/(1+1), (1+1)/(1+3), (5+5)/(2+2)
+    assert ratio["worst"] == 2.5  # the most CPU fed spent against raw, not the least
+    assert ratio["median"] == pytest.approx(1.0)  # median 4 s of fed's against median 4 s of raw's
+    assert "cpu sender 1.00 s receiver 2.00 s processes 12.00 s" in out
+    assert "cpu ratio object / raw-large (CPU per byte, both sides): median 1.00, worst 2.50" in out
+    # a workload whose sides report no CPU has no cpu block, and no cpu line
+    results, _, out = _fake_run(capsys, "raw-large", "object")
+    assert "cpu" not in results["ratios"]["object"] and "cpu" not in out
 
 
 def test_chart_bars_are_medians_with_the_worst_run_as_whisker(

@@ -191,6 +191,28 @@ def test_crc_detects_a_tampered_header_field():
         parse_frame(bytes(tampered), JOB)
 
 
+@pytest.mark.parametrize("size", [0, 1, 4095, 64 << 10, (4 << 20) - 88])
+def test_the_frame_crc_is_zlibs_crc32_so_frames_read_alike_everywhere(size: int) -> None:
+    """ISA-L computes the CRC now: its value must be zlib.crc32's, over the header and the payload
+    given in pieces, or frames from a peer on the previous version would all fail their check."""
+    from isal import isal_zlib
+
+    payload = random.Random(size).randbytes(size)
+    assert isal_zlib.crc32(payload) == zlib.crc32(payload)
+    assert isal_zlib.crc32(payload[size // 3 :], isal_zlib.crc32(payload[: size // 3])) == zlib.crc32(payload)
+    writer = FrameWriter(JOB, TID, 1, PLAIN)
+    view = memoryview(payload)
+    msg = writer.frame(stream=0, unit=0, seq=0, offset=0, unit_len=size, chunk=[view[:7], view[7:]], last=True)
+    (crc,) = struct.unpack_from("<I", msg, HEADER_SIZE - 4)
+    assert crc == zlib.crc32(msg[HEADER_SIZE:], zlib.crc32(msg[: HEADER_SIZE - 4]))
+    assert bytes(parse_frame(msg, JOB)[1]) == payload
+    if size:  # one flipped bit anywhere in the payload is caught
+        corrupt = bytearray(msg)
+        corrupt[HEADER_SIZE + size // 2] ^= 0x10
+        with pytest.raises(IntegrityError, match="checksum"):
+            parse_frame(bytes(corrupt), JOB)
+
+
 def sealed(src="guest:9999", dst="host:10000", secret=b"s" * 32, job="job-1"):
     return PayloadCodec(Compressor(True), Sealer(secret, job).for_pair(src, dst))
 

@@ -49,6 +49,9 @@ time. Reported, never the best alone:
     (lowest MB/s); ``best`` is kept in the JSON as well;
   * per ratio to the baseline: the ratio of the medians, and the ``worst`` of the
     per-repetition ratios fed_i / raw_i (all of them under ``per_repeat``).
+  * CPU: the seconds each side's process spent on the transfer (``cpu_sender``,
+    ``cpu_receiver``) and both processes' whole lives (``cpu_processes``), with a ``cpu``
+    block per ratio: fed's CPU per byte over raw's (median, worst = highest, per repetition).
 
 The chart draws the median as the bar and the worst run as a whisker below it; each
 fedtransport bar is labelled with its median ratio and its worst per-repetition ratio.

@@ -1,7 +1,9 @@
 """The two sides of every repetition, each in a process of its own, and the repetition itself.
 
 :func:`run_pair` spawns a receiver and a sender and takes the clock from them: the sender reports
-when it began, the receiver when it held the last byte. :func:`fed_sender` and
+when it began, the receiver when it held the last byte. Each side may also report the CPU seconds
+it spent moving the data (every thread of its process, :func:`time.process_time`): on a loaded
+machine a wall-clock ratio is mostly noise, while the CPU a transfer costs barely moves. :func:`fed_sender` and
 :func:`fed_receiver` are the fedtransport sides (guest sends to host); what they move is a
 registered kind (``object``, ``table``, ``small``, ``small-async`` here). The children are
 spawned, not forked, so whatever registers a kind must be imported again in them (``cfg["imports"]``).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -23,8 +26,14 @@ from .workloads import FED_KINDS, SMALL, SMALL_COUNT, TABLE_ROW, FedKind, MiB, R
 
 def run_pair(sender: Callable[..., None], receiver: Callable[..., None], cfg: dict[str, Any],
              wait_ready: bool) -> Result:  # fmt: skip
-    """Run one repetition: receiver and sender in spawned processes; the clock is theirs."""
+    """Run one repetition: receiver and sender in spawned processes; the clock is theirs.
+
+    A side reports ``("start", t[, cpu])`` or ``("end", t, bytes[, cpu])``; the result holds
+    ``cpu_sender`` / ``cpu_receiver`` when they were reported, and always ``cpu_processes``:
+    the CPU seconds of both processes over their whole lives (start-up and connecting too).
+    """
     ctx = mp.get_context("spawn")
+    children_cpu = _children_cpu()
     q = ctx.Queue()
     recv = ctx.Process(target=receiver, args=(cfg, q))
     recv.start()
@@ -59,7 +68,20 @@ def run_pair(sender: Callable[..., None], receiver: Callable[..., None], cfg: di
                     child.join()
     seconds = got["end"][0] - got["start"][0]
     nbytes = got["end"][1]
-    return {"seconds": round(seconds, 3), "bytes": nbytes, "MB_per_s": round(nbytes / 1e6 / seconds, 1)}
+    result: Result = {"seconds": round(seconds, 3), "bytes": nbytes, "MB_per_s": round(nbytes / 1e6 / seconds, 1)}
+    if len(got["start"]) > 1:
+        result["cpu_sender"] = round(got["start"][1], 3)
+    if len(got["end"]) > 2:
+        result["cpu_receiver"] = round(got["end"][2], 3)
+    # Both children were joined above, so their CPU is in RUSAGE_CHILDREN (grandchildren they reaped too).
+    result["cpu_processes"] = round(_children_cpu() - children_cpu, 3)
+    return result
+
+
+def _children_cpu() -> float:
+    """User + system seconds of this process's children that have ended and been reaped."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _party(name: str) -> Any:
@@ -99,9 +121,9 @@ def fed_sender(cfg: dict[str, Any], q: Any) -> None:
     with _connect(cfg, "guest") as fed:
         value = kind.prepare(cfg)
         _handshake(fed, "guest")
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         kind.send(fed, value, cfg, host)
-        q.put(("start", start))
+        q.put(("start", start, time.process_time() - cpu))
         fed.get("sync", "done", [host], timeout=600)  # keep our session until the receiver is done
         if cfg.get("cleanup_sender"):
             _bounded_cleanup(fed, cfg, "guest")
@@ -114,10 +136,11 @@ def fed_receiver(cfg: dict[str, Any], q: Any) -> None:
         kind.warm(cfg)
     with _connect(cfg, "host") as fed:
         _handshake(fed, "host")
+        cpu = time.process_time()
         nbytes = kind.receive(fed, cfg, guest)
-        end = time.time()
+        end, cpu = time.time(), time.process_time() - cpu
         fed.remote("bye", "sync", "done", [guest])
-        q.put(("end", end, nbytes))
+        q.put(("end", end, nbytes, cpu))
         if cfg.get("cleanup"):
             _bounded_cleanup(fed, cfg, "host")
 

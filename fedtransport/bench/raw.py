@@ -28,7 +28,7 @@ def raw_pulsar_sender(cfg: dict[str, Any], q: Any) -> None:
     if cfg.get("replicate_to"):  # geo-replication: every message names its destination cluster
         extra["replication_clusters"] = [cfg["replicate_to"]]
         _await_replicator(cfg["admin_url"], cfg["topic"], cfg["replicate_to"])
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     if cfg["sync"]:
         for _ in range(count):
             producer.send(payload, **extra)
@@ -37,7 +37,7 @@ def raw_pulsar_sender(cfg: dict[str, Any], q: Any) -> None:
             producer.send_async(payload, lambda res, _id: done.release(), **extra)
         for _ in range(count):
             done.acquire()
-    q.put(("start", start))
+    q.put(("start", start, time.process_time() - cpu))
     client.close()
 
 
@@ -63,12 +63,13 @@ def raw_pulsar_receiver(cfg: dict[str, Any], q: Any) -> None:
     consumer = client.subscribe(cfg["topic"], "bench", consumer_type=pulsar.ConsumerType.Shared,
                                 receiver_queue_size=1, initial_position=pulsar.InitialPosition.Earliest)  # fmt: skip
     q.put(("ready",))
+    cpu = time.process_time()
     nbytes = 0
     for _ in range(cfg["count"]):
         msg = consumer.receive(timeout_millis=600_000)
         nbytes += len(msg.data())
         consumer.acknowledge(msg)
-    q.put(("end", time.time(), nbytes))
+    q.put(("end", time.time(), nbytes, time.process_time() - cpu))
     client.close()
 
 
@@ -81,10 +82,10 @@ def raw_rabbit_sender(cfg: dict[str, Any], q: Any) -> None:
     ch.queue_declare(cfg["queue"], durable=True)
     payload = os.urandom(cfg["size"])
     props = pika.BasicProperties(delivery_mode=2)
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     for _ in range(cfg["count"]):  # pika's blocking channel waits for each confirm
         ch.basic_publish("", cfg["queue"], payload, props)
-    q.put(("start", start))
+    q.put(("start", start, time.process_time() - cpu))
     conn.close()
 
 
@@ -96,6 +97,7 @@ def raw_rabbit_receiver(cfg: dict[str, Any], q: Any) -> None:
     ch.queue_declare(cfg["queue"], durable=True)
     ch.basic_qos(prefetch_count=cfg.get("prefetch", 16))
     q.put(("ready",))
+    cpu = time.process_time()
     nbytes = 0
     for i, (method, _props, body) in enumerate(ch.consume(cfg["queue"])):
         nbytes += len(body)
@@ -103,7 +105,7 @@ def raw_rabbit_receiver(cfg: dict[str, Any], q: Any) -> None:
         ch.basic_ack(method.delivery_tag)
         if i + 1 == cfg["count"]:
             break
-    q.put(("end", time.time(), nbytes))
+    q.put(("end", time.time(), nbytes, time.process_time() - cpu))
     ch.cancel()
     conn.close()
 

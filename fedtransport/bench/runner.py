@@ -93,6 +93,10 @@ def _line(backend: str, name: str, record: Mapping[str, Any]) -> str:
     extra = ""
     if name.startswith("small") or name == "raw-small":
         extra = f"  {SMALL_COUNT / median['seconds']:6.0f} objects/s (worst {SMALL_COUNT / worst['seconds']:.0f})"
+    if "cpu" in record:  # median CPU seconds: sender, receiver (the transfer), both processes (whole lives)
+        cpu = record["cpu"]
+        extra += "  cpu " + " ".join(f"{k[4:]} {cpu[k]:.2f} s" for k in ("cpu_sender", "cpu_receiver",
+                                                                          "cpu_processes") if k in cpu)  # fmt: skip
     return (f"{backend:8s} {name:12s} median {median['MB_per_s']:8.1f} MB/s {median['seconds']:7.2f} s  "
             f"worst {worst['MB_per_s']:8.1f} MB/s {worst['seconds']:7.2f} s{extra}  runs: {runs}")  # fmt: skip
 
@@ -139,6 +143,11 @@ def run(args: argparse.Namespace, out: Callable[[str], Any] = print) -> dict[str
                     out(f"ratio {name} / {base}: median {r['median']:.2f}, worst {r['worst']:.2f}"
                         f"  (per repetition: {each}; {base}'s own slowest run: {w[base]['spread']:.2f}"
                         " of its median)")  # fmt: skip
+                    if "cpu" in r:
+                        c = r["cpu"]
+                        each = " ".join(f"{x:.2f}" for x in c["per_repeat"])
+                        out(f"cpu ratio {name} / {base} (CPU per byte, both sides): median {c['median']:.2f}, "
+                            f"worst {c['worst']:.2f}  (per repetition: {each})")  # fmt: skip
                 elif base:
                     baselines[name] = base
     results["load_average_after"] = list(os.getloadavg())

@@ -43,6 +43,8 @@ Features
       auto-creation off (connected clients would re-create deleted topics), deletes the
       job's topics (partitioned ones too) and namespace.
       Without ``admin_url``, ``cleanup()`` drops this party's subscriptions.
+    * ``keep_message_buffers`` (default on): glibc's malloc keeps message-sized buffers in
+      its heap for reuse, process-wide, once (``transport/allocator.py``, docs/pulsar.md).
     * TLS (``pulsar+ssl://``, trust certs, hostname validation) and JWT tokens, for the
       data plane and the admin calls alike. ``connect()`` sends the broker one CONNECT of
       its own first (``probe``): a token the broker refuses, or a missing one, is a
@@ -84,6 +86,7 @@ from typing import Any, ClassVar
 from ...errors import BackendError, ConfigError, RouteError
 from ...options import OptionSpec
 from ...party import Party
+from ..allocator import keep_message_buffers
 from ..base import DeliverFn, JobContext
 from .admin import PulsarAdmin
 from .connection import PulsarClients, check_credentials, pulsar_call
@@ -111,6 +114,7 @@ class PulsarTransport(PulsarOperatorHooks):
         # Checked by split_options already; again here (idempotent) for a context made by hand.
         o = PULSAR_OPTIONS.validate(ctx.options, "backend 'pulsar'")
         self.mode: str = o["mode"]
+        self._keep_message_buffers = bool(o["keep_message_buffers"])
         self._check_options(o)
         self.tenant = str(o["tenant"])
         self.namespace = ctx.job_id
@@ -157,6 +161,8 @@ class PulsarTransport(PulsarOperatorHooks):
     # lifecycle -----------------------------------------------------------------------------
 
     def open(self) -> None:
+        if self._keep_message_buffers:  # process-wide, once (allocator.py); pulsar-client's buffers too
+            keep_message_buffers(self.ctx.max_message_size)
         if self.clients.service_url is None:
             from ...brokers.pulsar import shared_embedded_pulsar
 

@@ -104,6 +104,11 @@ PULSAR_OPTIONS = OptionSpec(
     Option("publish_rate", object, None,
            'with `admin_url`: `{"messages": N, "bytes": M}` per second, set as the namespace\'s publish rate',
            nullable=True, parse=_publish_rate, accepted='a mapping with keys `"messages"`, `"bytes"`: ints >= -1'),
+    Option("keep_message_buffers", bool, True,
+           "glibc only: raise malloc's mmap threshold to 2 × `max_message_size` (at most 32 MiB) and its trim "
+           "threshold to 64 MiB, once per process, so message buffers are reused instead of mapped and zeroed "
+           "anew (less CPU per byte; up to 64 MiB of free heap per malloc arena stays resident). Process-wide; "
+           "skipped when a `MALLOC_*` variable or `GLIBC_TUNABLES` is set ([pulsar.md](pulsar.md#memory))"),
     _passed_through("producer", "extra keyword arguments for pulsar-client's `create_producer`"),
     _passed_through("consumer", "extra keyword arguments for pulsar-client's `subscribe`"),
     _passed_through("client", "extra keyword arguments for `pulsar.Client`"),
