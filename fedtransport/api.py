@@ -286,12 +286,9 @@ class Federation:
             lanes = out.lane_messages(writer, self._opts.lanes, limit)
             resumable = not notice and out.resumable(self._opts.lanes, limit, self._opts.resumable_tables)
             for lane, messages in lanes.items():
-                point = self._stored_point(dst, lane, tid, incarnation, transform) if resumable else None
-                if point is not None and not out.on_lane(point, lane, self._opts.lanes, limit):
-                    point = None  # stored by a sender with other lanes
-                if point is not None:
-                    log.info("resuming %s/%s to %s on lane %d after message %s", name, tag, dst, lane, point)
-                plan.append((dst, lane, counter.count(messages, point)))
+                # asked on the lane's own send thread, so the lanes' admin calls overlap
+                where = functools.partial(self._stored_point, out, dst, lane, tid, incarnation, transform, limit)
+                plan.append((dst, lane, counter.count(messages, where if resumable else None)))
         errors: list[tuple[Party, int, BaseException]] = []
         if len(plan) == 1:  # one lane to one party: no thread hand-off for the common small object
             dst, lane, messages = plan[0]
@@ -346,15 +343,20 @@ class Federation:
         )  # fmt: skip
 
     def _stored_point(
-        self, dst: Party, lane: int, tid: bytes, incarnation: bytes, transform: PayloadTransform
-    ) -> tuple[int, int] | None:
+        self, out: Outgoing, dst: Party, lane: int, tid: bytes, incarnation: bytes, transform: PayloadTransform,
+        limit: int,
+    ) -> tuple[int, int] | None:  # fmt: skip
         """Where this send stopped on ``lane`` when its sender was killed, if the broker can tell."""
         try:
             stored = self._transport.last_stored(dst, lane)
         except FederationError as exc:  # only an optimisation: send the lane whole
             log.info("cannot read what lane %d to %s stores (%s): sending it whole", lane, dst, exc)
             return None
-        return resume_point(stored, self._job, tid, incarnation, transform)
+        point = resume_point(stored, self._job, tid, incarnation, transform)
+        if point is None or not out.on_lane(point, lane, self._opts.lanes, limit):
+            return None  # nothing of this send, or stored by a sender with other lanes
+        log.info("resuming transfer %s to %s on lane %d after message %s", tid.hex(), dst, lane, point)
+        return point
 
     async def remote_async(
         self, obj: Any, name: str, tag: str, parties: Party | Sequence[Party], *, progress: ProgressFn | None = None
@@ -639,11 +641,15 @@ class _Counting:
 
         return skip_through(messages, point, skipped)
 
-    def count(self, messages: Iterable[bytes], resume_after: tuple[int, int] | None = None) -> Iterator[bytes]:
-        """``messages`` as sent; with ``resume_after``, those up to that ``(stream, seq)`` are
-        skipped (the broker stores them) and count as progress only."""
-        if resume_after is not None:
-            messages = self._skipping(messages, resume_after)
+    def count(
+        self, messages: Iterable[bytes], resume_after: Callable[[], tuple[int, int] | None] | None = None
+    ) -> Iterator[bytes]:
+        """``messages`` as sent. ``resume_after`` is asked once, when the lane starts: the
+        ``(stream, seq)`` up to which messages are skipped (the broker stores them); they count
+        as progress only."""
+        point = None if resume_after is None else resume_after()
+        if point is not None:
+            messages = self._skipping(messages, point)
         for msg in messages:
             with self._lock:
                 self.bytes += len(msg)

@@ -334,7 +334,7 @@ COMMON_OPTIONS = OptionSpec(
            "`True`: a `remote` of a table whose partitions are lists first encodes the whole table once more to "
            "digest it, so a sender killed mid-send and restarted with the same table resumes it (Pulsar with "
            "`admin_url`) or the receiver merges the resend ([reliability.md](reliability.md#resuming-a-send)). "
-           "Off: each send of a table is a new one. Objects always resume."),
+           "Off: each send of a table is a new one (objects always carry a digest)."),
 )  # fmt: skip
 
 COMMON_DEFAULTS: dict[str, Any] = dict(COMMON_OPTIONS)
