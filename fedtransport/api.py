@@ -30,6 +30,7 @@ from .inbox import Inbox, Incoming
 from .options import CommonOptions, max_chunk, split_options
 from .party import Party, as_parties, as_party, check_job_id, check_timeout, key_part
 from .presence import PeerWatch
+from .resume import Digest, incarnation, random_incarnation, resume_point, skip_through, table_digest, unit_digest
 from .routing import RouteTable
 from .table import Table
 from .transfer import KIND_TABLE, Outgoing, decode_object_transfer, streamed_table, transfer_kind
@@ -92,7 +93,9 @@ class Federation:
         self._peers_heard: set[Party] = set()  # parties whose abort notice we listen for
         self._peers_lock = threading.Lock()
         self._pid = os.getpid()  # threads and broker connections do not survive a fork
-        self._stats = {"bytes_sent": 0, "messages_sent": 0, "bytes_received": 0, "messages_received": 0}
+        self._stats = {
+            "bytes_sent": 0, "messages_sent": 0, "messages_resumed": 0, "bytes_received": 0, "messages_received": 0,
+        }  # fmt: skip
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -263,6 +266,7 @@ class Federation:
         total = None if out.unit is None else out.unit.size * len(dsts)
         counter = _Counting(total, progress)
         plan: list[tuple[Party, int, Iterator[bytes]]] = []
+        digests: list[Digest | None] = []  # the value's digest, computed for the first destination
         for dst in dsts:
             transform = self._transform(self.party, dst)
             if notice:
@@ -276,10 +280,15 @@ class Federation:
                     "table" if out.table is not None else f"object of {total and total // len(dsts)} bytes",
                     out.nstreams,
                 )  # fmt: skip
-            writer = FrameWriter(self._job, tid, out.nstreams, transform)
             limit = max_chunk(self._opts, transform.overhead)
-            for lane, messages in out.lane_messages(writer, self._opts.lanes, limit).items():
-                plan.append((dst, lane, counter.count(messages)))
+            incarnation = self._incarnation(out, tid, dst, limit, digests, notice=bool(notice))
+            writer = FrameWriter(self._job, tid, out.nstreams, transform, incarnation)
+            lanes = out.lane_messages(writer, self._opts.lanes, limit)
+            resumable = not notice and out.resumable(self._opts.lanes, limit, self._opts.resumable_tables)
+            for lane, messages in lanes.items():
+                # asked on the lane's own send thread, so the lanes' admin calls overlap
+                where = functools.partial(self._stored_point, out, dst, lane, tid, incarnation, transform, limit)
+                plan.append((dst, lane, counter.count(messages, where if resumable else None)))
         errors: list[tuple[Party, int, BaseException]] = []
         if len(plan) == 1:  # one lane to one party: no thread hand-off for the common small object
             dst, lane, messages = plan[0]
@@ -304,12 +313,50 @@ class Federation:
         nbytes, nmsgs = counter.bytes, counter.messages
         self._stats["bytes_sent"] += nbytes
         self._stats["messages_sent"] += nmsgs
+        self._stats["messages_resumed"] += counter.skipped
         if log.isEnabledFor(logging.INFO):
             elapsed = time.perf_counter() - started
             log.info(
                 "sent %s/%s to %s: %d bytes in %d messages, %.3f s, %.1f MB/s",
                 name, tag, ",".join(map(str, dsts)), nbytes, nmsgs, elapsed, nbytes / 1e6 / max(elapsed, 1e-9),
             )  # fmt: skip
+
+    def _incarnation(
+        self, out: Outgoing, tid: bytes, dst: Party, limit: int, digests: list[Digest | None], *, notice: bool
+    ) -> bytes:
+        """The incarnation of this send to ``dst`` (resume.py): the value's digest, keyed for the
+        direction; random for a notice, a one-shot table, or a table without ``resumable_tables``."""
+        if notice or (out.table is not None and not self._opts.resumable_tables):
+            return random_incarnation()
+        if not digests:  # once per remote: every destination keys the same digest
+            if out.unit is not None:
+                digests.append(unit_digest(out.unit))
+            else:
+                assert out.table is not None
+                digests.append(table_digest(out.table, limit))
+        if digests[0] is None:
+            return random_incarnation()
+        key = self._sealer.digest_key(self.party, dst) if self._sealer else tid
+        return incarnation(
+            key, tid, digests[0], max_chunk=limit, lanes=self._opts.lanes, nstreams=out.nstreams,
+            table=out.table is not None,
+        )  # fmt: skip
+
+    def _stored_point(
+        self, out: Outgoing, dst: Party, lane: int, tid: bytes, incarnation: bytes, transform: PayloadTransform,
+        limit: int,
+    ) -> tuple[int, int] | None:  # fmt: skip
+        """Where this send stopped on ``lane`` when its sender was killed, if the broker can tell."""
+        try:
+            stored = self._transport.last_stored(dst, lane)
+        except FederationError as exc:  # only an optimisation: send the lane whole
+            log.info("cannot read what lane %d to %s stores (%s): sending it whole", lane, dst, exc)
+            return None
+        point = resume_point(stored, self._job, tid, incarnation, transform)
+        if point is None or not out.on_lane(point, lane, self._opts.lanes, limit):
+            return None  # nothing of this send, or stored by a sender with other lanes
+        log.info("resuming transfer %s to %s on lane %d after message %s", tid.hex(), dst, lane, point)
+        return point
 
     async def remote_async(
         self, obj: Any, name: str, tag: str, parties: Party | Sequence[Party], *, progress: ProgressFn | None = None
@@ -583,9 +630,26 @@ class _Counting:
         self.bytes = 0  # as on the wire
         self.messages = 0
         self.done = 0  # uncompressed payload
+        self.skipped = 0  # messages not sent again: the broker stores them (resume.skip_through)
         self._lock = threading.Lock()
 
-    def count(self, messages: Iterable[bytes]) -> Iterator[bytes]:
+    def _skipping(self, messages: Iterable[bytes], point: tuple[int, int]) -> Iterator[bytes]:
+        def skipped(msg: bytes) -> None:
+            with self._lock:
+                self.skipped += 1
+                self.done += chunk_size(msg)
+
+        return skip_through(messages, point, skipped)
+
+    def count(
+        self, messages: Iterable[bytes], resume_after: Callable[[], tuple[int, int] | None] | None = None
+    ) -> Iterator[bytes]:
+        """``messages`` as sent. ``resume_after`` is asked once, when the lane starts: the
+        ``(stream, seq)`` up to which messages are skipped (the broker stores them); they count
+        as progress only."""
+        point = None if resume_after is None else resume_after()
+        if point is not None:
+            messages = self._skipping(messages, point)
         for msg in messages:
             with self._lock:
                 self.bytes += len(msg)

@@ -17,10 +17,15 @@ layer above checks (records of a table partition). The CRC covers header and
 payload (CRC-32 as zlib computes it, by ISA-L); the header is parsed with :mod:`struct`, never
 unpickled.
 
-The *incarnation* is drawn at random for every send of a transfer: a sender that
-is killed and sends the transfer again (maybe a recomputed value) uses a new one,
-and a :class:`TransferAssembly` holds the messages of one incarnation only, so two
-sends are never mixed into one value (the inbox keeps them apart and picks one).
+The *incarnation* names what a send carries: the api gives a keyed digest of the
+value and its layout (resume.py), so a sender killed part-way and restarted with the
+same value sends the same incarnation again, and a recomputed value another one. A
+:class:`TransferAssembly` holds the messages of one incarnation only, so two values are
+never mixed into one (the inbox keeps incarnations apart and picks one). Within one
+incarnation a message at a position already held (same stream and seq) is a duplicate,
+and it must say the same as the first: the same place, and the same bytes where they are
+still held; anything else is an :class:`IntegrityError` ("two values under one
+incarnation"). :class:`FrameWriter` alone draws a random incarnation.
 
 This layer knows nothing about objects: payload compression and sealing are done
 by a :class:`PayloadTransform` handed in from above.
@@ -54,6 +59,7 @@ __all__ = [
     "UnitChunker",
     "chunk_size",
     "control_id",
+    "frame_position",
     "job_fingerprint",
     "parse_frame",
     "transfer_id",
@@ -136,7 +142,7 @@ class Header:
     flags: int
     job: bytes
     transfer: bytes
-    incarnation: bytes  # random per send of the transfer (see the module docstring)
+    incarnation: bytes  # names the value sent (see the module docstring)
     stream: int
     nstreams: int
     unit: int
@@ -174,6 +180,12 @@ def _pack_prefix(h: Header) -> bytes:
 def chunk_size(message: bytes | memoryview) -> int:
     """The uncompressed payload size a message's header declares (for progress reports)."""
     return int(_SIZE.unpack_from(message, _SIZE_AT)[0])
+
+
+def frame_position(message: bytes | memoryview) -> tuple[int, int]:
+    """``(stream, seq)`` of a message this side framed (no checks: for a sender's own messages)."""
+    fields = _PREFIX.unpack_from(message)
+    return int(fields[6]), int(fields[9])
 
 
 def parse_frame(data: bytes | memoryview, job: bytes | None = None) -> tuple[Header, memoryview]:
@@ -429,6 +441,18 @@ class _Unit:
                 view[at : at + len(piece)] = piece
             self.pieces = {}
 
+    def matches(self, offset: int, data: bytes | memoryview) -> bool | None:
+        """Whether ``data`` equals the bytes held at ``offset``; ``None`` once they are let go."""
+        n = len(data)
+        piece = self.pieces.get(offset)
+        if piece is not None:
+            return len(piece) == n and bytes(piece) == bytes(data)
+        buf = self.buf
+        if buf is None or (isinstance(buf, bytearray) and offset + n > len(buf)):
+            return None
+        with memoryview(buf) as view:  # released at once: a bytearray cannot grow while viewed
+            return view[offset : offset + n] == memoryview(data).cast("B")
+
     def _keep(self, offset: int, data: bytes | memoryview) -> None:
         # A writable view is a buffer its owner may reuse once add() returns: keep a copy of it.
         self.pieces[offset] = data if isinstance(data, bytes) or data.readonly else bytes(data)
@@ -486,7 +510,7 @@ class _Stream:
 
     def __init__(self) -> None:
         self.units: dict[int, _Unit] = {}
-        self.seen: set[int] = set()
+        self.seen: dict[int, tuple[int, int, int, int, int]] = {}  # seq -> (unit, offset, size, last, aux)
         self.last_unit: int | None = None
         self.last_seq: int | None = None
         self.aux = 0
@@ -545,6 +569,7 @@ class TransferAssembly:
         if st is None:
             st = self._streams[header.stream] = _Stream()
         if header.seq in st.seen:
+            self._check_duplicate(st, header, payload)
             return False
         if st.last_seq is not None and header.seq > st.last_seq:
             raise IntegrityError(f"message {header.seq} after the stream's last ({st.last_seq})")
@@ -563,7 +588,7 @@ class TransferAssembly:
         unit.put(header.offset, data)
         st.held += len(data)
         self.value_bytes += len(data)
-        st.seen.add(header.seq)
+        st.seen[header.seq] = (header.unit, header.offset, header.size, header.flags & LAST, header.aux)
         if header.last:
             if any(u > header.unit for u in st.units):
                 raise IntegrityError("a unit arrived beyond the stream's last one")
@@ -575,6 +600,25 @@ class TransferAssembly:
         self.messages += 1
         self.bytes += HEADER_SIZE + payload.nbytes  # as on the wire, like the sender counts
         return True
+
+    def _check_duplicate(self, st: _Stream, header: Header, payload: memoryview) -> None:
+        """A message at a position already held: the same send repeated (a broker's redelivery, a
+        restarted sender's resend), so it must say what the first said. Its bytes are compared
+        while the unit still holds them; a table's batch already read is compared by place only."""
+        place = (header.unit, header.offset, header.size, header.flags & LAST, header.aux)
+        if st.seen[header.seq] != place:
+            raise IntegrityError(
+                f"two values under one incarnation: message {header.seq} of stream {header.stream} was received "
+                "before with another place in the value"
+            )
+        unit = st.units.get(header.unit)
+        if unit is None or header.unit < st.taken:
+            return
+        if unit.matches(header.offset, open_payload(header, payload, self._transform)) is False:
+            raise IntegrityError(
+                f"two values under one incarnation: message {header.seq} of stream {header.stream} was received "
+                "before with other bytes"
+            )
 
     @property
     def complete(self) -> bool:

@@ -330,6 +330,11 @@ COMMON_OPTIONS = OptionSpec(
            "the most streams a received transfer may declare (a table: one per partition, plus one), so a "
            "forged header cannot make a `get` build millions of partitions ([security.md](security.md))",
            range=(2, 1 << 24)),
+    Option("resumable_tables", bool, False,
+           "`True`: a `remote` of a table whose partitions are lists first encodes the whole table once more to "
+           "digest it, so a sender killed mid-send and restarted with the same table resumes it (Pulsar with "
+           "`admin_url`) or the receiver merges the resend ([reliability.md](reliability.md#resuming-a-send)). "
+           "Off: each send of a table is a new one (objects always carry a digest)."),
 )  # fmt: skip
 
 COMMON_DEFAULTS: dict[str, Any] = dict(COMMON_OPTIONS)
@@ -351,6 +356,7 @@ class CommonOptions:
     redelivery_after: float
     peer_gone_after: float | None
     max_streams: int
+    resumable_tables: bool
 
 
 def split_options(

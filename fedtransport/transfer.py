@@ -24,6 +24,7 @@ from typing import Any
 from .codec import EncodedUnit, UnpicklePolicy, decode_object, decode_records, encode_object, encode_records
 from .errors import FederationError, IntegrityError
 from .framing import FrameWriter, TransferAssembly, UnitChunker, frame_units
+from .resume import MIN_RESUME_MESSAGES
 from .table import Table
 
 __all__ = ["KIND_OBJECT", "KIND_TABLE", "Outgoing", "decode_object_transfer", "streamed_table", "transfer_kind"]
@@ -65,6 +66,31 @@ class Outgoing:
                 units = ((u.parts, n) for u, n in encode_records(self.table.raw_partition(p), max_chunk))
                 per_lane.setdefault(p % lanes, []).append(frame_units(writer, p + 1, units, max_chunk))
         return {lane: _chain(its) for lane, its in per_lane.items()}
+
+    def _object_messages(self, lanes: int, max_chunk: int) -> tuple[int, int]:
+        """An object's message count and the lanes it uses."""
+        assert self.unit is not None
+        n = max(1, -(-self.unit.size // max_chunk))
+        return n, min(lanes, n)
+
+    def resumable(self, lanes: int, max_chunk: int, tables: bool) -> bool:
+        """Is it worth asking the broker where a killed send of this value stopped (resume.py)?
+        An object of at least ``MIN_RESUME_MESSAGES`` messages per lane; a table with ``tables``."""
+        if self.unit is None:
+            return tables
+        n, used = self._object_messages(lanes, max_chunk)
+        return n >= MIN_RESUME_MESSAGES * used
+
+    def on_lane(self, point: tuple[int, int], lane: int, lanes: int, max_chunk: int) -> bool:
+        """Does message ``(stream, seq)`` travel on ``lane`` (see lane_messages)?"""
+        stream, seq = point
+        if self.unit is not None:
+            n, used = self._object_messages(lanes, max_chunk)
+            return stream == 0 and seq < n and seq % used == lane
+        assert self.table is not None
+        if stream == 0:
+            return lane == 0
+        return stream <= self.table.num_partitions and (stream - 1) % lanes == lane
 
     def _object_chunks(self, writer: FrameWriter, chunker: UnitChunker, indices: range, n: int) -> Iterator[bytes]:
         assert self.unit is not None

@@ -54,17 +54,24 @@ class Sealer:
         """The key of direction ``src`` -> ``dst`` (parties, or ``"role:id"`` in secret mode)."""
         key = self._keys.get((str(src), str(dst)))
         if key is None:
-            info = f"{self._job}\x00{src}\x00{dst}".encode()
-            if self._pairs is not None:
-                if not (isinstance(src, Party) and isinstance(dst, Party)):
-                    raise TypeError("pair keys need the two Party objects")
-                ikm = self._pairs.pair_key(src, dst)
-            else:
-                assert self._secret is not None
-                ikm = self._secret
-            raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=info).derive(ikm)
-            key = self._keys[(str(src), str(dst))] = AESGCM(raw)
+            key = self._keys[(str(src), str(dst))] = AESGCM(self._derive(src, dst, b""))
         return key
+
+    def digest_key(self, src: Party | str, dst: Party | str) -> bytes:
+        """A key of direction ``src`` -> ``dst`` for digests (resume.py's incarnations), derived
+        like the sealing key under another label: whoever cannot seal cannot compute it either."""
+        return self._derive(src, dst, b"digest\x00")
+
+    def _derive(self, src: Party | str, dst: Party | str, label: bytes) -> bytes:
+        info = label + f"{self._job}\x00{src}\x00{dst}".encode()
+        if self._pairs is not None:
+            if not (isinstance(src, Party) and isinstance(dst, Party)):
+                raise TypeError("pair keys need the two Party objects")
+            ikm = self._pairs.pair_key(src, dst)
+        else:
+            assert self._secret is not None
+            ikm = self._secret
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=info).derive(ikm)
 
     @staticmethod
     def seal(aead: AESGCM, data: bytes | memoryview, aad: bytes) -> bytes:

@@ -116,6 +116,15 @@ class Transport(ABC):
         Needed by backends that set ``max_unacked_per_lane``.
         """
 
+    def last_stored(self, dst: Party, lane: int) -> bytes | None:
+        """The last message the broker stores on the lane to ``dst`` that ``dst`` has not
+        acknowledged, or ``None`` when there is none or the broker cannot tell (the default).
+
+        A sender restarted after a kill skips what this shows stored of the same send
+        (resume.py). Raise :class:`FederationError` if asking failed: the lane is sent whole.
+        """
+        return None
+
     def redeliver(self, src: Party, lane: int) -> None:  # noqa: B027 - optional hook
         """Ask the broker to deliver this lane's unacknowledged messages again."""
 

@@ -220,6 +220,14 @@ class PulsarTransport(PulsarOperatorHooks):
     def listen(self, src: Party, lane: int, deliver: DeliverFn) -> None:
         self.consumers.listen(src, lane, deliver)
 
+    def last_stored(self, dst: Party, lane: int) -> bytes | None:
+        """Through the admin API, in shared mode only: in the other modes the lane's topic the
+        receiver reads is on another broker (its own, or a replica)."""
+        if self.mode != "shared" or not self.management.enabled:
+            return None
+        topic = self.topic(self.ctx.party, dst, lane)
+        return self.management.admin().last_unacked_message(topic, self.subscription(dst))
+
     def ack(self, deliveries: Sequence[tuple[int, Party, Any]]) -> None:
         self.consumers.ack(deliveries)
 

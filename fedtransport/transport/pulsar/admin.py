@@ -141,6 +141,7 @@ class PulsarAdmin:
         *,
         query: Mapping[str, str] | None = None,
         tolerate: Iterable[int] = (),
+        raw: bool = False,
     ) -> tuple[int, Any]:
         """Send one admin call; return ``(status, decoded JSON or text or None)``.
 
@@ -161,7 +162,8 @@ class PulsarAdmin:
                 req.add_header("Authorization", f"Bearer {self._token}")
             try:
                 with self._opener.open(req, timeout=self.timeout) as resp:
-                    return resp.status, _decode(resp.read(), resp.headers.get("Content-Type", ""))
+                    body = resp.read()
+                    return resp.status, body if raw else _decode(body, resp.headers.get("Content-Type", ""))
             except urllib.error.HTTPError as e:
                 location = e.headers.get("Location") if e.headers else None
                 if e.code in _REDIRECT_CODES and location:
@@ -380,6 +382,40 @@ class PulsarAdmin:
         ``msgInCounter``...); ``None`` when the topic does not exist."""
         status, payload = self.request("GET", _topic_path(topic) + "/stats", tolerate=(404,))
         return None if status == 404 else dict(payload or {})
+
+    def last_unacked_message(self, topic: str, subscription: str) -> bytes | None:
+        """The topic's last stored message, if ``subscription`` exists and has not acknowledged it.
+
+        Three calls: the last message id, the subscription's cursor (internal stats), the message.
+        """
+        path = _topic_path(topic)
+        status, last = self.request("GET", path + "/lastMessageId", tolerate=(404,))
+        if status == 404 or not isinstance(last, dict) or int(last.get("entryId", -1)) < 0:
+            return None
+        position = (int(last["ledgerId"]), int(last["entryId"]))
+        status, stats = self.request("GET", path + "/internalStats", tolerate=(404,))
+        cursor = (stats or {}).get("cursors", {}).get(subscription) if status != 404 else None
+        if not isinstance(cursor, dict) or _acknowledged(position, cursor):
+            return None
+        status, body = self.request(
+            "GET", f"{path}/ledger/{position[0]}/entry/{position[1]}", tolerate=(404,), raw=True
+        )
+        return None if status == 404 or not isinstance(body, bytes) else body
+
+
+_POSITION = re.compile(r"(-?\d+):(-?\d+)")
+
+
+def _acknowledged(position: tuple[int, int], cursor: Mapping[str, Any]) -> bool:
+    """Is ``position`` at or before the cursor's mark-delete position, or in one of its
+    individually deleted ranges (``"[(l:e1..l:e2], ..."``: open below, closed above)?"""
+    mark = _POSITION.fullmatch(str(cursor.get("markDeletePosition", "")))
+    if mark is None:
+        return True  # a cursor we cannot read: claim nothing is stored
+    if position <= (int(mark[1]), int(mark[2])):
+        return True
+    found = [(int(a), int(b)) for a, b in _POSITION.findall(str(cursor.get("individuallyDeletedMessages", "")))]
+    return any(lo < position <= hi for lo, hi in zip(found[::2], found[1::2], strict=False))
 
 
 def _topic_path(topic: str) -> str:
