@@ -17,13 +17,16 @@ from typing import Any
 
 import numpy as np
 import pika
+import pulsar
 import pytest
 from conftest import ARBITER, GUEST, HOST
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from standalone_fixtures import admin_read
 
 import fedtransport as ft
 import fedtransport.broadcast as bc
 from fedtransport.brokers import RabbitNode
+from fedtransport.brokers.standalone import PulsarStandalone
 from fedtransport.codec import Compressor, PayloadCodec, encode_object
 from fedtransport.framing import (
     BROADCAST,
@@ -36,7 +39,11 @@ from fedtransport.framing import (
 )
 from fedtransport.identity import public_key_text
 from fedtransport.transfer import KIND_BROADCAST
+from fedtransport.transport import JobContext
 from fedtransport.transport.base import BROADCAST_LANE
+from fedtransport.transport.pulsar import PulsarTransport
+from fedtransport.transport.pulsar.admin import PulsarAdmin
+from fedtransport.transport.pulsar.options import PULSAR_OPTIONS
 from fedtransport.transport.rabbitmq import RabbitTransport
 
 try:
@@ -65,6 +72,7 @@ pytestmark = pytest.mark.timeout(600)
 GUARD = ft.Party("guard", "10002")  # a fourth party
 SECRET = "a job secret every party of the test job sets"
 MIB = 1 << 20
+PULSAR_DEFAULTS = PULSAR_OPTIONS.validate({}, "test")
 CHUNK = 1 * MIB  # max_message_size of these tests: an 8 MiB object is ~9 messages
 
 
@@ -471,3 +479,169 @@ def test_rabbitmq_frames_on_the_wrong_kind_of_lane_are_refused(rabbit_node, rjob
         h.get("w", "0", GUEST, timeout=60)
         assert h.get("p", "0", GUEST, timeout=60) == ["pair"]
         poll("both refusals counted", lambda: h.stats["forged_refused"] >= 2, timeout=30)
+
+
+# Pulsar (shared mode) -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broker(pulsar_standalone: PulsarStandalone, job_id: str) -> Iterator[PulsarStandalone]:
+    """The session's broker; the test's namespace is gone afterwards, whatever the test did."""
+    yield pulsar_standalone
+    PulsarAdmin(pulsar_standalone.admin_url).delete_namespace("fl-tenant", job_id)
+
+
+def pconnect(job_id: str, party: ft.Party, broker: PulsarStandalone, sealed: bool | str = False) -> ft.Federation:
+    opts = {"service_url": broker.service_url, "admin_url": broker.admin_url, "max_message_size": CHUNK}
+    opts.update(sealing(sealed, party))
+    return ft.Federation.connect("pulsar", job_id=job_id, party=party, options=opts)
+
+
+def ptopic(job_id: str, name: str) -> str:
+    return f"persistent://fl-tenant/{job_id}/{name}"
+
+
+def produced(broker: PulsarStandalone, job_id: str, src: ft.Party) -> tuple[int, int]:
+    """(messages, bytes) published on ``src``'s topics, from the broker's topic statistics."""
+    msgs = nbytes = 0
+    for topic in admin_read(broker, f"/admin/v2/persistent/fl-tenant/{job_id}") or []:
+        if topic.startswith(ptopic(job_id, f"{src.role}-{src.party_id}-")):
+            stats = admin_read(broker, f"/admin/v2/persistent/{topic.split('://', 1)[1]}/stats") or {}
+            msgs += int(stats.get("msgInCounter", 0))
+            nbytes += int(stats.get("bytesInCounter", 0))
+    return msgs, nbytes
+
+
+class Intruder:
+    """Anyone who can reach a Pulsar without authorisation: reads and writes any topic."""
+
+    def __init__(self, broker: PulsarStandalone) -> None:
+        self.client = pulsar.Client(broker.service_url)
+
+    def read(self, topic: str, count: int) -> list[pulsar.Message]:
+        return self.take(topic, "intruder", count)
+
+    def take(self, topic: str, subscription: str, count: int) -> list[pulsar.Message]:
+        """The first ``count`` messages on ``subscription`` (anyone's), acknowledged there."""
+        c = self.client.subscribe(
+            topic,
+            subscription,
+            consumer_type=pulsar.ConsumerType.Shared,
+            initial_position=pulsar.InitialPosition.Earliest,
+        )
+        try:
+            out = [c.receive(timeout_millis=30000) for _ in range(count)]
+            for m in out:
+                c.acknowledge(m)
+            return out
+        finally:
+            c.close()
+
+    def write(self, topic: str, bodies: list[bytes], properties: dict[str, str] | None = None) -> None:
+        p = self.client.create_producer(topic, batching_enabled=False)
+        for body in bodies:
+            p.send(body, properties=properties or {})
+        p.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
+def test_pulsar_three_parties_get_one_upload(broker, job_id, sealed):
+    """Shared mode: one topic per source and lane, published once; each destination reads it."""
+    value = big_value(11)
+    dsts = [HOST, ARBITER, GUARD]
+    feds = {p: pconnect(job_id, p, broker, sealed) for p in [GUEST, *dsts]}
+    try:
+        g = feds[GUEST]
+        g.remote(value, "one", "0", ARBITER)  # one copy, to compare with
+        base_msgs, base_bytes = produced(broker, job_id, GUEST)
+        g.remote(value, "w", "0", dsts)
+        msgs, nbytes = produced(broker, job_id, GUEST)
+        assert msgs - base_msgs == base_msgs + len(dsts), "the data once, and a head per destination"
+        assert nbytes - base_bytes < 1.2 * base_bytes, f"{(nbytes - base_bytes) / base_bytes:.2f}x one copy"
+        assert ptopic(job_id, "guest-9999-all-0") in admin_read(broker, f"/admin/v2/persistent/fl-tenant/{job_id}")
+        feds[ARBITER].get("one", "0", GUEST, timeout=120)
+        for p in dsts:
+            [got] = feds[p].get("w", "0", GUEST, timeout=120)
+            np.testing.assert_array_equal(got, value)
+    finally:
+        for f in feds.values():
+            f.close()
+
+
+def test_pulsar_destinations_skip_broadcasts_for_others(broker, job_id):
+    """A party reading the source's broadcast topic takes only what ``ft-to`` addresses to it."""
+    feds = {p: pconnect(job_id, p, broker) for p in (GUEST, HOST, ARBITER, GUARD)}
+    try:
+        g = feds[GUEST]
+        g.remote("for host and arbiter", "x", "0", [HOST, ARBITER])
+        g.remote("for guard and host", "y", "0", [GUARD, HOST])
+        assert feds[GUARD].get("y", "0", GUEST, timeout=60) == ["for guard and host"]
+        assert feds[HOST].get("x", "0", GUEST, timeout=60) == ["for host and arbiter"]
+        assert feds[HOST].get("y", "0", GUEST, timeout=60) == ["for guard and host"]
+        assert feds[ARBITER].get("x", "0", GUEST, timeout=60) == ["for host and arbiter"]
+        assert feds[GUARD].stats["forged_refused"] == 0
+    finally:
+        for f in feds.values():
+            f.close()
+
+
+def test_pulsar_cleanup_removes_broadcast_topics(broker, job_id):
+    with pconnect(job_id, GUEST, broker) as g, pconnect(job_id, HOST, broker) as h:
+        g.remote(list(range(1000)), "w", "0", [HOST, ARBITER])
+        assert h.get("w", "0", GUEST, timeout=60) == [list(range(1000))]
+        assert ptopic(job_id, "guest-9999-all-0") in admin_read(broker, f"/admin/v2/persistent/fl-tenant/{job_id}")
+    g.cleanup()
+    assert admin_read(broker, f"/admin/v2/namespaces/fl-tenant/{job_id}") is None
+
+
+def test_pulsar_direct_and_replication_send_per_destination(job_id):
+    routes = ft.RouteTable.load({p.party_id: {"host": "127.0.0.1", "port": 6650} for p in (GUEST, HOST, ARBITER)})
+    for mode in ("direct", "replication"):
+        opts = {"mode": mode, "service_url": "pulsar://127.0.0.1:6650", "admin_url": "http://127.0.0.1:8080"}
+        ctx = JobContext(job_id, GUEST, routes, {**PULSAR_DEFAULTS, **opts}, 4 * MIB, 4)
+        assert not PulsarTransport(ctx).can_broadcast([HOST, ARBITER]), mode
+
+
+def test_pulsar_frames_on_the_wrong_kind_of_topic_are_refused(broker, job_id):
+    """Anyone writing to the broker copies a broadcast frame onto a pair topic and a pair frame
+    onto a broadcast topic: both refused and counted, and the real transfers still arrive."""
+    intruder = Intruder(broker)
+    try:
+        with pconnect(job_id, GUEST, broker, True) as g, pconnect(job_id, HOST, broker, True) as h:
+            g.remote(big_value(12, 1), "w", "0", [HOST, ARBITER])
+            h.get("w", "0", GUEST, timeout=60)  # HOST listens to GUEST's broadcast topics from now on
+            [data] = intruder.read(ptopic(job_id, "guest-9999-all-0"), 1)
+            [head] = intruder.read(ptopic(job_id, "guest-9999-host-10000-0"), 1)
+            intruder.write(ptopic(job_id, "guest-9999-host-10000-0"), [data.data()])
+            intruder.write(ptopic(job_id, "guest-9999-all-1"), [head.data()], {"ft-to": "host:10000"})
+            g.remote("after", "p", "0", [HOST, ARBITER])
+            assert h.get("p", "0", GUEST, timeout=60) == ["after"]
+            poll("both refusals counted", lambda: h.stats["forged_refused"] >= 2, timeout=30)
+    finally:
+        intruder.close()
+
+
+def test_pulsar_swapped_data_is_refused(broker, job_id):
+    """A destination of the broadcast (it holds the data key) swaps the data a peer will read:
+    on a Pulsar without authorisation it takes the real message off the peer's subscription and
+    writes its own. The digest in the sender's sealed head refuses the forgery."""
+    intruder = Intruder(broker)
+    try:
+        g, attacker = pconnect(job_id, GUEST, broker, True), pconnect(job_id, ARBITER, broker, True)
+        with g, attacker:
+            heads = capture_heads(attacker)
+            value = np.arange(10_000.0)  # one message: one lane
+            g.remote(value, "w", "0", [HOST, ARBITER])
+            attacker.get("w", "0", GUEST, timeout=60)
+            [real] = intruder.take(ptopic(job_id, "guest-9999-all-0"), "fedtransport-host-10000", 1)
+            evil = forged_frames(real.data(), {"evil": 1}, job_id, heads[0].key)
+            intruder.write(ptopic(job_id, "guest-9999-all-0"), evil, {"ft-to": "host:10000"})
+            with pconnect(job_id, HOST, broker, True) as h:
+                with pytest.raises(ft.IntegrityError, match="SHA-256"):
+                    h.get("w", "0", GUEST, timeout=60)
+                assert h.stats["forged_refused"] >= 1
+    finally:
+        intruder.close()
