@@ -221,7 +221,8 @@ class Federation:
     @property
     def stats(self) -> dict[str, int]:
         """Bytes and messages moved by this session so far, and ``forged_refused``: messages
-        refused because they came on the lanes of a party that is not their transfer's source."""
+        refused because they came on the lanes of a party that is not their transfer's source,
+        or on the wrong kind of lane, or as broadcast data that fails its head (broadcast.py)."""
         return {**self._stats, "forged_refused": self._inbox.forged + self._broadcasts.forged}
 
     def _check_process(self) -> None:

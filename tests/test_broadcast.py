@@ -267,6 +267,17 @@ def test_rabbitmq_broadcast_stored_once_in_queues_named_b(rabbit_node, rjob):
 
 
 @requires_rabbitmq
+def test_rabbitmq_broadcast_larger_than_the_prefetch(rabbit_node, rjob):
+    """More unacknowledged data messages per lane than the qos lets through: the receiver holds
+    them until the get takes the data, so it must raise the lane's qos rather than stall."""
+    value = big_value(14, 40)  # ~10 messages per lane, prefetch 4
+    with rconnect(rjob, GUEST, rabbit_node, True) as g, rconnect(rjob, HOST, rabbit_node, True) as h:
+        g.remote(value, "w", "0", [HOST, ARBITER])
+        [got] = h.get("w", "0", GUEST, timeout=120)
+        np.testing.assert_array_equal(got, value)
+
+
+@requires_rabbitmq
 def test_rabbitmq_what_stays_per_destination(rabbit_node, rjob):
     """One destination, a table, an abort: no broadcast queue is ever made."""
     table = ft.Table.from_partitions([[(i, i * 2) for i in range(50)] for _ in range(3)])
