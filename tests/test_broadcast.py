@@ -656,3 +656,31 @@ def test_pulsar_swapped_data_is_refused(broker, job_id):
                 assert h.stats["forged_refused"] >= 1
     finally:
         intruder.close()
+
+
+@requires_rabbitmq
+def test_rabbitmq_a_sender_that_aborts_wakes_a_get_waiting_for_broadcast_data(rabbit_node, rjob):
+    """The head is in, the data is not (taken off the queues): the sender's abort ends the wait
+    with PeerAborted, as for any transfer, instead of a timeout."""
+    with rconnect(rjob, GUEST, rabbit_node, True) as g, rconnect(rjob, HOST, rabbit_node, True) as h:
+        g.remote(big_value(15, 1), "w", "0", [HOST, ARBITER])
+        raw = Raw(rabbit_node, rtransport(g).vhost)
+        try:
+            assert sum(len(raw.take(q)) for q in bqueues(g, GUEST, HOST)) > 0
+        finally:
+            raw.close()
+        outcome: list[BaseException] = []
+
+        def get() -> None:
+            try:
+                h.get("w", "0", GUEST, timeout=90)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=get)
+        waiter.start()
+        poll("the get waiting for the data", lambda: h._broadcasts._data)
+        g.abort("the sender gives up")
+        waiter.join(120)
+        assert len(outcome) == 1 and isinstance(outcome[0], ft.PeerAborted), outcome
+        assert outcome[0].reason == "the sender gives up"
