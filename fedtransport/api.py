@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .broadcast import Broadcasts
 from .claims import ClaimBook
 from .codec import Compressor, PayloadCodec, Sealer, UnpicklePolicy
 from .errors import (
@@ -33,7 +34,7 @@ from .presence import PeerWatch
 from .resume import Digest, incarnation, random_incarnation, resume_point, skip_through, table_digest, unit_digest
 from .routing import RouteTable
 from .table import Table
-from .transfer import KIND_TABLE, Outgoing, decode_object_transfer, streamed_table, transfer_kind
+from .transfer import KIND_BROADCAST, KIND_TABLE, Outgoing, decode_object_transfer, streamed_table, transfer_kind
 from .transport import JobContext, Transport, get_backend
 
 __all__ = ["Federation"]
@@ -86,6 +87,10 @@ class Federation:
         self._inbox = Inbox(
             transport, self._job, lambda src: self._transform(src, self.party), options.lanes, window,
             max_streams=options.max_streams,
+        )  # fmt: skip
+        self._broadcasts = Broadcasts(
+            transport, ctx.job_id, self._job, self._compressor, self._sealer is not None, self._transform,
+            lambda overhead: max_chunk(options, overhead), self._pool, options.redelivery_after,
         )  # fmt: skip
         self._presence = PeerWatch(transport.peer_present)  # for timeout messages: is a peer still connected?
         self._closed = False
@@ -143,6 +148,7 @@ class Federation:
         self._pool.shutdown(wait=True)
         self._async_pool.shutdown(wait=True)
         self._presence.close()
+        self._broadcasts.close()
         self._inbox.close()  # wakes readers of streamed tables and lanes held back for them
         self._transport.close()
 
@@ -218,8 +224,9 @@ class Federation:
     @property
     def stats(self) -> dict[str, int]:
         """Bytes and messages moved by this session so far, and ``forged_refused``: messages
-        refused because they came on the lanes of a party that is not their transfer's source."""
-        return {**self._stats, "forged_refused": self._inbox.forged}
+        refused because they came on the lanes of a party that is not their transfer's source,
+        or on the wrong kind of lane, or as broadcast data that fails its head (broadcast.py)."""
+        return {**self._stats, "forged_refused": self._inbox.forged + self._broadcasts.forged}
 
     def _check_process(self) -> None:
         if os.getpid() != self._pid:
@@ -265,6 +272,13 @@ class Federation:
         out = Outgoing(obj, fanout=len(dsts), cloudpickle_fallback=self._opts.trust_remote_code)
         total = None if out.unit is None else out.unit.size * len(dsts)
         counter = _Counting(total, progress)
+        if not notice and self._broadcasts.applies(out, dsts):  # encoded and uploaded once (broadcast.py)
+            counter.total = out.unit.size if out.unit is not None else None
+            tid_of = functools.partial(transfer_id, self.job_id, name, tag, str(self.party))
+            self._broadcasts.send(out, self.party, dsts, lambda dst: tid_of(str(dst)), counter.count)
+            self._stats["bytes_sent"] += counter.bytes
+            self._stats["messages_sent"] += counter.messages
+            return
         plan: list[tuple[Party, int, Iterator[bytes]]] = []
         digests: list[Digest | None] = []  # the value's digest, computed for the first destination
         for dst in dsts:
@@ -493,6 +507,7 @@ class Federation:
         self._inbox.hand_over(inc)
         log.warning("job %s: %s aborted: %s", self.job_id, src, reason)
         self._inbox.fail_source(src, PeerAborted(src, reason[:_REASON_MAX]))
+        self._broadcasts.fail_source(src, PeerAborted(src, reason[:_REASON_MAX]))
 
     def _watch(self, claims: list[Incoming]) -> None:
         after = self._opts.redelivery_after
@@ -542,8 +557,15 @@ class Federation:
             value = None
             if error is None:
                 try:
-                    if transfer_kind(inc.assembly, source) == KIND_TABLE:
+                    kind = transfer_kind(inc.assembly, source)
+                    if kind == KIND_TABLE:
                         value = self._streamed_table(name, tag, inc, timeout)
+                    elif kind == KIND_BROADCAST:  # the head is acknowledged once its data is taken
+                        deadline = (
+                            None if timeout is None else time.monotonic() + timeout - (time.perf_counter() - started)
+                        )
+                        value = self._broadcasts.receive(inc.src, inc.assembly.stream_units(0), self._policy, deadline)
+                        self._handed_over(inc)
                     else:
                         self._handed_over(inc)
                         value = decode_object_transfer(inc.assembly, self._policy, source)
@@ -552,7 +574,7 @@ class Federation:
             if error is not None:
                 # A bad transfer is dropped (acknowledged). One cut short by a closing session or an
                 # aborting peer is left to the broker, for the party's next session.
-                if not (self._closed or isinstance(error, PeerAborted)):
+                if not (self._closed or isinstance(error, (PeerAborted, TransferTimeout))):
                     self._handed_over(inc)
                 first_error = first_error or error
             values.append(value)

@@ -70,7 +70,8 @@ VERSION = 2  # 2: the incarnation field
 LAST = 0x01
 COMPRESSED = 0x02
 SEALED = 0x04
-_KNOWN_FLAGS = LAST | COMPRESSED | SEALED
+BROADCAST = 0x08  # data of a broadcast (broadcast.py): only ever valid on a broadcast lane
+_KNOWN_FLAGS = LAST | COMPRESSED | SEALED | BROADCAST
 
 _PREFIX = struct.Struct("<2sBB8s16s8sIIIIIIQQQ")
 _CRC = struct.Struct("<I")
@@ -229,7 +230,8 @@ def open_payload(header: Header, payload: memoryview, transform: PayloadTransfor
 class FrameWriter:
     """Frames the chunks of one send of one transfer towards one destination.
 
-    ``incarnation`` (default: 8 random bytes) marks every message of this send.
+    ``incarnation`` (default: 8 random bytes) marks every message of this send; ``flags``
+    are set on every message (``BROADCAST``).
     """
 
     def __init__(
@@ -239,6 +241,7 @@ class FrameWriter:
         nstreams: int,
         transform: PayloadTransform,
         incarnation: bytes | None = None,
+        flags: int = 0,
     ) -> None:
         if incarnation is None:
             incarnation = os.urandom(INCARNATION_SIZE)
@@ -249,6 +252,7 @@ class FrameWriter:
         self._transfer = transfer
         self._nstreams = nstreams
         self._transform = transform
+        self._flags = flags
 
     def frame(
         self,
@@ -264,7 +268,7 @@ class FrameWriter:
     ) -> bytes:
         """One message; a chunk given as pieces (see :meth:`UnitChunker.pieces`) is copied once, here."""
         t = self._transform
-        flags = LAST if last else 0
+        flags = self._flags | (LAST if last else 0)
         body: list[bytes | memoryview] = [chunk] if isinstance(chunk, (bytes, bytearray, memoryview)) else list(chunk)
         size = length = sum(len(p) for p in body)
         packed = t.compress(body)

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import FederationError, IntegrityError, TransferTimeout
-from .framing import DEFAULT_MAX_STREAMS, PayloadTransform, TransferAssembly, parse_frame
+from .framing import BROADCAST, DEFAULT_MAX_STREAMS, PayloadTransform, TransferAssembly, parse_frame
 from .party import Party
 from .transport import Delivery, Transport
 
@@ -203,6 +203,12 @@ class Inbox:
         except IntegrityError as exc:
             # Cannot be attributed to any transfer: drop it so it does not come back forever.
             log.warning("dropped a malformed message from %s on lane %d: %s", d.src, d.lane, exc)
+            self._ack([token])
+            return
+        if header.flags & BROADCAST:  # broadcast data (broadcast.py) is only ever taken from a broadcast lane
+            with self._lock:
+                self.forged += 1
+            log.warning("IntegrityError: a broadcast frame from %s on pair lane %d; dropped", d.src, d.lane)
             self._ack([token])
             return
         with self._lock:

@@ -27,10 +27,19 @@ from .framing import FrameWriter, TransferAssembly, UnitChunker, frame_units
 from .resume import MIN_RESUME_MESSAGES
 from .table import Table
 
-__all__ = ["KIND_OBJECT", "KIND_TABLE", "Outgoing", "decode_object_transfer", "streamed_table", "transfer_kind"]
+__all__ = [
+    "KIND_BROADCAST",
+    "KIND_OBJECT",
+    "KIND_TABLE",
+    "Outgoing",
+    "decode_object_transfer",
+    "streamed_table",
+    "transfer_kind",
+]
 
 KIND_OBJECT = 0
 KIND_TABLE = 1
+KIND_BROADCAST = 2  # a head naming broadcast data to fetch (broadcast.py)
 
 
 class Outgoing:
@@ -110,7 +119,7 @@ def _chain(iterables: list[Iterable[bytes]]) -> Iterator[bytes]:
 def transfer_kind(assembly: TransferAssembly, source: str) -> int:
     """The kind of a transfer whose head (stream 0) is complete."""
     kind = assembly.stream_aux(0)
-    if kind not in (KIND_OBJECT, KIND_TABLE):
+    if kind not in (KIND_OBJECT, KIND_TABLE, KIND_BROADCAST):
         raise IntegrityError(f"transfer from {source} is of unknown kind {kind}")
     return kind
 

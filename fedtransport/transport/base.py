@@ -44,7 +44,15 @@ from ..party import Party
 from ..routing import Endpoint, RouteTable
 from .checks import Check
 
-__all__ = ["DeliverFn", "Delivery", "JobContext", "Transport"]
+__all__ = ["BROADCAST_LANE", "DeliverFn", "Delivery", "JobContext", "Transport", "is_broadcast_lane"]
+
+#: Lane ids from here on are broadcast lanes (fedtransport/broadcast.py): one publish that the
+#: broker hands to several destinations. Pair lanes stay below 256, so the two never meet.
+BROADCAST_LANE = 1 << 16
+
+
+def is_broadcast_lane(lane: int) -> bool:
+    return lane >= BROADCAST_LANE
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +112,25 @@ class Transport(ABC):
 
     @abstractmethod
     def listen(self, src: Party, lane: int, deliver: DeliverFn) -> None:
-        """Start delivering messages from ``src`` on ``lane`` (idempotent)."""
+        """Start delivering messages from ``src`` on ``lane`` (idempotent).
+
+        A broadcast lane (``is_broadcast_lane``) delivers what ``src`` broadcast to this party."""
+
+    # broadcast: one publish, fanned out by the broker (fedtransport/broadcast.py) -------------
+
+    def can_broadcast(self, dsts: Sequence[Party]) -> bool:
+        """Whether one ``send_broadcast`` reaches every one of ``dsts``; off unless a backend says so."""
+        return False
+
+    @property
+    def broadcast_lanes(self) -> int:
+        """How many broadcast lanes a broadcast stripes its messages over (and a receiver listens to)."""
+        return self.ctx.lanes
+
+    def send_broadcast(self, dsts: Sequence[Party], lane: int, messages: Iterable[bytes]) -> int:
+        """Publish ``messages`` once on broadcast ``lane`` for every one of ``dsts``; the count
+        once the broker has accepted all. Only called when ``can_broadcast(dsts)``."""
+        raise NotImplementedError(f"backend {self.name!r} cannot broadcast")
 
     @abstractmethod
     def ack(self, deliveries: Sequence[tuple[int, Party, Any]]) -> None:

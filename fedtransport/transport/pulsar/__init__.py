@@ -2,7 +2,10 @@
 
 Features
     * Topics ``persistent://{tenant}/{job_id}/{src_role}-{src_id}-{dst_role}-{dst_id}-{lane}``:
-      parties x lanes per job, never one per variable or partition.
+      parties x lanes per job, never one per variable or partition. In ``shared`` mode a
+      broadcast (fedtransport/broadcast.py) is published once on ``{src_role}-{src_id}-all-{lane}``
+      with the property ``ft-to`` naming its destinations; each destination reads that topic on
+      its own subscription and skips (acknowledges) what is not addressed to it.
     * One ``pulsar.Client`` per broker the session talks to; producers and consumers are
       cached per lane. ``send_async`` with a bounded in-flight window (``send_window``);
       ``remote`` returns once every receipt is in.
@@ -90,7 +93,7 @@ from ..allocator import keep_message_buffers
 from ..base import DeliverFn, JobContext
 from .admin import PulsarAdmin
 from .connection import PulsarClients, check_credentials, pulsar_call
-from .consumer import Consumers
+from .consumer import BROADCAST_TO, Consumers
 from .doctor import PulsarOperatorHooks
 from .management import PulsarManagement
 from .naming import PulsarNames
@@ -216,6 +219,17 @@ class PulsarTransport(PulsarOperatorHooks):
             raise BackendError("the Pulsar transport is closed")
         cluster = self.management.ensure_peer(dst)  # first: a topic made before would start unreplicated
         return self.publisher.send(dst, lane, messages, replicate_to=cluster)
+
+    def can_broadcast(self, dsts: Sequence[Party]) -> bool:
+        # Direct and replication modes: each destination is another broker or cluster, so one
+        # publish cannot reach them all (replication_clusters would copy to every cluster anyway).
+        return self.mode == "shared"
+
+    def send_broadcast(self, dsts: Sequence[Party], lane: int, messages: Iterable[bytes]) -> int:
+        if self._closed.is_set():
+            raise BackendError("the Pulsar transport is closed")
+        to = {BROADCAST_TO: ",".join(str(d) for d in dsts)}
+        return self.publisher.send(self.ctx.party, lane, messages, replicate_to=None, properties=to)
 
     def listen(self, src: Party, lane: int, deliver: DeliverFn) -> None:
         self.consumers.listen(src, lane, deliver)

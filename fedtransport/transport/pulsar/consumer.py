@@ -26,17 +26,18 @@ import pulsar
 
 from ...errors import BackendError
 from ...party import Party
-from ..base import DeliverFn, Delivery
+from ..base import BROADCAST_LANE, DeliverFn, Delivery
 from .connection import PulsarClients, retrying
 from .naming import PulsarNames
 
-__all__ = ["CONSUMER_TYPE", "Consumers"]
+__all__ = ["BROADCAST_TO", "CONSUMER_TYPE", "Consumers"]
 
 log = logging.getLogger("fedtransport.pulsar")
 
 # Shared: the only type on which pulsar-lite honours redelivery requests, and a restarted
 # receiver may attach before a real broker has noticed that the old one is gone.
 CONSUMER_TYPE = pulsar.ConsumerType.Shared
+BROADCAST_TO = "ft-to"  # property of a broadcast message: the destinations, "role:id" joined by ","
 _RECEIVE_POLL_MS = 200  # how often a receive loop looks up to notice close()
 
 _Lane = tuple[Party, int]
@@ -129,7 +130,20 @@ class Consumers:
                     return
                 continue
             self._silent[key] = 0
+            if lane >= BROADCAST_LANE and not self._addressed_to_me(msg):
+                self._skip(consumer, msg)  # another destination's broadcast, on the source's shared topic
+                continue
             deliver(Delivery(src, lane, msg.data(), msg.message_id()))
+
+    def _addressed_to_me(self, msg: pulsar.Message) -> bool:
+        """Whether a broadcast message's ``ft-to`` property names this party."""
+        return str(self._me) in msg.properties().get(BROADCAST_TO, "").split(",")
+
+    def _skip(self, consumer: pulsar.Consumer, msg: pulsar.Message) -> None:
+        try:
+            consumer.acknowledge(msg)
+        except Exception as exc:  # delivered again, and skipped again
+            log.debug("acknowledging a broadcast for others failed: %s", exc)
 
     def ack(self, deliveries: Sequence[tuple[int, Party, Any]]) -> None:
         for lane, src, msg_id in deliveries:

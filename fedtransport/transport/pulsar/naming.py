@@ -6,7 +6,9 @@ has to be looked up: the job's namespace ``{tenant}/{job_id}``, its topics
 lanes per job, never one per variable or partition; ``lane_offset`` shifts the lane number so
 that sessions of one job, such as Spark tasks, own disjoint topics), and a receiving party's
 durable subscription ``fedtransport-{role}-{party_id}``. A party's presence topic
-``present-{role}-{party_id}`` (presence.py) has three parts, a lane's topic five.
+``present-{role}-{party_id}`` (presence.py) has three parts, a lane's topic five, and a
+broadcast lane's topic ``{src_role}-{src_id}-all-{lane}`` (fedtransport/broadcast.py: every
+destination of the source's broadcasts reads it, ``ft-to`` naming who a message is for) four.
 
 ``-`` separates the parts, and roles and party ids may hold ``-`` too: ``("a-b", "c")`` and
 ``("a", "b-c")`` would share every name. So inside a part ``-`` is written ``=``, which no id
@@ -22,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...party import Party
+from ..base import BROADCAST_LANE
 
 __all__ = ["PulsarNames", "party_part"]
 
@@ -35,6 +38,10 @@ class PulsarNames:
     lane_offset: int = 0
 
     def topic(self, src: Party, dst: Party, lane: int) -> str:
+        """A pair lane's topic; a broadcast lane's is ``{src}-all-{lane}``, whatever ``dst``."""
+        if lane >= BROADCAST_LANE:
+            name = f"{party_part(src)}-all-{lane - BROADCAST_LANE + self.lane_offset}"
+            return f"persistent://{self.tenant}/{self.namespace}/{name}"
         name = f"{party_part(src)}-{party_part(dst)}-{lane + self.lane_offset}"
         return f"persistent://{self.tenant}/{self.namespace}/{name}"
 

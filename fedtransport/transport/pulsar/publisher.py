@@ -160,14 +160,24 @@ class Publisher:
         with self._lock:
             self._producers.clear()
 
-    def send(self, dst: Party, lane: int, messages: Iterable[bytes], replicate_to: str | None) -> int:
+    def send(
+        self,
+        dst: Party,
+        lane: int,
+        messages: Iterable[bytes],
+        replicate_to: str | None,
+        properties: dict[str, str] | None = None,
+    ) -> int:
         """Publish ``messages`` on the lane towards ``dst``; with ``replicate_to``, every message
-        names that cluster as its only replication cluster. Returns the count once all are in."""
+        names that cluster as its only replication cluster; ``properties`` go on every message.
+        Returns the count once all are in."""
         producer = self._producer(dst, lane)
         # The client fails a message send_timeout after it was queued, so a receipt is due by then.
         patience = self._send_timeout * _RECEIPT_PATIENCE
         receipts = _Receipts(self._window, self._window_bytes, patience)
-        extra = {"replication_clusters": [replicate_to]} if replicate_to else {}
+        extra: dict[str, Any] = {"replication_clusters": [replicate_to]} if replicate_to else {}
+        if properties:
+            extra["properties"] = properties
         resent = False
         count = 0
 

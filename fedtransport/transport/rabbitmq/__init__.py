@@ -10,10 +10,12 @@ Features
       (HMAC-SHA256), so every process of a party (Spark executors, a restarted receiver)
       computes the same one without storing it.
     * Queues ``{job_id}:{src_role}:{src_id}:{dst_role}:{dst_id}:{lane}``: parties x lanes per
-      job, never one per variable or partition. ``:`` cannot occur in job ids, roles or party
-      ids, so a name maps back to exactly one (src, dst, lane). Durable queues, persistent
-      messages (delivery mode 2). The sender declares the destination queue too, so what is
-      sent before the receiver listens is kept.
+      job, never one per variable or partition. Broadcast lanes (fedtransport/broadcast.py) are
+      ``...:{dst_role}:{dst_id}:b{lane}``: a broadcast is published once to the first
+      destination's queue with a ``CC`` header naming the others', and stored once. ``:``
+      cannot occur in job ids, roles or party ids, so a name maps back to exactly one (src,
+      dst, lane). Durable queues, persistent messages (delivery mode 2). The sender declares
+      the destination queue too, so what is sent before the receiver listens is kept.
     * Publisher confirms with a bounded window (``send_window`` unconfirmed messages per
       ``send``): the sender blocks on the window, never buffers a lazy message stream, and
       ``send`` returns once every message is confirmed. A nack, a returned (unroutable)
@@ -248,6 +250,18 @@ class RabbitTransport(RabbitOperatorHooks):
         if self._federated:
             self.management.ensure_link_user(dst)
         return self.publisher.send(self.queue(self.ctx.party, dst, lane), messages, self.ctx.max_message_size)
+
+    def can_broadcast(self, dsts: Sequence[Party]) -> bool:
+        return True  # one publish with a CC header, in both modes (the publisher's broker stores it once)
+
+    def send_broadcast(self, dsts: Sequence[Party], lane: int, messages: Iterable[bytes]) -> int:
+        if self.connection.closed:
+            raise BackendError("the RabbitMQ transport is closed")
+        if self._federated:
+            for dst in dsts:
+                self.management.ensure_link_user(dst)
+        queues = [self.queue(self.ctx.party, dst, lane) for dst in dsts]
+        return self.publisher.send(queues, messages, self.ctx.max_message_size)
 
     def listen(self, src: Party, lane: int, deliver: DeliverFn) -> None:
         c = self.consumers.listen(src, lane, self.queue(src, self.ctx.party, lane), deliver)

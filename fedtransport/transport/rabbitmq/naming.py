@@ -2,7 +2,8 @@
 
 Every party computes the same names from the job id and the parties, so nothing has to be
 looked up: the vhost ``{vhost_prefix}{job_id}``, queues
-``{job_id}:{src_role}:{src_id}:{dst_role}:{dst_id}:{lane}``, a party's exchange
+``{job_id}:{src_role}:{src_id}:{dst_role}:{dst_id}:{lane}`` (``...:b{lane}`` for a broadcast
+lane, which one publish with a ``CC`` header fills for several destinations), a party's exchange
 ``{job_id}:{role}:{party_id}``, its data user ``{vhost}:{role}:{party_id}``, the federation
 link user ``{vhost}:link:{src}:{dst}``, the upstream ``from:{role}:{party_id}`` and its policy
 ``federate:{role}:{party_id}``. ``:`` cannot occur in job ids, roles or party ids, so a name
@@ -26,6 +27,7 @@ import re
 from dataclasses import dataclass
 
 from ...party import Party
+from ..base import BROADCAST_LANE
 
 __all__ = ["AMQP_SHORT_MAX", "RabbitNames"]
 
@@ -74,6 +76,9 @@ class RabbitNames:
         return _short(self.vhost, _VHOST_MAX)
 
     def queue(self, src: Party, dst: Party, lane: int) -> str:
+        """A pair lane's queue ``...:{lane}``, or a broadcast lane's ``...:b{lane}`` (broadcast.py)."""
+        if lane >= BROADCAST_LANE:
+            return f"{self._job}:{_party(src)}:{_party(dst)}:b{lane - BROADCAST_LANE + self.lane_offset}"
         return f"{self._job}:{_party(src)}:{_party(dst)}:{lane + self.lane_offset}"
 
     def exchange(self, src: Party) -> str:
@@ -99,12 +104,12 @@ class RabbitNames:
         return f"federate:{_party(src)}"
 
     def queue_pattern(self, src: Party | None, dst: Party | None) -> str:
-        """Regex of the queues from ``src`` to ``dst`` (``None``: any party), every lane."""
+        """Regex of the queues from ``src`` to ``dst`` (``None``: any party), every lane, broadcast lanes too."""
 
         def part(p: Party | None) -> str:
             return "[^:]+:[^:]+" if p is None else re.escape(_party(p))
 
-        return f"^{re.escape(self._job)}:{part(src)}:{part(dst)}:[0-9]+$"
+        return f"^{re.escape(self._job)}:{part(src)}:{part(dst)}:b?[0-9]+$"
 
     def data_permissions(self) -> tuple[str, str, str]:
         """(configure, write, read) of the party's data user.

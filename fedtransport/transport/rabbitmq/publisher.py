@@ -4,7 +4,8 @@
 window is full (``send_window`` messages, ``send_window_bytes``): a lazy message stream is
 never buffered. The I/O thread publishes them persistent (delivery mode 2, ``mandatory``)
 to the party's own exchange, after declaring the exchange, the queue and their binding once
-per channel. A confirm frees a slot; a nack, a returned (unroutable) message or a channel
+per channel. A broadcast names more queues: one publish, routed to the others by its ``CC``
+header. A confirm frees a slot; a nack, a returned (unroutable) message or a channel
 error fails the send with the broker's reply text; no confirm for ``send_timeout`` seconds
 fails it naming the last connection problem.
 
@@ -20,7 +21,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from pika.channel import Channel
@@ -35,11 +36,14 @@ log = logging.getLogger("fedtransport.rabbitmq")
 
 
 class _Send:
-    """One ``send`` call: its window of unconfirmed messages, shared with the I/O thread."""
+    """One ``send`` call: its window of unconfirmed messages, shared with the I/O thread.
 
-    def __init__(self, op_id: int, queue: str) -> None:
+    ``queues``: where each message goes; beyond the first, named in the ``CC`` header (a broadcast)."""
+
+    def __init__(self, op_id: int, queues: tuple[str, ...]) -> None:
         self.id = op_id
-        self.queue = queue
+        self.queue = queues[0]
+        self.queues = queues
         self.cond = threading.Condition()
         self.unconfirmed: dict[int, bytes] = {}  # index -> body, until the broker confirms it
         self.sent_on: dict[int, int] = {}  # index -> publisher channel it went out on (I/O thread)
@@ -82,9 +86,12 @@ class Publisher:
 
     # caller threads ------------------------------------------------------------------------
 
-    def send(self, queue: str, messages: Iterable[bytes], limit: int) -> int:
-        """Publish ``messages`` (each at most ``limit`` bytes) in order; return once all are confirmed."""
-        op = _Send(next(self._op_ids), queue)
+    def send(self, queue: str | Sequence[str], messages: Iterable[bytes], limit: int) -> int:
+        """Publish ``messages`` (each at most ``limit`` bytes) in order; return once all are confirmed.
+
+        Several queues: each message is published once, routed to the first and, by the ``CC``
+        header, to the others; the broker stores it once (a broadcast, broadcast.py)."""
+        op = _Send(next(self._op_ids), (queue,) if isinstance(queue, str) else tuple(queue))
         # One wake-up of the I/O thread per message and none after the last confirm: a small
         # transfer's cost is its round trip, and each extra hop to the I/O thread showed in it.
         pump = functools.partial(self._pump, op)
@@ -191,7 +198,7 @@ class Publisher:
         if epoch != self._epoch:
             return
         lost = {op.id: op for op, _ in self._outstanding.values()}
-        lost.update({op.id: op for op in self._ops.values() if op.queue in self._declaring})
+        lost.update({op.id: op for op in self._ops.values() if self._declaring.intersection(op.queues)})
         self._ch, self.ready = None, False
         self._outstanding.clear()
         self._declaring.clear()
@@ -221,8 +228,10 @@ class Publisher:
         ch = self._ch
         if not self.ready or ch is None or op.id not in self._ops or op.error is not None:
             return
-        if op.queue not in self._declared:
-            self._declare_route(ch, op.queue)
+        missing = [q for q in op.queues if q not in self._declared]
+        if missing:
+            for queue in missing:
+                self._declare_route(ch, queue)
             return
         with op.cond:
             todo = [(i, body) for i, body in op.unconfirmed.items() if op.sent_on.get(i) != self._epoch]
@@ -230,7 +239,8 @@ class Publisher:
             self._tag += 1
             self._outstanding[self._tag] = (op, i)
             op.sent_on[i] = self._epoch
-            props = BasicProperties(delivery_mode=2, message_id=f"{op.id}:{i}")
+            cc: dict[str, Any] | None = {"CC": list(op.queues[1:])} if len(op.queues) > 1 else None
+            props = BasicProperties(delivery_mode=2, message_id=f"{op.id}:{i}", headers=cc)
             ch.basic_publish(self._exchange, op.queue, body, props, mandatory=True)
 
     def _declare_route(self, ch: Channel, queue: str) -> None:
@@ -249,7 +259,7 @@ class Publisher:
                 return
             self._declaring.discard(queue)
             self._declared.add(queue)
-            for op in [o for o in self._ops.values() if o.queue == queue]:
+            for op in [o for o in self._ops.values() if queue in o.queues]:
                 self._pump(op)
 
         ch.exchange_declare(self._exchange, "direct", durable=True)
