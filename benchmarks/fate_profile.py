@@ -1,6 +1,6 @@
 """Where the time of FATE over fedtransport goes: one table of 4 KiB records, per layer, per side.
 
-    python benchmarks/fate_profile.py [--backend rabbitmq|pulsar] [--mib 64] [--rate 200] [--json FILE]
+    python benchmarks/fate_profile.py [--backend rabbitmq|pulsar] [--mib 64] [--rate 200] [--idle] [--json FILE]
 
 Runs one repetition of the ``fate-ft-table`` workload (fedtransport/bench/fate.py: two processes
 with FATE 2.2 contexts on standalone computing, a table of 8 partitions of (int key, 4 KiB float64
@@ -12,6 +12,12 @@ out, so the shares are of the transfer itself. py-spy runs with ``--gil``: a sam
 holds the GIL, i.e. Python's own work. Threads that wait poll with timeouts and look busy to py-spy's
 idle heuristic; with ``--gil`` they do not count. Work done with the GIL released (socket writes,
 LMDB, CRC32, numpy copies) is not in the samples: the shares are of the Python-side time.
+
+``--idle`` is the wall-clock view instead: py-spy samples every thread, idle or not (``--idle``,
+no ``--gil``), and the shares are of each party's main thread alone, on the bench's lines that
+``put`` or ``get`` the data (not the hello before the clock, nor the sender's wait for "done"
+after). Where that thread waits (on the broker, on a lock, inside LMDB) is where the transfer's
+time goes, whoever does the work.
 """
 
 from __future__ import annotations
@@ -45,6 +51,17 @@ LAYERS = [
 # broker clients' and fedtransport's I/O threads, FATE's computing pool); the parties' set-up and
 # tear-down (imports, the table built, contexts made and destroyed) are left out.
 TRANSFER = re.compile(r"^_(push|pull) \(fate/arch/context/_parties\.py|^Thread\._bootstrap \(")
+# The --idle view: a party's main thread on a line of the bench that puts or gets "data" (the
+# hello, the "done" and the count after the clock are other lines), found in the bench's source.
+_BENCH = ROOT / "fedtransport" / "bench" / "fate.py"
+DATA_LINES = {i for i, line in enumerate(_BENCH.read_text().splitlines(), 1) if '"data"' in line}
+DATA_FRAME = re.compile(r"^fate_(sender|receiver) \(fedtransport/bench/fate\.py:(\d+)\)$")
+
+
+def on_data_line(frames: list[str]) -> bool:
+    return any((m := DATA_FRAME.match(f)) is not None and int(m.group(2)) in DATA_LINES for f in frames)
+
+
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]*)(?::\d+)?\)$")
 
 
@@ -67,9 +84,10 @@ def innermost(frames: list[str]) -> str:
     return "other"
 
 
-def summarize(raw: str, top: int = 8) -> dict[str, dict[str, float]]:
+def summarize(raw: str, top: int = 8, *, main_only: bool = False) -> dict[str, dict[str, float]]:
     """Per side (sender / receiver), each layer's share of the transfer's samples, and under
-    ``functions`` the ``top`` innermost functions of the layers with theirs."""
+    ``functions`` the ``top`` innermost functions of the layers with theirs. ``main_only``: the
+    samples of the party's main thread putting or getting the data alone (the ``--idle`` view)."""
     by_pid: dict[str, list[tuple[list[str], int]]] = collections.defaultdict(list)
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -88,7 +106,7 @@ def summarize(raw: str, top: int = 8) -> dict[str, dict[str, float]]:
         counts: collections.Counter[str] = collections.Counter()
         functions: collections.Counter[str] = collections.Counter()
         for frames, n in samples:
-            if not any(TRANSFER.search(f) for f in frames):
+            if not (on_data_line(frames) if main_only else any(TRANSFER.search(f) for f in frames)):
                 continue
             counts[layer_of(frames) or "other (numpy, stdlib outside the layers)"] += n
             functions[innermost(frames)] += n
@@ -133,6 +151,8 @@ def main() -> int:
     ap.add_argument("--backend", choices=["rabbitmq", "pulsar"], default="rabbitmq")
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    ap.add_argument("--idle", action="store_true",
+                    help="wall-clock view: sample idle threads too, shares of each party's main thread")  # fmt: skip
     ap.add_argument("--json", type=Path, help="write the shares here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -142,18 +162,22 @@ def main() -> int:
     spy = Path(sys.executable).with_name("py-spy")
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "stacks.txt"
-        cmd = [str(spy), "record", "--subprocesses", "--gil", "--format", "raw", "--rate", str(args.rate),
+        view = ["--idle"] if args.idle else ["--gil"]
+        cmd = [str(spy), "record", "--subprocesses", *view, "--format", "raw", "--rate", str(args.rate),
                "-o", str(raw), "--", sys.executable, __file__, "--child", "--backend", args.backend,
                "--mib", str(args.mib)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
         run = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
-        shares = summarize(raw.read_text())
-    # How much of the transfer each side spent running Python (holding the GIL) at all.
-    busy = {side: round(100 * s["samples"] / (args.rate * run["seconds"]), 1) for side, s in shares.items()
-            if "samples" in s}  # fmt: skip
+        shares = summarize(raw.read_text(), main_only=args.idle)
     report = {"backend": args.backend, "mib": args.mib, "run": run, "load_average": list(os.getloadavg()),
-              "rate": args.rate, "gil_held_percent_of_transfer": busy, "shares_percent": shares}  # fmt: skip
+              "rate": args.rate, "view": "idle" if args.idle else "gil"}  # fmt: skip
+    if not args.idle:  # how much of the transfer each side spent running Python (holding the GIL) at all
+        report["gil_held_percent_of_transfer"] = {
+            side: round(100 * s["samples"] / (args.rate * run["seconds"]), 1) for side, s in shares.items()
+            if "samples" in s
+        }  # fmt: skip
+    report["shares_percent"] = shares
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -25,6 +25,14 @@ How it maps onto fedtransport
                 receiver rebuilds them with its own computing session (same partition count,
                 serdes types and partitioner type; records are placed by that partitioner, as
                 FATE's own tables place them), values never deserialised on the way
+    pushing     a table goes out in the background (``put`` does not wait for it): the pickle
+                that names it follows at once, so the receiver starts on the table while it is
+                still being sent. The next ``put`` waits for the tables of the one before, and
+                ``destroy`` for all of them; a table that failed to go out raises there
+    standalone  on FATE's standalone computing the receiver writes the partitions into the new
+                table's LMDB stores itself, up to :data:`WRITERS` at once, a whole received
+                unit per ``putmulti``, one transaction per partition; other computing engines
+                get the records through their own ``_parallelize``
     destroy     ``close()`` then ``cleanup()``, as FATE's Pulsar and RabbitMQ federations delete
                 the job's broker resources at the end of a task
 
@@ -44,8 +52,12 @@ FATE 1.x: use :mod:`fedtransport.fate` instead.
 
 from __future__ import annotations
 
+import logging
 import pickle
+import threading
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +80,9 @@ except ImportError as exc:  # FATE missing, or one of the packages it imports
 __all__ = ["ENGINE", "INSTALL_HINT", "FedtransportFederation", "create_context", "install"]
 
 ENGINE = "fedtransport"  # the name FATE's builders select once install() ran
+log = logging.getLogger(__name__)
+WRITERS = 4  # partitions of a received table written into standalone LMDB at once
+PUSHERS = 2  # tables sent at once in the background
 
 PartyMeta = tuple[str, str]
 RouteTableArg = str | Path | Mapping[str, Any] | RouteTable | None
@@ -115,6 +130,11 @@ class FedtransportFederation(_FateFederation):  # type: ignore[misc]  # FATE shi
         self._fed = federation
         self._computing = computing_session
         self._timeout = check_timeout(timeout)  # refused now, not at the first get
+        # Tables pushed in the background: this put's (since the last bytes) and earlier puts'.
+        self._pushes = ThreadPoolExecutor(max_workers=PUSHERS, thread_name_prefix="fedtransport-fate-push")
+        self._push_lock = threading.Lock()
+        self._this_put: list[Future[None]] = []
+        self._earlier: list[Future[None]] = []
 
     @classmethod
     def from_conf(
@@ -151,15 +171,36 @@ class FedtransportFederation(_FateFederation):  # type: ignore[misc]  # FATE shi
     # FATE's hooks ------------------------------------------------------------------------------
 
     def _push_bytes(self, v: bytes, name: str, tag: str, parties: list[PartyMeta]) -> None:
+        # FATE pushes a put's tables first, then its pickle (the bytes): the earlier puts' tables
+        # are done (or raise) before this put counts as sent, while this put's own tables keep
+        # streaming out behind the pickle that names them.
+        with self._push_lock:
+            earlier, self._earlier = self._earlier, []
+        _wait_pushes(earlier)
         # FATE pickled v already: a PickleBuffer travels out of band, without a second pickling.
         self._fed.remote(pickle.PickleBuffer(v), name=name, tag=tag, parties=_dsts(parties))
+        with self._push_lock:
+            self._earlier, self._this_put = self._this_put, []
 
     def _pull_bytes(self, name: str, tag: str, parties: list[PartyMeta]) -> list[bytes]:
         values = self._fed.get(name=name, tag=tag, parties=_dsts(parties), timeout=self._timeout)
         return [_as_bytes(v, name, party) for v, party in zip(values, parties, strict=True)]
 
     def _push_table(self, table: Any, name: str, tag: str, parties: list[PartyMeta]) -> None:
-        self._fed.remote(Table(raw_partitions(table)), name=name, tag=tag, parties=_dsts(parties))
+        # The partitions are read in the pushing thread; `table` stays referenced until sent (a
+        # standalone table deletes its LMDB store when collected, as FATE's slice tables are).
+        outgoing, dsts = Table(raw_partitions(table)), _dsts(parties)
+
+        def push(_table: Any) -> None:
+            try:
+                self._fed.remote(outgoing, name=name, tag=tag, parties=dsts)
+            except BaseException as exc:  # raised again by the next put or destroy; logged now, when it happens
+                log.warning("pushing FATE table %r/%r to %s failed: %r", name, tag, parties, exc)
+                raise
+
+        future = self._pushes.submit(push, table)
+        with self._push_lock:
+            self._this_put.append(future)
 
     def _pull_table(
         self, name: str, tag: str, parties: list[PartyMeta], table_metas: list[Any] | None = None
@@ -169,8 +210,14 @@ class FedtransportFederation(_FateFederation):  # type: ignore[misc]  # FATE shi
         return [self._rebuild(t, meta, name, party) for t, meta, party in zip(tables, metas, parties, strict=True)]
 
     def _destroy(self) -> None:
-        self._fed.close()
-        self._fed.cleanup()
+        with self._push_lock:
+            pending, self._earlier, self._this_put = self._earlier + self._this_put, [], []
+        try:
+            _wait_pushes(pending)  # every table is out (or failed) before the session closes
+        finally:
+            self._pushes.shutdown(wait=True)
+            self._fed.close()
+            self._fed.cleanup()
 
     # tables ------------------------------------------------------------------------------------
 
@@ -189,6 +236,8 @@ class FedtransportFederation(_FateFederation):  # type: ignore[misc]  # FATE shi
             raise IntegrityError(
                 f"table {name!r} from {party} has {table.num_partitions} partitions, its metadata says {n}"
             )
+        if _is_standalone(self._computing):
+            return _write_standalone(self._computing, table, n, (ktype, vtype, ptype), name, party)
         # _parallelize is the computing session's own hook for records that are serialised
         # already: the public parallelize would serialise FATE's bytes once more.
         return self._computing._parallelize(
@@ -210,6 +259,74 @@ class FedtransportFederation(_FateFederation):  # type: ignore[misc]  # FATE shi
             f"FedtransportFederation(session_id={self.session_id!r}, party={self.local_party}, "
             f"backend={self._fed.backend!r})"
         )
+
+
+def _wait_pushes(futures: list[Future[None]]) -> None:
+    """Wait for every background table push; the first that failed raises."""
+    wait(futures)
+    for future in futures:
+        exc = future.exception()
+        if exc is not None:
+            raise exc
+
+
+def _is_standalone(computing: Any) -> bool:
+    from fate.arch.computing.backends.standalone import CSession
+
+    return isinstance(computing, CSession)
+
+
+def _write_standalone(computing: Any, table: Table, n: int, types: tuple[int, int, int], name: str,
+                      party: PartyMeta) -> Any:  # fmt: skip
+    """The received table as a new table of FATE's standalone computing, written by us.
+
+    As ``CSession._parallelize`` makes it (a uuid name in the session's namespace, cleaned up
+    when collected), but each partition straight into its own LMDB store: the records of the
+    sender's partition ``p`` are those FATE's partitioner places in ``p`` (same count and
+    partitioner type; checked record by record), so up to :data:`WRITERS` partitions are
+    written at once, a received unit per ``putmulti``, one transaction per partition. LMDB
+    releases the GIL while it copies and syncs, so the writers overlap.
+    """
+    from fate.arch.computing.backends.standalone import Table as StandaloneTable
+    from fate.arch.computing.partitioners import get_partitioner_by_type
+
+    ktype, vtype, ptype = types
+    session = computing.get_standalone_session()
+    out = session.create_table(
+        name=str(uuid.uuid1()), namespace=session.session_id, partitions=n, need_cleanup=True,
+        error_if_exist=True, key_serdes_type=ktype, value_serdes_type=vtype, partitioner_type=ptype,
+    )  # fmt: skip
+    place = get_partitioner_by_type(ptype)
+    with ThreadPoolExecutor(max_workers=max(1, min(WRITERS, n)), thread_name_prefix="fedtransport-fate-lmdb") as pool:
+        # Partitions in order: the sender sends a lane's partitions in order, so the writers
+        # never wait on a partition queued behind one that nobody reads.
+        futures = [pool.submit(_write_partition, out, table.raw_partition(p), p, n, place, name, party)
+                   for p in range(n)]  # fmt: skip
+        for future in futures:
+            if future.exception() is not None:
+                for other in futures:
+                    other.cancel()  # the partitions not begun; those begun run to their end
+                break
+    for future in futures:
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:
+            out.destroy()
+            raise exc
+    return StandaloneTable(out)
+
+
+def _write_partition(out: Any, part: Iterable[tuple[Any, Any]], p: int, n: int, place: Any, name: str,
+                     party: PartyMeta) -> None:  # fmt: skip
+    batches = part.batches() if hasattr(part, "batches") else [list(part)]
+    with out._get_env_for_partition(p, write=True) as env, env.begin(write=True) as txn, txn.cursor() as cursor:
+        for batch in batches:
+            for key, value in batch:
+                if not (type(key) is bytes and type(value) is bytes):
+                    raise IntegrityError(f"table {name!r} from {party}: partition {p} holds a record that is not bytes")
+                if place(key, n) != p:
+                    raise IntegrityError(f"table {name!r} from {party}: a record of partition {p} belongs in "
+                                         f"partition {place(key, n)} of {n}")  # fmt: skip
+            cursor.putmulti(batch)
 
 
 def _as_bytes(value: Any, name: str, party: PartyMeta) -> bytes:

@@ -169,15 +169,29 @@ class _StreamedPartition:
         self._started = False
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        self._start()
+        return self._records()
+
+    def batches(self) -> Iterator[list[tuple[Any, Any]]]:
+        """The partition one received unit at a time, each a list of its records, for a reader
+        that stores whole runs at once (FATE's LMDB writer). Once, as iterating it is; the record
+        count is checked when the last batch has been taken."""
+        self._start()
+        return self._batches()
+
+    def _start(self) -> None:
         if self._started:
             raise FederationError(
                 f"partition {self._index} of the table from {self._reading.source} was already read: a received "
                 "table streams each partition once (use table.partitions first to keep the records)"
             )
         self._started = True
-        return self._records()
 
     def _records(self) -> Iterator[tuple[Any, Any]]:
+        for batch in self._batches():
+            yield from batch
+
+    def _batches(self) -> Iterator[list[tuple[Any, Any]]]:
         r, stream = self._reading, self._index + 1
         count, finished = 0, False
         while not finished:
@@ -185,7 +199,7 @@ class _StreamedPartition:
             for unit in units:
                 records = decode_records(unit, r.policy, r.source)
                 count += len(records)
-                yield from records
+                yield records
         expected = r.count_of(stream)
         if count != expected:
             raise IntegrityError(

@@ -211,3 +211,158 @@ def test_install_lets_fate_s_load_federation_take_a_custom_spec(tmp_path: Path, 
     from fate.components.core import _load_federation
 
     assert _load_federation.load_federation is load_federation
+
+
+# ---------------------------------------------------------------- the standalone writer, the pushes
+# In one process over the memory backend: a plain fedtransport session sends what FATE's would,
+# and FATE's pull_table / push_table / push_bytes (its public Federation API) drive the hooks.
+
+SMALL_UNITS = {"max_message_size": 65536}  # 64 KiB units; a lane's window is 4 of them
+
+
+def _keys_by_partition(n: int, per: int) -> list[list[bytes]]:
+    """``per`` serialised int keys for each of ``n`` partitions, as FATE's default partitioner places them."""
+    from fate.arch.computing.partitioners import get_partitioner_by_type
+    from fate.arch.computing.serdes import get_serdes_by_type
+
+    place, serdes = get_partitioner_by_type(0), get_serdes_by_type(0)
+    parts: list[list[bytes]] = [[] for _ in range(n)]
+    i = 0
+    while min(map(len, parts)) < per:
+        key = serdes.serialize(i)
+        if len(parts[place(key, n)]) < per:
+            parts[place(key, n)].append(key)
+        i += 1
+    return parts
+
+
+def _host_federation(tmp_path: Path, job_id: str) -> tuple[FedtransportFederation, CSession]:
+    session = CSession(session_id=f"w-{os.getpid()}-{time.time_ns()}", data_dir=str(tmp_path / "host"))
+    opts = {"hub": job_id, **SMALL_UNITS}
+    return FedtransportFederation.from_conf(job_id, session, HOST, PARTIES, "memory", opts, timeout=20), session
+
+
+class _Watched:
+    """A received partition that tells when its reading began."""
+
+    def __init__(self, part: Any, began: Any) -> None:
+        self._part, self._began = part, began
+
+    def __iter__(self) -> Any:
+        self._began.set()
+        return iter(self._part)
+
+    def batches(self) -> Any:
+        self._began.set()
+        return self._part.batches()
+
+
+def test_a_table_of_many_partitions_is_written_by_several_writers_at_once(
+    tmp_path: Path, job_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender holds partition 0 back until the receiver began reading partition 1: read one
+    partition after the other, as before, the receiver would wait on 0 until its timeout."""
+    import threading
+
+    from fate.arch.federation.api import TableMeta
+
+    import fedtransport as ft
+
+    n, per, value = 8, 120, b"v" * 10_000  # 1.2 MB a partition, 64 KiB units: ~19 units each
+    keys = _keys_by_partition(n, per)
+    began = [threading.Event() for _ in range(n)]
+
+    def partition(p: int) -> Any:
+        for i, key in enumerate(keys[p]):
+            if p == 0 and i == 10:
+                assert began[1].wait(30), "the receiver never began partition 1 while partition 0 was open"
+            yield key, value + key
+
+    host, session = _host_federation(tmp_path, job_id)
+    received: list[Any] = []  # the tables as received stay referenced while their partitions are read
+    real_get = host.federation.get
+
+    def get(*args: Any, **kwargs: Any) -> Any:
+        received.extend(real_get(*args, **kwargs))
+        return [ft.Table([_Watched(t.raw_partition(p), began[p]) for p in range(t.num_partitions)]) for t in received]
+
+    monkeypatch.setattr(host.federation, "get", get)
+    guest = ft.Federation.connect("memory", job_id=job_id, party=ft.Party(*GUEST), options={"hub": job_id,
+                                  **SMALL_UNITS})  # fmt: skip
+    try:
+        sender = threading.Thread(target=guest.remote, args=(ft.Table([partition(p) for p in range(n)]), "t", "0",
+                                                             [ft.Party(*HOST)]))  # fmt: skip
+        sender.start()
+        [table] = host.pull_table("t", "0", [GUEST], [TableMeta(n, 0, 0, 0)])
+        sender.join(30)
+        assert all(b.is_set() for b in began)
+        assert table.num_partitions == n and table.count() == n * per
+        assert dict(table.table.collect()) == {k: value + k for part in keys for k in part}
+        for p, records in enumerate(raw_partitions(table)):  # each partition in its own LMDB store
+            assert sorted(k for k, _ in records) == sorted(keys[p])
+    finally:
+        host.destroy()
+        guest.close()
+        session.destroy()
+
+
+def test_a_record_in_the_wrong_partition_is_an_integrity_error(tmp_path: Path, job_id: str) -> None:
+    from fate.arch.federation.api import TableMeta
+
+    import fedtransport as ft
+    from fedtransport.errors import IntegrityError
+
+    keys = _keys_by_partition(2, 5)
+    host, session = _host_federation(tmp_path, job_id)
+    with ft.Federation.connect("memory", job_id=job_id, party=ft.Party(*GUEST), options={"hub": job_id}) as guest:
+        try:  # partition 0 holds a key of partition 1
+            guest.remote(ft.Table([[(k, b"x") for k in keys[0] + keys[1][:1]], []]), "t", "0", [ft.Party(*HOST)])
+            with pytest.raises(IntegrityError, match="belongs in partition 1 of 2"):
+                host.pull_table("t", "0", [GUEST], [TableMeta(2, 0, 0, 0)])
+        finally:
+            host.destroy()
+            session.destroy()
+
+
+class _Unreadable:
+    """A KVTable whose records cannot be read (its store is gone): its push fails while it streams."""
+
+    num_partitions = 2
+
+    @staticmethod
+    def partitioner(key: bytes, n: int) -> int:
+        return 0
+
+    def _collect(self) -> Any:
+        raise RuntimeError("the table's store is gone")
+
+
+def test_a_table_that_failed_to_go_out_raises_at_the_next_put(tmp_path: Path, job_id: str) -> None:
+    from fedtransport.errors import BackendError
+
+    session = CSession(session_id=f"p-{os.getpid()}-{time.time_ns()}", data_dir=str(tmp_path))
+    fed = FedtransportFederation.from_conf(job_id, session, GUEST, PARTIES, "memory", {"hub": job_id})
+    try:
+        fed.push_table(_Unreadable(), "t", "0", [HOST])  # returns: the table goes out in the background
+        fed.push_bytes(b"names t", "v", "0", [HOST])  # the same put: its pickle goes out at once
+        with pytest.raises(BackendError, match="store is gone"):
+            fed.push_bytes(b"next", "w", "0", [HOST])  # the next put waits for the table, and raises
+        fed.push_bytes(b"after", "x", "0", [HOST])  # raised once: the session goes on
+    finally:
+        fed.destroy()
+        session.destroy()
+    assert fed.federation.closed
+
+
+def test_a_table_that_failed_to_go_out_raises_at_destroy(tmp_path: Path, job_id: str) -> None:
+    from fedtransport.errors import BackendError
+
+    session = CSession(session_id=f"d-{os.getpid()}-{time.time_ns()}", data_dir=str(tmp_path))
+    fed = FedtransportFederation.from_conf(job_id, session, GUEST, PARTIES, "memory", {"hub": job_id})
+    try:
+        fed.push_table(_Unreadable(), "t", "0", [HOST])
+        with pytest.raises(BackendError, match="store is gone"):
+            fed.destroy()
+        assert fed.federation.closed  # closed and cleaned up all the same
+    finally:
+        session.destroy()

@@ -106,6 +106,23 @@ def test_partitions_read_out_of_order(job_id):
         assert h._inbox.pending() == 0
 
 
+def test_a_received_partition_hands_out_whole_units_as_batches(job_id):
+    """batches(): each received unit as one list of records, the count checked, once, as iteration."""
+    with connect(job_id, GUEST, lanes=2) as g, connect(job_id, HOST, lanes=2) as h:
+        table = ft.Table.from_partitions([[(i, blob(p, i)) for i in range(40)] for p in range(2)])
+        g.remote(table, "t", "0", [HOST])
+        [t] = h.get("t", "0", [GUEST], timeout=10)
+        batches = list(t.raw_partition(1).batches())
+        assert all(isinstance(b, list) and 0 < len(b) <= 6 for b in batches)  # six 10 KB records a 64 KiB unit
+        assert len(batches) >= 7 and [r for b in batches for r in b] == table.partitions[1]
+        with pytest.raises(ft.FederationError, match="already read"):
+            iter(t.raw_partition(1))
+        with pytest.raises(ft.FederationError, match="already read"):
+            t.raw_partition(1).batches()
+        assert list(t.iter_partition(0)) == table.partitions[0]  # the records of the other, one by one
+        assert h._inbox.pending() == 0
+
+
 def test_the_inbox_holds_at_most_a_window_per_lane_for_a_slow_reader(job_id):
     with connect(job_id, GUEST, lanes=2) as g, connect(job_id, HOST, lanes=2) as h:
         parts, per = 4, 400  # 16 MB of 10 KB records, 64 KiB messages
