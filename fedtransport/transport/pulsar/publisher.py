@@ -26,7 +26,7 @@ import pulsar
 
 from ...errors import BackendError
 from ...party import Party
-from .connection import PulsarClients, bounded, pulsar_call, retrying
+from .connection import PulsarClients, bounded, inside_client, pulsar_call, retrying
 from .naming import PulsarNames
 
 __all__ = ["Publisher"]
@@ -173,7 +173,8 @@ class Publisher:
 
         def publish(key: int, msg: bytes) -> bool:
             try:
-                producer.send_async(msg, receipts.callback(key), **extra)
+                with inside_client():  # blocks while the client's own queue is full
+                    producer.send_async(msg, receipts.callback(key), **extra)
             except Exception as exc:
                 receipts.refuse(key, str(exc))
                 return False
