@@ -9,6 +9,7 @@ the tests check.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import sys
 import threading
@@ -62,7 +63,36 @@ def _subscribing() -> bool:
     return False
 
 
-SCENARIOS = {"frozen-send": frozen_send, "pending-get": pending_get}
+def stuck_call(opts: dict[str, object], job_id: str) -> None:
+    """A thread that never leaves a (pretended) client call: the exit waits ``EXIT_WAIT`` seconds
+    for it, warns and goes on. Afterwards a new client is refused. No broker is involved."""
+    assert "fedtransport.transport.pulsar.connection" not in sys.modules
+    atexit.register(_open_a_client_after_the_exit_began)  # before the import: runs after its handler
+    from fedtransport.transport.pulsar.connection import inside_client
+
+    entered = threading.Event()
+
+    def stuck() -> None:
+        with inside_client():
+            entered.set()
+            threading.Event().wait()  # never leaves; pure Python, so stopping it cannot abort
+
+    threading.Thread(target=stuck, daemon=True).start()
+    entered.wait()
+    print("ready", flush=True)
+    sys.stdin.readline()
+
+
+def _open_a_client_after_the_exit_began() -> None:
+    from fedtransport.transport.pulsar.connection import open_client
+
+    try:
+        open_client("pulsar://127.0.0.1:9")
+    except ft.FederationError as exc:
+        print(f"refused: {exc}", flush=True)
+
+
+SCENARIOS = {"frozen-send": frozen_send, "pending-get": pending_get, "stuck-call": stuck_call}
 
 if __name__ == "__main__":
     scenario, service_url, admin_url, job = sys.argv[1:5]

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from fedtransport.brokers.standalone import PulsarStandalone
+from fedtransport.transport.pulsar.connection import EXIT_WAIT
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "exit_proc.py"
@@ -50,8 +51,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _start(scenario: str, broker: PulsarStandalone) -> subprocess.Popen[str]:
-    argv = [sys.executable, str(CHILD), scenario, broker.service_url, broker.admin_url, _job()]
+def _start(scenario: str, broker: PulsarStandalone | None) -> subprocess.Popen[str]:
+    urls = [broker.service_url, broker.admin_url] if broker else ["pulsar://127.0.0.1:9", "http://127.0.0.1:9"]
+    argv = [sys.executable, str(CHILD), scenario, *urls, _job()]
     proc = subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
     )
@@ -107,6 +109,21 @@ def test_exit_with_a_pending_get_after_the_broker_was_killed(broker: PulsarStand
             proc.wait()
     assert "subscribing again" in out, out  # the scenario happened
     assert ABORT not in out, out
+    assert code == 0, f"exit code {code}:\n{out}"
+
+
+def test_exit_waits_at_most_exit_wait_for_a_thread_inside_a_client_call() -> None:
+    """A thread that never leaves a client call does not hold the exit: after ``EXIT_WAIT`` the
+    exit warns and goes on; a client asked for after that is refused with a FederationError."""
+    proc = _start("stuck-call", None)  # no broker: the call is pretended
+    try:
+        code, out = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert f"1 thread(s) still inside pulsar-client {EXIT_WAIT:g} s into the interpreter's exit" in out, out
+    assert "refused: Pulsar: the process is exiting; no new client" in out, out
     assert code == 0, f"exit code {code}:\n{out}"
 
 
