@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import logging
 import os
 import threading
@@ -39,11 +40,13 @@ __all__ = [
     "client_kwargs",
     "client_logger",
     "close_client",
+    "create_producer",
     "exiting",
     "inside_client",
     "open_client",
     "pulsar_call",
     "retrying",
+    "subscribe",
 ]
 
 log = logging.getLogger("fedtransport.pulsar")
@@ -207,6 +210,59 @@ def _shut_down_at_exit() -> None:
                 )
                 return
             _registry.wait(left)
+
+
+def create_producer(client: pulsar.Client, topic: str, **kwargs: Any) -> pulsar.Producer:
+    """``client.create_producer(topic, **kwargs)``, waited for in Python (see ``_WaitInPython``)."""
+    return _waiting_in_python(client).create_producer(topic, **kwargs)
+
+
+def subscribe(client: pulsar.Client, topic: str, subscription: str, **kwargs: Any) -> pulsar.Consumer:
+    """``client.subscribe(topic, subscription, **kwargs)``, waited for in Python (see ``_WaitInPython``)."""
+    return _waiting_in_python(client).subscribe(topic, subscription, **kwargs)
+
+
+def _waiting_in_python(client: pulsar.Client) -> Any:
+    shim = copy.copy(client)  # pulsar.Client builds the configuration, then asks its native client
+    shim._client = _WaitInPython(client._client)
+    return shim
+
+
+class _WaitInPython:
+    """A pulsar-client native client whose producer and consumer creation waits in Python, on
+    the native async call's callback. A create_producer whose client is shut down mid-lookup
+    may never return (seen: 1 of 8 exits with a frozen broker), and a thread left in the native
+    wait loop aborts the process at exit; a thread waiting here leaves once the exit began."""
+
+    def __init__(self, native: Any) -> None:
+        self._native = native
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._native, name)
+
+    def create_producer(self, topic: str, conf: Any) -> Any:
+        return _wait_for(lambda done: self._native.create_producer_async(topic, conf, done))
+
+    def subscribe(self, topic: str, subscription: str, conf: Any) -> Any:
+        return _wait_for(lambda done: self._native.subscribe_async(topic, subscription, conf, done))
+
+
+def _wait_for(start: Callable[[Callable[[Any, Any], None]], None]) -> Any:
+    box: list[tuple[Any, Any]] = []
+    came = threading.Event()
+
+    def done(result: Any, value: Any) -> None:
+        box.append((result, value))
+        came.set()
+
+    start(done)
+    while not came.wait(0.1):
+        if _exiting:
+            raise BackendError("Pulsar: the process is exiting; the call was given up")
+    result, value = box[0]
+    if result != pulsar.Result.Ok:  # the exception type the blocking call raises
+        raise getattr(pulsar.exceptions, result.name, pulsar.exceptions.PulsarException)(f"Pulsar error: {result.name}")
+    return value
 
 
 def bounded(call: Callable[[], _T], timeout: float, message: str, late: Callable[[_T], None]) -> _T:

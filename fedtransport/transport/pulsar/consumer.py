@@ -27,7 +27,7 @@ import pulsar
 from ...errors import BackendError
 from ...party import Party
 from ..base import DeliverFn, Delivery
-from .connection import PulsarClients, close_client, exiting, inside_client, retrying
+from .connection import PulsarClients, close_client, exiting, inside_client, retrying, subscribe
 from .naming import PulsarNames
 
 __all__ = ["CONSUMER_TYPE", "Consumers"]
@@ -100,13 +100,13 @@ class Consumers:
         until it notices the dead connection (it then rejects our consumer id as taken).
         """
 
-        def subscribe() -> pulsar.Consumer:
+        def attach() -> pulsar.Consumer:
             with inside_client():
-                return client.subscribe(topic, self._names.subscription(self._me), **kwargs)
+                return subscribe(client, topic, self._names.subscription(self._me), **kwargs)
 
         try:
             return retrying(
-                subscribe,
+                attach,
                 retryable=lambda _exc: True,
                 timeout=self._subscribe_timeout,
                 closed=self._closed,
