@@ -37,4 +37,3 @@ def memory_pair(job_id: str) -> Iterator[tuple[ft.Federation, ft.Federation]]:
     g.close()
     h.close()
     g.cleanup()
-
