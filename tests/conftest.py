@@ -37,30 +37,3 @@ def memory_pair(job_id: str) -> Iterator[tuple[ft.Federation, ft.Federation]]:
     g.close()
     h.close()
     g.cleanup()
-
-
-# The test process ends without the interpreter's own shutdown. pulsar-client's C++ threads
-# that are still inside a call when the interpreter finalises abort the process ("terminate
-# called without an active exception", exit 134) after every test has passed: seen in CI on
-# 2026-12-06 with sessions of the fault tests whose broker was killed under them. Exit
-# handlers still run first (launchers stop their brokers); only the finalisation is skipped.
-# FT_TEST_NORMAL_EXIT=1 keeps the normal exit, to reproduce the abort.
-_EXIT_STATUS = pytest.StashKey[int]()
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    session.config.stash[_EXIT_STATUS] = int(exitstatus)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config: pytest.Config) -> None:
-    status = config.stash.get(_EXIT_STATUS, None)
-    if status is None or os.environ.get("FT_TEST_NORMAL_EXIT"):
-        return
-    import atexit
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    atexit._run_exitfuncs()
-    os._exit(status)

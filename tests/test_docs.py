@@ -53,6 +53,7 @@ import ast
 import builtins
 import contextlib
 import http.server
+import inspect
 import os
 import re
 import shutil
@@ -72,6 +73,7 @@ import pytest
 
 from fedtransport.brokers import RabbitNode
 from fedtransport.cli import main
+from fedtransport.demo import _DEMO_TIMEOUT
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("quickstart.md", "cli.md")
@@ -81,6 +83,11 @@ FENCE = re.compile(r"^(?P<fence>```+|~~~+)\s*(?P<info>.*)$")
 ENV_MARK = "FEDTRANSPORT_DOCS_TEST"
 BLOCK_TIMEOUT = 300.0
 SLOW_BLOCK_TIMEOUT = 1200.0
+# What one `fedtransport demo` allows itself: a local broker's start (RabbitMQ's is the longest),
+# both parties, then their join and the broker's stop. A block's limit is above it, so a demo slow
+# under load ends with its own report instead of being cut off by the test after 300 s.
+_NODE_START = inspect.signature(RabbitNode).parameters["start_timeout"].default
+DEMO_BOUND = float(_NODE_START) + _DEMO_TIMEOUT + 120.0
 GONE_WITHIN = 30.0  # seconds a block's processes get to end after the block itself
 
 NEEDS: dict[str, Callable[[], bool]] = {"rabbitmq-server": RabbitNode.installed}
@@ -300,11 +307,18 @@ def _runnable() -> list[Any]:
             continue
         marks: list[pytest.MarkDecorator] = []
         if "slow" in b.options:
-            marks += [pytest.mark.slow, pytest.mark.timeout(SLOW_BLOCK_TIMEOUT + 120)]
+            marks += [pytest.mark.slow, pytest.mark.timeout(block_timeout(b) + 120)]
         else:
-            marks.append(pytest.mark.timeout(BLOCK_TIMEOUT + 60))
+            marks.append(pytest.mark.timeout(block_timeout(b) + 60))
         params.append(pytest.param(b, id=b.id, marks=marks))
     return params
+
+
+def block_timeout(block: Block) -> float:
+    """A block's time limit: its base, plus ``DEMO_BOUND`` for each ``fedtransport demo`` it runs."""
+    base = SLOW_BLOCK_TIMEOUT if "slow" in block.options else BLOCK_TIMEOUT
+    demos = re.findall(r"^\S*fedtransport demo\b", block.text, re.MULTILINE)
+    return base + DEMO_BOUND * len(demos)
 
 
 def _marked_processes(token: str) -> list[tuple[int, str]]:
@@ -383,7 +397,7 @@ def test_runnable_block(block: Block, tmp_path: Path) -> None:
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env.pop("PYTHONPATH", None)
     log = ws / "output.txt"
-    timeout = SLOW_BLOCK_TIMEOUT if "slow" in block.options else BLOCK_TIMEOUT
+    timeout = block_timeout(block)
     proc: subprocess.Popen[bytes] | None = None
     try:
         with open(log, "wb") as out:

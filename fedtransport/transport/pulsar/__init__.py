@@ -92,7 +92,7 @@ from ...party import Party
 from ..allocator import keep_message_buffers
 from ..base import DeliverFn, JobContext
 from .admin import PulsarAdmin
-from .connection import PulsarClients, check_credentials, pulsar_call
+from .connection import PulsarClients, check_credentials, inside_client, pulsar_call
 from .consumer import BROADCAST_TO, Consumers
 from .doctor import PulsarOperatorHooks
 from .management import PulsarManagement
@@ -177,7 +177,9 @@ class PulsarTransport(PulsarOperatorHooks):
         # One round trip now, so a wrong URL, certificate or token fails connect(), not the first send.
         note = check_credentials(url, self.ctx.options)
         own = self.topic(self.ctx.party, self.ctx.party, 0)
-        pulsar_call(f"reaching {url}{note}", lambda: self.clients.client(url).get_topic_partitions(own))
+        client = self.clients.client(url)
+        with inside_client():
+            pulsar_call(f"reaching {url}{note}", lambda: client.get_topic_partitions(own))
         self.presence.announce(self.ctx.party, url)  # every session: Spark's tasks' too
 
     def close(self) -> None:

@@ -6,20 +6,25 @@ connections, ``receive_connections`` of them on our own broker, one I/O thread e
 which the lanes we listen on are spread round robin. Closing a client closes its producers
 and consumers too.
 
-``client_logger`` hands pulsar-client a logger that cannot abort the process at exit (see
-there); ``check_credentials`` asks the broker itself whether it takes our token before the
-first client connects (``probe``); ``client_kwargs`` turns the backend's options into the
-keyword arguments of ``pulsar.Client``.
+``open_client`` and ``close_client`` are how the library opens and closes every pulsar-client
+``Client`` (sessions, doctor), and ``inside_client`` marks a thread inside a client call: at
+interpreter exit the open clients are shut down and the exit waits, at most ``EXIT_WAIT``
+seconds, for those threads to leave (see there). ``client_logger`` hands pulsar-client a logger
+that cannot abort the process at exit either; ``check_credentials`` asks the broker itself
+whether it takes our token before the first client connects (``probe``); ``client_kwargs``
+turns the backend's options into the keyword arguments of ``pulsar.Client``.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import copy
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import pulsar
@@ -28,7 +33,21 @@ from ...errors import BackendError
 from .admin import read_token
 from .probe import probe_connect
 
-__all__ = ["PulsarClients", "check_credentials", "client_kwargs", "client_logger", "pulsar_call", "retrying"]
+__all__ = [
+    "EXIT_WAIT",
+    "PulsarClients",
+    "check_credentials",
+    "client_kwargs",
+    "client_logger",
+    "close_client",
+    "create_producer",
+    "exiting",
+    "inside_client",
+    "open_client",
+    "pulsar_call",
+    "retrying",
+    "subscribe",
+]
 
 log = logging.getLogger("fedtransport.pulsar")
 _client_log = logging.getLogger("fedtransport.pulsar.client")
@@ -99,19 +118,151 @@ def pulsar_call(what: str, call: Callable[[], Any]) -> Any:
         raise BackendError(f"Pulsar: {what} failed: {exc}", broker_message=str(exc)) from exc
 
 
-# Calls given up on and maybe still inside the C++ client. A daemon thread that comes back
-# from it for the GIL while the interpreter shuts down aborts the process ("terminate called
-# without an active exception"), so exit gives them a bounded while to finish first; one that
-# never comes back (a call on a client closed under it) is left, which does not abort.
-_abandoned: set[threading.Thread] = set()
-_EXIT_WAIT = 10.0
+# Interpreter exit. pulsar-client's blocking calls give the GIL up and take it back every 100 ms;
+# a Python thread still inside one when the interpreter finalises is stopped right there, and
+# that aborts the process ("terminate called without an active exception", exit code 134). So
+# the library tracks every client it opens and every thread inside a client call; at exit
+# (atexit runs before the finalisation) it shuts the open clients down, which ends their pending
+# calls, and waits at most EXIT_WAIT seconds for those threads to leave. From then on no client
+# is opened and no call entered: retries stop and receive loops end.
+EXIT_WAIT = 10.0
+_registry = threading.Condition()
+_open_clients: list[pulsar.Client] = []
+_inside: dict[int, int] = {}  # thread ident -> depth of its client calls
+_exiting = False
+_pid = os.getpid()  # a forked child's exit leaves its parent's clients alone
+
+
+def exiting() -> bool:
+    """Whether the interpreter's exit has begun (the exit handler below ran)."""
+    return _exiting
+
+
+def open_client(url: str, **kwargs: Any) -> pulsar.Client:
+    """A ``pulsar.Client`` writing to the library's client log, shut down at exit unless closed
+    by ``close_client`` first. Refused (``BackendError``) once the exit has begun."""
+    with _registry:
+        if _exiting:
+            raise BackendError(f"Pulsar: the process is exiting; no new client for {url}")
+        client = pulsar.Client(url, logger=client_logger(), **kwargs)
+        _open_clients.append(client)
+    return client
+
+
+def close_client(client: pulsar.Client) -> None:
+    """Close a client of ``open_client`` (its producers and consumers with it); a failure is logged."""
+    with _registry:
+        if _exiting:
+            return  # the exit handler shut it down, or does now
+        if client in _open_clients:
+            _open_clients.remove(client)
+    try:
+        with inside_client():
+            client.close()
+    except Exception as exc:
+        log.debug("closing a Pulsar client: %s", exc)
+
+
+@contextlib.contextmanager
+def inside_client() -> Iterator[None]:
+    """Marks the calling thread as inside a pulsar-client call, which the exit waits for.
+    Refused (``BackendError``) once the exit has begun."""
+    me = threading.get_ident()
+    with _registry:
+        if _exiting:
+            raise BackendError("Pulsar: the process is exiting; no more client calls")
+        _inside[me] = _inside.get(me, 0) + 1
+    try:
+        yield
+    finally:
+        with _registry:
+            if _inside[me] == 1:
+                del _inside[me]
+                _registry.notify_all()
+            else:
+                _inside[me] -= 1
 
 
 @atexit.register
-def _let_abandoned_calls_finish() -> None:
-    deadline = time.monotonic() + _EXIT_WAIT
-    for worker in list(_abandoned):
-        worker.join(max(0.0, deadline - time.monotonic()))
+def _shut_down_at_exit() -> None:
+    global _exiting
+    if os.getpid() != _pid:
+        return
+    with _registry:
+        _exiting = True
+        clients = list(_open_clients)
+        _open_clients.clear()
+    for client in clients:
+        try:
+            client.shutdown()  # fails the calls still pending on it, without waiting for the broker
+        except Exception as exc:
+            log.debug("shutting a Pulsar client down at exit: %s", exc)
+    deadline = time.monotonic() + EXIT_WAIT
+    with _registry:
+        while _inside:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning(
+                    "Pulsar: %d thread(s) still inside pulsar-client %g s into the interpreter's exit; "
+                    "exiting anyway (the process may abort)",
+                    len(_inside),
+                    EXIT_WAIT,
+                )
+                return
+            _registry.wait(left)
+
+
+def create_producer(client: pulsar.Client, topic: str, **kwargs: Any) -> pulsar.Producer:
+    """``client.create_producer(topic, **kwargs)``, waited for in Python (see ``_WaitInPython``)."""
+    return _waiting_in_python(client).create_producer(topic, **kwargs)
+
+
+def subscribe(client: pulsar.Client, topic: str, subscription: str, **kwargs: Any) -> pulsar.Consumer:
+    """``client.subscribe(topic, subscription, **kwargs)``, waited for in Python (see ``_WaitInPython``)."""
+    return _waiting_in_python(client).subscribe(topic, subscription, **kwargs)
+
+
+def _waiting_in_python(client: pulsar.Client) -> Any:
+    shim = copy.copy(client)  # pulsar.Client builds the configuration, then asks its native client
+    shim._client = _WaitInPython(client._client)
+    return shim
+
+
+class _WaitInPython:
+    """A pulsar-client native client whose producer and consumer creation waits in Python, on
+    the native async call's callback. A create_producer whose client is shut down mid-lookup
+    may never return (seen: 1 of 8 exits with a frozen broker), and a thread left in the native
+    wait loop aborts the process at exit; a thread waiting here leaves once the exit began."""
+
+    def __init__(self, native: Any) -> None:
+        self._native = native
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._native, name)
+
+    def create_producer(self, topic: str, conf: Any) -> Any:
+        return _wait_for(lambda done: self._native.create_producer_async(topic, conf, done))
+
+    def subscribe(self, topic: str, subscription: str, conf: Any) -> Any:
+        return _wait_for(lambda done: self._native.subscribe_async(topic, subscription, conf, done))
+
+
+def _wait_for(start: Callable[[Callable[[Any, Any], None]], None]) -> Any:
+    box: list[tuple[Any, Any]] = []
+    came = threading.Event()
+
+    def done(result: Any, value: Any) -> None:
+        box.append((result, value))
+        came.set()
+
+    start(done)
+    while not came.wait(0.1):
+        if _exiting:
+            raise BackendError("Pulsar: the process is exiting; the call was given up")
+    result, value = box[0]
+    if result != pulsar.Result.Ok:  # the exception type the blocking call raises
+        raise getattr(pulsar.exceptions, result.name, pulsar.exceptions.PulsarException)(f"Pulsar error: {result.name}")
+    return value
 
 
 def bounded(call: Callable[[], _T], timeout: float, message: str, late: Callable[[_T], None]) -> _T:
@@ -126,7 +277,8 @@ def bounded(call: Callable[[], _T], timeout: float, message: str, late: Callable
 
     def run() -> None:
         try:
-            result: tuple[bool, Any] = (True, call())
+            with inside_client():
+                result: tuple[bool, Any] = (True, call())
         except BaseException as exc:
             result = (False, exc)
         with lock:
@@ -134,16 +286,16 @@ def bounded(call: Callable[[], _T], timeout: float, message: str, late: Callable
             done.set()
             abandoned = len(box) > 1
         if abandoned and result[0]:
-            late(result[1])
-        _abandoned.discard(threading.current_thread())
+            with contextlib.suppress(BackendError), inside_client():  # refused at exit: shut down with its client
+                late(result[1])
 
-    worker = threading.Thread(target=run, name="ft-pulsar-call", daemon=True)
-    worker.start()
+    # A daemon: a call on a client closed under it may never return. The exit handler shuts
+    # its client down and waits (bounded) for it to leave the call.
+    threading.Thread(target=run, name="ft-pulsar-call", daemon=True).start()
     if not done.wait(timeout):
         with lock:
             if not done.is_set():
                 box.append((False, None))  # marks the call abandoned
-                _abandoned.add(worker)
                 raise TimeoutError(message)
     ok, value = box[0]
     if ok:
@@ -161,14 +313,14 @@ def retrying(
 ) -> _T:
     """``call()``, again after a refusal that ``retryable`` accepts, for up to ``timeout``
     seconds: waits from 0.2 s doubling to 5 s, each announced by ``note(exc, delay)``. The last
-    refusal is raised, at once when the session closes."""
+    refusal is raised, at once when the session closes or the interpreter exits."""
     deadline = time.monotonic() + timeout
     delay = 0.2
     while True:
         try:
             return call()
         except Exception as exc:
-            if not retryable(exc) or closed.is_set() or time.monotonic() + delay > deadline:
+            if not retryable(exc) or closed.is_set() or _exiting or time.monotonic() + delay > deadline:
                 raise
             note(exc, delay)
             closed.wait(delay)
@@ -217,7 +369,9 @@ class PulsarClients:
     def new(self, url: str, **extra: Any) -> pulsar.Client:
         """A client of its own, which the caller closes."""
         try:
-            return pulsar.Client(url, logger=client_logger(), **{**client_kwargs(self._options), **extra})
+            return open_client(url, **{**client_kwargs(self._options), **extra})
+        except BackendError:
+            raise
         except Exception as exc:  # pulsar raises its own exception types
             raise BackendError(f"cannot create a Pulsar client for {url}: {exc}", broker_message=str(exc)) from exc
 
@@ -246,7 +400,4 @@ class PulsarClients:
             self._clients.clear()
             self._receive_clients.clear()
         for client in clients:
-            try:
-                client.close()
-            except Exception as exc:
-                log.debug("closing a Pulsar client: %s", exc)
+            close_client(client)

@@ -27,7 +27,7 @@ import pulsar
 from ...errors import BackendError
 from ...party import Party
 from ..base import BROADCAST_LANE, DeliverFn, Delivery
-from .connection import PulsarClients, retrying
+from .connection import PulsarClients, close_client, exiting, inside_client, retrying, subscribe
 from .naming import PulsarNames
 
 __all__ = ["BROADCAST_TO", "CONSUMER_TYPE", "Consumers"]
@@ -100,9 +100,14 @@ class Consumers:
         Pulsar while a topic is being unloaded ("temporarily unavailable"), pulsar-lite
         until it notices the dead connection (it then rejects our consumer id as taken).
         """
+
+        def attach() -> pulsar.Consumer:
+            with inside_client():
+                return subscribe(client, topic, self._names.subscription(self._me), **kwargs)
+
         try:
             return retrying(
-                lambda: client.subscribe(topic, self._names.subscription(self._me), **kwargs),
+                attach,
                 retryable=lambda _exc: True,
                 timeout=self._subscribe_timeout,
                 closed=self._closed,
@@ -115,15 +120,18 @@ class Consumers:
 
     def _receive_loop(self, src: Party, lane: int, deliver: DeliverFn) -> None:
         key = (src, lane)
-        while not self._closed.is_set():
+        while not self._closed.is_set() and not exiting():  # at exit: out of the client, promptly
             consumer = self._consumers.get(key)
             if consumer is None:  # dropped by cleanup
                 return
             try:
-                msg = consumer.receive(timeout_millis=_RECEIVE_POLL_MS)
+                with inside_client():
+                    msg = consumer.receive(timeout_millis=_RECEIVE_POLL_MS)
             except pulsar.Timeout:
                 continue
             except Exception as exc:  # closed: by the session (the loop ends), or replaced (it goes on)
+                if exiting():
+                    return
                 if self._closed.is_set() or self._consumers.get(key) is consumer:
                     if not self._closed.is_set():
                         log.warning("receiving from %s lane %d stopped: %s", src, lane, exc)
@@ -151,18 +159,20 @@ class Consumers:
             if consumer is None:
                 continue
             try:
-                consumer.acknowledge(msg_id)
+                with inside_client():
+                    consumer.acknowledge(msg_id)
             except Exception as exc:
                 raise BackendError(f"acknowledging on lane {lane} from {src} failed: {exc}") from exc
 
     def redeliver(self, src: Party, lane: int) -> None:
         key = (src, lane)
         consumer = self._consumers.get(key)
-        if consumer is None or self._closed.is_set():
+        if consumer is None or self._closed.is_set() or exiting():
             return
         silent = self._silent[key] = self._silent.get(key, 0) + 1
         if silent != 2:  # the second request in a row without a message: a new consumer, once
-            consumer.redeliver_unacknowledged_messages()
+            with inside_client():
+                consumer.redeliver_unacknowledged_messages()
             return
         client, topic, kwargs = self._subscriptions[key]
         log.info("lane %d from %s is still silent: subscribing again to %s", lane, src, topic)
@@ -176,12 +186,14 @@ class Consumers:
             if replaced:
                 self._consumers[key] = fresh
         if not replaced:
-            fresh.close()
+            with inside_client():
+                fresh.close()
             return
         # Its unacknowledged messages go back to the subscription: the fresh consumer gets them,
         # and acknowledgements of what it delivered before, refused now, only bring duplicates.
         try:
-            consumer.close()
+            with inside_client():
+                consumer.close()
         except Exception as exc:
             log.debug("closing the replaced consumer of %s: %s", topic, exc)
 
@@ -217,10 +229,12 @@ class Consumers:
                     if consumer is None:  # the session is closed: attach once more to drop it
                         if client is None:
                             client = self._clients.new(str(self._clients.service_url))
-                        consumer = client.subscribe(topic, subscription, consumer_type=CONSUMER_TYPE)
-                    consumer.unsubscribe()
+                        with inside_client():
+                            consumer = client.subscribe(topic, subscription, consumer_type=CONSUMER_TYPE)
+                    with inside_client():
+                        consumer.unsubscribe()
                 except Exception as exc:
                     log.warning("could not drop the subscription on %s: %s", topic, exc)
         finally:
             if client is not None:
-                client.close()
+                close_client(client)

@@ -25,15 +25,13 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import pulsar
-
 from ...errors import BackendError, ConfigError, FederationError
 from ...party import Party
 from ...routing import Endpoint, RouteTable
 from ..base import Transport
 from ..checks import Check, connect, socket_problem, tls_context
 from .admin import PulsarAdmin
-from .connection import client_kwargs, client_logger
+from .connection import client_kwargs, close_client, inside_client, open_client
 from .management import PulsarManagement
 
 __all__ = ["PulsarOperatorHooks", "pulsar_checks"]
@@ -180,8 +178,9 @@ def _lookup(url: str, o: Mapping[str, Any], timeout: float) -> Check:
     client = None
     try:
         kwargs = {**client_kwargs(o), "operation_timeout_seconds": max(1, int(timeout))}
-        client = pulsar.Client(url, logger=client_logger(), **kwargs)
-        client.get_topic_partitions(topic)
+        client = open_client(url, **kwargs)
+        with inside_client():
+            client.get_topic_partitions(topic)
     except Exception as exc:  # pulsar-client raises its own exception types
         text = f"{type(exc).__name__}: {exc}"
         if "Authentication" in text:
@@ -205,8 +204,7 @@ def _lookup(url: str, o: Mapping[str, Any], timeout: float) -> Check:
         )
     finally:
         if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
+            close_client(client)
     return Check(name, "ok", "the broker answered a topic lookup" + (" with the token" if o["token"] else ""))
 
 

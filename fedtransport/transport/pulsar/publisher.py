@@ -26,7 +26,7 @@ import pulsar
 
 from ...errors import BackendError
 from ...party import Party
-from .connection import PulsarClients, bounded, pulsar_call, retrying
+from .connection import PulsarClients, bounded, create_producer, inside_client, pulsar_call, retrying
 from .naming import PulsarNames
 
 __all__ = ["Publisher"]
@@ -183,7 +183,8 @@ class Publisher:
 
         def publish(key: int, msg: bytes) -> bool:
             try:
-                producer.send_async(msg, receipts.callback(key), **extra)
+                with inside_client():  # blocks while the client's own queue is full
+                    producer.send_async(msg, receipts.callback(key), **extra)
             except Exception as exc:
                 receipts.refuse(key, str(exc))
                 return False
@@ -247,7 +248,7 @@ class Publisher:
         # operation timeout (30 s) when the broker does not answer.
         return retrying(
             lambda: bounded(
-                lambda: client.create_producer(topic, **kwargs),
+                lambda: create_producer(client, topic, **kwargs),
                 self._send_timeout,
                 f"no answer from the broker within send_timeout ({self._send_timeout:g} s)",
                 late=_close_quietly,
