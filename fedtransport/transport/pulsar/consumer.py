@@ -149,8 +149,9 @@ class Consumers:
 
     def _skip(self, consumer: pulsar.Consumer, msg: pulsar.Message) -> None:
         try:
-            consumer.acknowledge(msg)
-        except Exception as exc:  # delivered again, and skipped again
+            with inside_client():
+                consumer.acknowledge(msg)
+        except Exception as exc:  # delivered again, and skipped again (or the process is exiting)
             log.debug("acknowledging a broadcast for others failed: %s", exc)
 
     def ack(self, deliveries: Sequence[tuple[int, Party, Any]]) -> None:
