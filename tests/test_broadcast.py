@@ -87,6 +87,7 @@ def settled(what: str, read: Callable[[], int], at_least: int, timeout: float = 
     """A broker statistic once it reached ``at_least`` and then stayed put for over a stats
     interval: a sample taken while the counters were still rising would undercount."""
     value = poll(what, lambda: (v := read()) >= at_least and v)
+    deadline = time.monotonic() + timeout
     while True:
         since, start = value, time.monotonic()
         while time.monotonic() - start < 6.0:
@@ -96,8 +97,8 @@ def settled(what: str, read: Callable[[], int], at_least: int, timeout: float = 
                 break
         else:
             return value
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what} never settled")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} never settled within {timeout} s")
 
 
 def poll(what: str, check: Callable[[], Any], timeout: float = 45.0) -> Any:
