@@ -685,3 +685,12 @@ def test_rabbitmq_a_sender_that_aborts_wakes_a_get_waiting_for_broadcast_data(ra
         waiter.join(120)
         assert len(outcome) == 1 and isinstance(outcome[0], ft.PeerAborted), outcome
         assert outcome[0].reason == "the sender gives up"
+
+
+def test_a_backend_that_cannot_broadcast_refuses_with_a_federation_error(job_id):
+    """The memory backend declares no broadcast: remote() sends per destination, and a direct
+    call of the hook (a caller that skipped can_broadcast) gets a BackendError, not a bare error."""
+    with ft.Federation.connect("memory", job_id=job_id, party=GUEST) as g:
+        assert not g.transport.can_broadcast([HOST, ARBITER])
+        with pytest.raises(ft.BackendError, match="cannot broadcast"):
+            g.transport.send_broadcast([HOST, ARBITER], 0, [b"x"])

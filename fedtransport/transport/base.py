@@ -40,6 +40,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..errors import BackendError
 from ..party import Party
 from ..routing import Endpoint, RouteTable
 from .checks import Check
@@ -129,8 +130,11 @@ class Transport(ABC):
 
     def send_broadcast(self, dsts: Sequence[Party], lane: int, messages: Iterable[bytes]) -> int:
         """Publish ``messages`` once on broadcast ``lane`` for every one of ``dsts``; the count
-        once the broker has accepted all. Only called when ``can_broadcast(dsts)``."""
-        raise NotImplementedError(f"backend {self.name!r} cannot broadcast")
+        once the broker has accepted all. Only called when ``can_broadcast(dsts)``: a backend
+        that cannot fan out refuses, so a caller that skipped the check never loses the data."""
+        raise BackendError(
+            f"backend {self.name!r} cannot broadcast to {len(dsts)} parties: check can_broadcast() first"
+        )
 
     @abstractmethod
     def ack(self, deliveries: Sequence[tuple[int, Party, Any]]) -> None:
