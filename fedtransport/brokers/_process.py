@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,8 +19,11 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ..errors import BackendError, ConfigError
+from ._guard import Guard
 
 LOOPBACK = "127.0.0.1"
+#: Environment variable that marks every process a :class:`ChildProcess` started (value: per launcher).
+CHILD_MARKER = "FEDTRANSPORT_CHILD_OF"
 
 
 def free_port(avoid: Container[int] = ()) -> int:
@@ -285,12 +289,15 @@ class ChildProcess(Launcher):
 
     Subclasses implement ``start()`` (which returns ``self``) and ``_stop()``; the context
     manager calls ``start()`` and ``stop()``. ``stop()`` in a forked child of the process that
-    started the launcher only lets go of it: the parent's broker keeps running.
+    started the launcher only lets go of it: the parent's broker keeps running. If the process
+    that started the child dies without stopping it (SIGKILL), a :class:`~._guard.Guard` ends
+    the child and removes its run directory.
     """
 
     def __init__(self) -> None:
         self._run_dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._guard: Guard | None = None
         self._owner_pid = os.getpid()
         # Start/stop/restart may come from several threads (shared instance, atexit).
         self._lock = threading.RLock()
@@ -304,8 +311,12 @@ class ChildProcess(Launcher):
         with self._lock:
             if os.getpid() != self._owner_pid:
                 self._proc, self._run_dir = None, None  # the parent's: not ours to stop or delete
+                self._guard = None  # the at-fork hook closed our copy of its pipe
                 return
             self._stop()
+            guard, self._guard = self._guard, None
+            if guard is not None:
+                guard.release()
 
     def kill(self) -> None:
         """SIGKILL the child, as a crash would (fault tests); its run directory and data stay."""
@@ -361,16 +372,27 @@ class ChildProcess(Launcher):
         # Stopped at exit or SIGTERM from now on, not only once it serves (when the subclass puts
         # it in its live set, under the same key): a SIGTERM while it starts would orphan it.
         owned.add(self, self.stop)
+        if self._guard is None:
+            self._guard = Guard(f"{CHILD_MARKER}={secrets.token_hex(8)}")
+        guard = self._guard
+        if self._run_dir is not None:
+            guard.remove_on_death(self._run_dir)
+        name, value = guard.marker.split("=", 1)
+        child_env = {**(os.environ if env is None else env), name: value}
         with open(log, "ab" if append else "wb") as log_file:
-            # The child keeps its own copy of the descriptor; ours closes right away.
+            # The child keeps its own copy of the descriptor; ours closes right away. A session
+            # of its own: the guard ends the whole group, and terminal signals meant for the
+            # owner do not reach it (the owner stops it).
             self._proc = proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=str(self._run_dir),
-                env=env,
+                env=child_env,
+                start_new_session=True,
             )
+        guard.watch_group(proc.pid)
         wanted = tuple(ports)
         wait_until(
             # Another process may hold a port (then ours exits): only our own listener counts.

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import BackendError
+from ._guard import Guard
 from ._process import LOOPBACK, owned, port_open, stop_pid, stop_process
 from .rabbit_config import MARKER
 
@@ -188,7 +189,11 @@ def node_answers(node: RabbitNode) -> bool:
 
 
 class NodeProcesses:
-    """Process handles and files of one node; shared with the exit-time finalizer."""
+    """Process handles and files of one node; shared with the exit-time finalizer.
+
+    A :class:`~._guard.Guard` ends every marked process and deletes the directory if the process
+    that started the node dies without stopping it (SIGKILL).
+    """
 
     def __init__(self, tmp: Path, marker: str, stop_timeout: float) -> None:
         self.tmp = tmp
@@ -198,6 +203,15 @@ class NodeProcesses:
         self.epmd: subprocess.Popen[bytes] | None = None
         self.pid_file = tmp / "rabbit.pid"
         self.owner_pid = os.getpid()  # a forked child never stops or deletes the node
+        self._guard: Guard | None = Guard(f"{MARKER}={marker}")
+        self._guard.remove_on_death(tmp)
+
+    def spawn(self, cmd: list[str], env: dict[str, str], log: Path, *, append: bool = False) -> subprocess.Popen[bytes]:
+        """:func:`spawn` in the node's directory, its process group watched by the guard."""
+        proc = spawn(cmd, env, self.tmp, log, append=append)
+        if self._guard is not None:
+            self._guard.watch_group(proc.pid)
+        return proc
 
     def beam_pid(self) -> int | None:
         """The VM's pid from the pid file, if that process is alive and really ours.
@@ -261,3 +275,6 @@ class NodeProcesses:
             self._sweep(set())
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.release()

@@ -61,8 +61,9 @@ shell, with output to ``log/startup.log``: boot failures printed before logging 
 config, a busy distribution port) reach the error message, and the shell is a child to watch.
 Each node runs its own epmd (``epmd -address 127.0.0.1 -port P``, ``ERL_EPMD_PORT=P``) and stops
 it with the node, so a stopped node leaves no process at all, and whether a system epmd runs on
-4369 does not matter. A process killed with SIGKILL cannot clean up: its nodes stay (find them
-by ``FEDTRANSPORT_RABBIT_NODE`` in /proc/*/environ).
+4369 does not matter. A process killed with SIGKILL cannot clean up itself: a guard process
+(:mod:`fedtransport.brokers._guard`) notices its death, SIGKILLs every process carrying the node's
+``FEDTRANSPORT_RABBIT_NODE`` marker and deletes the directory.
 """
 
 from __future__ import annotations
@@ -100,7 +101,6 @@ from .rabbit_processes import (
     marked_pids,
     node_answers,
     pid_alive,
-    spawn,
 )
 
 __all__ = ["RabbitNode"]
@@ -317,7 +317,7 @@ class RabbitNode(Launcher):
         conf.chmod(0o600)  # holds the admin password
         (tmp / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         epmd = [self._epmd_bin, "-address", LOOPBACK, "-port", str(self.epmd_port)]
-        rt.epmd = spawn(epmd, node_environment(self, tmp, self._cookie_home), tmp, tmp / "log" / "epmd.log")
+        rt.epmd = rt.spawn(epmd, node_environment(self, tmp, self._cookie_home), tmp / "log" / "epmd.log")
         try:
             wait_until(
                 lambda: port_open(self.epmd_port),
@@ -337,7 +337,7 @@ class RabbitNode(Launcher):
         # Foreground mode (not -detached): the wrapper shell keeps the VM's stdout, where
         # early boot failures such as a bad config are printed, and gives us a child to watch.
         env = node_environment(self, tmp, self._cookie_home)
-        rt.server = spawn([str(self._server)], env, tmp, tmp / "log" / "startup.log", append=True)
+        rt.server = rt.spawn([str(self._server)], env, tmp / "log" / "startup.log", append=True)
         try:
             wait_until(
                 lambda: node_answers(self),
