@@ -12,7 +12,8 @@ as a :class:`Recorded` (method, path, query, headers, decoded JSON body).
 Knobs: ``ssl_context`` (serve HTTPS), ``token`` (require ``Authorization: Bearer <token>``,
 else 401), ``allow_force_delete`` (False -> 405 on ``DELETE namespace?force=true``, like
 ``forceDeleteNamespaceAllowed=false``),
-``fail(method, path, status, reason)`` (answer the next matching call with an error) and
+``fail(method, path, status, reason, applied=False)`` (answer the next matching call with an error;
+``applied``: after carrying it out, as a broker does when another party's delete raced ours) and
 ``redirect_once(method, path)`` (answer the next matching call with a 307 to the same URL).
 
 Usage::
@@ -67,7 +68,7 @@ class FakePulsarAdmin:
         self.allow_force_delete = allow_force_delete
         self.state = FakeState()
         self.requests: list[Recorded] = []
-        self._failures: list[tuple[str, str, int, str]] = []
+        self._failures: list[tuple[str, str, int, str, bool]] = []
         self._redirects: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -116,10 +117,11 @@ class FakePulsarAdmin:
         self.stop()
 
     # ------------------------------------------------------------------ test helpers
-    def fail(self, method: str, path: str, status: int, reason: str) -> None:
-        """Answer the next ``method path`` with ``status`` and ``{"reason": reason}``."""
+    def fail(self, method: str, path: str, status: int, reason: str, *, applied: bool = False) -> None:
+        """Answer the next ``method path`` with ``status`` and ``{"reason": reason}``; with ``applied``
+        the call takes effect first."""
         with self._lock:
-            self._failures.append((method, path, status, reason))
+            self._failures.append((method, path, status, reason, applied))
 
     def redirect_once(self, method: str, path: str) -> None:
         with self._lock:
@@ -144,9 +146,11 @@ class FakePulsarAdmin:
     ) -> tuple[int, Any, dict[str, str]]:
         with self._lock:
             self.requests.append(Recorded(method, path, query, headers, None if body is _NO_BODY else body))
-            for i, (m, p, status, reason) in enumerate(self._failures):
+            for i, (m, p, status, reason, applied) in enumerate(self._failures):
                 if m == method and p == path:
                     del self._failures[i]
+                    if applied:
+                        self._route(method, path, query, body)
                     return status, {"reason": reason}, {}
             if (method, path) in self._redirects and "redirected" not in query:
                 self._redirects.remove((method, path))
@@ -154,19 +158,22 @@ class FakePulsarAdmin:
                 return 307, None, {"Location": location}
             if self.token is not None and headers.get("authorization") != f"Bearer {self.token}":
                 return 401, {"reason": "Authentication required"}, {}
-            parts = [urllib.parse.unquote(p) for p in path.split("/")[1:]]
-            if parts[:2] != ["admin", "v2"] or len(parts) < 3:
-                return 404, {"reason": "Not Found"}, {}
-            kind, rest = parts[2], parts[3:]
-            if kind == "clusters":
-                return (*self._clusters(method, rest, body), {})
-            if kind == "tenants":
-                return (*self._tenants(method, rest, body), {})
-            if kind == "namespaces":
-                return (*self._namespaces(method, rest, query, body), {})
-            if kind in ("persistent", "non-persistent"):
-                return (*self._topics(kind, method, rest), {})
+            return self._route(method, path, query, body)
+
+    def _route(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any, dict[str, str]]:
+        parts = [urllib.parse.unquote(p) for p in path.split("/")[1:]]
+        if parts[:2] != ["admin", "v2"] or len(parts) < 3:
             return 404, {"reason": "Not Found"}, {}
+        kind, rest = parts[2], parts[3:]
+        if kind == "clusters":
+            return (*self._clusters(method, rest, body), {})
+        if kind == "tenants":
+            return (*self._tenants(method, rest, body), {})
+        if kind == "namespaces":
+            return (*self._namespaces(method, rest, query, body), {})
+        if kind in ("persistent", "non-persistent"):
+            return (*self._topics(kind, method, rest), {})
+        return 404, {"reason": "Not Found"}, {}
 
     def _clusters(self, method: str, rest: list[str], body: Any) -> tuple[int, Any]:
         st = self.state

@@ -33,6 +33,10 @@ __all__ = ["PulsarManagement"]
 log = logging.getLogger("fedtransport.pulsar")
 
 _REPLICATION_ATTEMPTS = 5  # read-back rounds of adding replication clusters
+_CLEANUP_ATTEMPTS = 4  # rounds of cleanup while another party deletes the same namespace
+# What the admin REST answers while another party's delete of the same namespace is under way:
+# 404 (gone midway), 409 (metadata changed under us), 412 (the bundle lost its owner), 500.
+_RACE_STATUSES = frozenset({404, 409, 412, 500})
 
 
 def _poll(ready: Callable[[], bool], deadline: float, stop: threading.Event) -> bool:
@@ -226,8 +230,28 @@ class PulsarManagement:
         return [f"namespace {self.tenant}/{self.namespace}", *(f"topic {name}" for name in topics)]
 
     def cleanup(self) -> None:
-        """Delete the job's topics (partitioned ones too) and namespace on this broker; idempotent."""
+        """Delete the job's topics (partitioned ones too) and namespace on this broker; idempotent.
+
+        Two parties of a job on one broker clean up at the same moment: an answer that such a
+        race gives is done once the namespace is gone (read back), else cleanup runs again,
+        a bounded number of times with a back-off.
+        """
         a = self.admin()
+        for attempt in range(_CLEANUP_ATTEMPTS):
+            try:
+                self._cleanup_once(a)
+                return
+            except BackendError as exc:
+                if exc.status not in _RACE_STATUSES:
+                    raise
+                if not a.namespace_exists(self.tenant, self.namespace):
+                    log.info("Pulsar cleanup: %s/%s went meanwhile (%s)", self.tenant, self.namespace, exc)
+                    return
+                if attempt + 1 == _CLEANUP_ATTEMPTS:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+
+    def _cleanup_once(self, a: PulsarAdmin) -> None:
         try:
             # Clients still connected (the peers' consumers and producers, in replication mode a
             # peer's replicator) would re-create what we delete when they reconnect.

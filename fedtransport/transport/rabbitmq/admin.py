@@ -12,7 +12,10 @@ Standard library only (``urllib``). One ``RabbitAdmin`` per broker::
 
 Behaviour
   * Virtual host and other names are URL-encoded in paths ("/" becomes ``%2F``).
-  * Deletes are idempotent: a 404 (already gone) is not an error.
+  * Deletes are idempotent: a 404 (already gone) is not an error. Two deletes of one thing at
+    once (two parties of a job cleaning up on one broker) may answer 500 to one of them: a delete
+    that fails with 409 or 5xx reads the thing back and is done when it is gone, else asked again
+    (at most 5 times, with a back-off).
   * Any other non-2xx answer raises ``BackendError`` naming the method, the path and the HTTP
     status, with ``status`` set and ``broker_message`` holding RabbitMQ's own ``reason`` (made
     readable: HTML entities unescaped, Erlang character lists turned back into text).
@@ -44,6 +47,7 @@ __all__ = ["DEFAULT_FEDERATION_PREFETCH", "RabbitAdmin"]
 
 # Bounded on purpose: RabbitMQ's default of 1000 unacked 4 MiB chunks would be ~4 GiB in flight.
 DEFAULT_FEDERATION_PREFETCH = 64
+_DELETE_ATTEMPTS = 5  # a delete that raced another delete of the same thing
 
 
 def _seg(name: str) -> str:
@@ -131,6 +135,21 @@ class RabbitAdmin:
                 f"RabbitMQ management {method} {path} answered with something that is not JSON",
                 broker_message=raw[:500].decode(errors="replace"),
             ) from None
+
+    def _delete(self, path: str) -> None:
+        """DELETE ``path``; done when it is gone, whoever deleted it (see the module docstring)."""
+        for attempt in range(_DELETE_ATTEMPTS):
+            try:
+                self.request("DELETE", path, missing_ok=True)
+                return
+            except BackendError as exc:
+                if exc.status is None or (exc.status != 409 and exc.status < 500):
+                    raise
+                if self.request("GET", path, missing_ok=True) is None:
+                    return  # a concurrent delete won
+                if attempt + 1 == _DELETE_ATTEMPTS:
+                    raise
+            time.sleep(0.1 * 2**attempt)
 
     @staticmethod
     def _http_error(method: str, path: str, exc: urllib.error.HTTPError) -> BackendError:
@@ -246,7 +265,7 @@ class RabbitAdmin:
 
     def delete_vhost(self, vhost: str) -> None:
         """Delete a virtual host with everything in it; idempotent."""
-        self.request("DELETE", f"/api/vhosts/{_seg(vhost)}", missing_ok=True)
+        self._delete(f"/api/vhosts/{_seg(vhost)}")
 
     def list_vhosts(self) -> list[dict[str, Any]]:
         return self._list("/api/vhosts")
@@ -263,7 +282,7 @@ class RabbitAdmin:
 
     def delete_user(self, name: str) -> None:
         """Delete a user; idempotent."""
-        self.request("DELETE", f"/api/users/{_seg(name)}", missing_ok=True)
+        self._delete(f"/api/users/{_seg(name)}")
 
     def list_users(self) -> list[dict[str, Any]]:
         return self._list("/api/users")
@@ -295,7 +314,7 @@ class RabbitAdmin:
 
     def delete_parameter(self, component: str, vhost: str, name: str) -> None:
         path = f"/api/parameters/{_seg(component)}/{_seg(vhost)}/{_seg(name)}"
-        self.request("DELETE", path, missing_ok=True)
+        self._delete(path)
 
     def list_parameters(self, component: str | None = None, vhost: str | None = None) -> list[dict[str, Any]]:
         """Vhost-scoped parameters, optionally of one component (and one vhost)."""
@@ -414,7 +433,7 @@ class RabbitAdmin:
 
     def delete_policy(self, vhost: str, name: str) -> None:
         """Delete a policy; idempotent."""
-        self.request("DELETE", f"/api/policies/{_seg(vhost)}/{_seg(name)}", missing_ok=True)
+        self._delete(f"/api/policies/{_seg(vhost)}/{_seg(name)}")
 
     def list_policies(self, vhost: str | None = None) -> list[dict[str, Any]]:
         if vhost is None:
@@ -437,4 +456,4 @@ class RabbitAdmin:
 
     def delete_queue(self, vhost: str, name: str) -> None:
         """Delete a queue and its messages; idempotent."""
-        self.request("DELETE", f"/api/queues/{_seg(vhost)}/{_seg(name)}", missing_ok=True)
+        self._delete(f"/api/queues/{_seg(vhost)}/{_seg(name)}")
