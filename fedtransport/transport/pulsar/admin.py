@@ -9,7 +9,8 @@ What it does
   ``{"adminRoles", "allowedClusters"}``; an existing tenant gets missing clusters added with POST,
   read back and written again while a concurrent writer erased them),
   ``delete_tenant()``.
-- Namespaces: ``create_namespace()`` (PUT, 409 = already there = fine), ``get_namespace_policies()``,
+- Namespaces: ``create_namespace()`` (PUT, 409 = already there = fine), ``namespace_exists()``,
+  ``get_namespace_policies()``,
   ``get_replication_clusters()`` / ``set_replication_clusters()`` (GET / POST ``.../replication``,
   a JSON list), ``set_auto_topic_creation()`` (POST ``.../autoTopicCreation``), ``set_retention()``
   (POST ``.../retention``), ``set_message_ttl()`` (POST ``.../messageTTL``, an int of seconds),
@@ -276,6 +277,10 @@ class PulsarAdmin:
         status, _ = self.request("PUT", self._ns_path(tenant, namespace), body, tolerate=(409,))
         return status != 409
 
+    def namespace_exists(self, tenant: str, namespace: str) -> bool:
+        status, _ = self.request("GET", self._ns_path(tenant, namespace), tolerate=(404,))
+        return status != 404
+
     def get_namespace_policies(self, tenant: str, namespace: str) -> dict[str, Any]:
         _, payload = self.request("GET", self._ns_path(tenant, namespace))
         return dict(payload or {})
@@ -386,16 +391,17 @@ class PulsarAdmin:
     def last_unacked_message(self, topic: str, subscription: str) -> bytes | None:
         """The topic's last stored message, if ``subscription`` exists and has not acknowledged it.
 
-        Three calls: the last message id, the subscription's cursor (internal stats), the message.
+        One call when there is nothing to read (no topic, no entry, the subscription is past it):
+        the internal stats hold both the last entry's position and the subscription's cursor. A
+        second call reads the message itself.
         """
         path = _topic_path(topic)
-        status, last = self.request("GET", path + "/lastMessageId", tolerate=(404,))
-        if status == 404 or not isinstance(last, dict) or int(last.get("entryId", -1)) < 0:
-            return None
-        position = (int(last["ledgerId"]), int(last["entryId"]))
         status, stats = self.request("GET", path + "/internalStats", tolerate=(404,))
-        cursor = (stats or {}).get("cursors", {}).get(subscription) if status != 404 else None
-        if not isinstance(cursor, dict) or _acknowledged(position, cursor):
+        if status == 404 or not isinstance(stats, dict):
+            return None
+        position = _last_entry(stats)
+        cursor = (stats.get("cursors") or {}).get(subscription)
+        if position is None or not isinstance(cursor, dict) or _acknowledged(position, cursor):
             return None
         status, body = self.request(
             "GET", f"{path}/ledger/{position[0]}/entry/{position[1]}", tolerate=(404,), raw=True
@@ -404,6 +410,24 @@ class PulsarAdmin:
 
 
 _POSITION = re.compile(r"(-?\d+):(-?\d+)")
+
+
+def _last_entry(stats: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The position of the topic's last entry from its internal stats; None when it has none.
+
+    ``lastConfirmedEntry`` is ``L:-1`` while ledger L, opened after a reload, is still empty: the
+    last entry is then the last one of the newest earlier ledger that has any.
+    """
+    last = _POSITION.fullmatch(str(stats.get("lastConfirmedEntry", "")))
+    if last is not None and int(last[2]) >= 0:
+        return int(last[1]), int(last[2])
+    ledgers = [x for x in stats.get("ledgers") or [] if isinstance(x, dict) and int(x.get("entries") or 0) > 0]
+    if last is not None:
+        ledgers = [x for x in ledgers if int(x.get("ledgerId", -1)) < int(last[1])]
+    if not ledgers:
+        return None
+    newest = max(ledgers, key=lambda x: int(x["ledgerId"]))
+    return int(newest["ledgerId"]), int(newest["entries"]) - 1
 
 
 def _acknowledged(position: tuple[int, int], cursor: Mapping[str, Any]) -> bool:
