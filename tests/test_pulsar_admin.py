@@ -19,9 +19,11 @@ import threading
 import urllib.error
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pulsar
 import pytest
+from party_proc import wait_for
 from pulsar_admin_fake import FakePulsarAdmin
 from standalone_fixtures import admin_read as read
 
@@ -348,3 +350,49 @@ def test_redirect_is_followed_with_method_body_and_token() -> None:
         assert second.query == {"redirected": "1"}
         assert second.headers["authorization"] == "Bearer t0k"
         assert server.state.namespaces["fl-tenant/job-1"]["message_ttl_in_seconds"] == 120
+
+
+# ---------------------------------------------------------------------------- resume probe
+class CountingAdmin(PulsarAdmin):
+    """Counts the admin calls it makes."""
+
+    calls = 0
+
+    def request(self, *args: Any, **kwargs: Any) -> tuple[int, Any]:
+        self.calls += 1
+        return super().request(*args, **kwargs)
+
+
+def test_last_unacked_message_reads_the_message_only_when_there_is_one(broker, namespace):
+    """The resume probe (Transport.last_stored): one call when there is nothing to resume from,
+    a second one only to read a message the subscription has not acknowledged. Also after the
+    topic was unloaded and loaded again (a new, empty ledger)."""
+    tenant, ns = namespace
+    topic, sub = f"persistent://{tenant}/{ns}/guest-9999-host-10000-0", "fedtransport-host-10000"
+    admin = CountingAdmin(broker.admin_url, timeout=30.0)
+
+    def probe() -> tuple[bytes | None, int]:
+        admin.calls = 0
+        found = admin.last_unacked_message(topic, sub)
+        return found, admin.calls
+
+    assert probe() == (None, 1)  # no topic
+    client = pulsar.Client(broker.service_url, logger=_quiet, operation_timeout_seconds=10)
+    try:
+        consumer = client.subscribe(topic, sub, consumer_type=pulsar.ConsumerType.Shared)
+        producer = client.create_producer(topic, batching_enabled=False)
+        assert probe() == (None, 1)  # no message
+        producer.send(b"first")
+        assert probe() == (b"first", 2)
+        consumer.acknowledge(consumer.receive(timeout_millis=15_000))
+        # the client sends acknowledgements in the background: wait until the cursor has it
+        wait_for(lambda: admin.last_unacked_message(topic, sub) is None, "the cursor to pass the message", 60)
+        assert probe() == (None, 1)  # acknowledged
+        producer.send(b"second")
+        producer.close()
+        consumer.close()
+        broker.admin("PUT", f"/admin/v2/persistent/{tenant}/{ns}/guest-9999-host-10000-0/unload")
+        assert probe() == (b"second", 2)
+        assert admin.last_unacked_message(topic, "another-subscription") is None
+    finally:
+        client.close()
