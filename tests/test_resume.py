@@ -15,8 +15,9 @@ and a real RabbitMQ node. The framing and digest rules are also checked without 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import multiprocessing as mp
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 from conftest import GUEST, HOST
 from party_proc import big_array, digest, wait_for
-from test_faults import partial_timeout, pulsar_opts, received
+from test_faults import gated_sender, partial_timeout, pulsar_opts, received
 
 import fedtransport as ft
 from fedtransport.codec import Compressor, EncodedUnit, PayloadCodec, Sealer
@@ -68,50 +69,22 @@ def options_for(request: pytest.FixtureRequest, backend: str, **extra: Any) -> d
     return options
 
 
-def gated_sender(backend: str, job_id: str, options: dict[str, Any], kind: str, at: int, out: Any) -> None:
-    """Send ``value_of(kind)`` to host; every lane stops once the broker confirmed its first ``at``
-    messages. Then report how many went out, and wait to be SIGKILLed."""
-    value = value_of(kind)
-    with ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options) as fed:
-        lanes = fed.transport.ctx.lanes
-        reached = threading.Barrier(lanes + 1)
-        real_send = fed.transport.send
-
-        def confirmed_then_stuck(dst: ft.Party, lane: int, messages: Any) -> int:
-            it = iter(messages)
-            batch = [m for _, m in zip(range(at), it, strict=False)]
-            real_send(dst, lane, batch)  # returns once the broker confirmed them
-            out.put(("lane", len(batch)))
-            reached.wait(300)
-            threading.Event().wait(600)  # this process is killed here
-            return at
-
-        fed.transport.send = confirmed_then_stuck  # type: ignore[method-assign]
-        threading.Thread(target=fed.remote, args=(value, "w", "0", [HOST]), daemon=True).start()
-        reached.wait(300)
-        out.put(("gated", 0))
-        threading.Event().wait(600)
-
-
 class KilledSender:
     """A sender process killed (SIGKILL) once every lane's first ``at`` messages are on the broker."""
 
     def __init__(self, backend: str, job_id: str, options: dict[str, Any], kind: str, at: int = AT) -> None:
         self.queue = SPAWN.Queue()
-        self.proc = SPAWN.Process(target=gated_sender, args=(backend, job_id, options, kind, at, self.queue))
+        make = functools.partial(value_of, kind)
+        self.proc = SPAWN.Process(target=gated_sender, args=(backend, job_id, options, make, at, self.queue))
 
     def run(self) -> int:
         """Start, wait until it is stuck, kill it; the messages it got onto the broker."""
         self.proc.start()
-        published = 0
-        while True:
-            what, n = self.queue.get(timeout=300)
-            if what == "gated":
-                break
-            published += n
+        what, published = self.queue.get(timeout=300)
+        assert what == "gated"
         self.proc.kill()
         self.proc.join(30)
-        return published
+        return int(published)
 
     def stop(self) -> None:
         if self.proc.is_alive():
@@ -134,6 +107,22 @@ def listening(h: ft.Federation) -> None:
 
 def entry(h: ft.Federation) -> Any:
     return h._inbox.entry(GUEST, transfer_id(h.job_id, "w", "0", str(GUEST), str(HOST)))
+
+
+@contextlib.contextmanager
+def holding_a_killed_send(
+    request: pytest.FixtureRequest, backend: str, job_id: str, killed: list[KilledSender]
+) -> Iterator[tuple[dict[str, Any], ft.Federation, int]]:
+    """Sealing on: the receiver holds every message of an all-1.0 send whose sender was SIGKILLed
+    after 4 messages a lane. Yields the options, the receiver and that count; cleans up after."""
+    options = options_for(request, backend, secret=SECRET)
+    killed.append(sender := KilledSender(backend, job_id, options, "1.0"))
+    with ft.Federation.connect(backend, job_id=job_id, party=HOST, options=options) as h:
+        listening(h)
+        published = sender.run()
+        partial_timeout(h, published)
+        yield options, h, published
+    ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options).cleanup()
 
 
 # ==================================================================================================
@@ -247,12 +236,7 @@ def test_recomputed_value_after_sigkill_arrives_whole_never_mixed(request, backe
     """The issue's case (sealing on): all-1.0 killed after 4 messages a lane, then all-2.0 under the
     same name and tag. On Pulsar the restarted sender finds the stored messages but not of its
     send (another incarnation), so it sends all of it; the receiver gets all-2.0 whole."""
-    options = options_for(request, backend, secret=SECRET)
-    killed.append(sender := KilledSender(backend, job_id, options, "1.0"))
-    with ft.Federation.connect(backend, job_id=job_id, party=HOST, options=options) as h:
-        listening(h)
-        published = sender.run()
-        partial_timeout(h, published)
+    with holding_a_killed_send(request, backend, job_id, killed) as (options, h, published):
         assert received(h, "w", "0", GUEST) == published
         with ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options) as g:
             g.remote(value_of("2.0"), "w", "0", [HOST])
@@ -260,7 +244,6 @@ def test_recomputed_value_after_sigkill_arrives_whole_never_mixed(request, backe
         [value] = h.get("w", "0", [GUEST], timeout=120)
         ones, twos = int((value == 1.0).sum()), int((value == 2.0).sum())
         assert (ones, twos) == (0, value.size), f"{ones} ones and {twos} twos"
-    ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options).cleanup()
 
 
 @pytest.mark.parametrize("backend", BROKERS)
@@ -270,12 +253,7 @@ def test_another_value_under_the_killed_sends_incarnation_is_an_integrity_error(
     """A sender that claims the killed send's incarnation for another value (only a holder of the
     direction's key can): the receiver's get raises IntegrityError, it never returns a mix.
     Sent whole (no resume on Pulsar), so its messages repeat the positions the receiver holds."""
-    options = options_for(request, backend, secret=SECRET)
-    killed.append(sender := KilledSender(backend, job_id, options, "1.0"))
-    with ft.Federation.connect(backend, job_id=job_id, party=HOST, options=options) as h:
-        listening(h)
-        published = sender.run()
-        partial_timeout(h, published)
+    with holding_a_killed_send(request, backend, job_id, killed) as (options, h, _):
         with ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options) as g:
             real = ft.Federation._incarnation
             ones = Outgoing(value_of("1.0"), fanout=1)
@@ -288,7 +266,6 @@ def test_another_value_under_the_killed_sends_incarnation_is_an_integrity_error(
             g.remote(value_of("2.0"), "w", "0", [HOST])
         with pytest.raises(ft.IntegrityError, match="two values under one incarnation"):
             h.get("w", "0", [GUEST], timeout=120)
-    ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options).cleanup()
 
 
 def test_a_resumable_table_resumes_on_pulsar(request, job_id, killed):
