@@ -65,7 +65,9 @@ class Guard:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", __file__, marker],
                 stdin=read_end,
+                # Not the owner's stdout/stderr: a caller reading them to EOF would wait for us.
                 stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 cwd="/",
                 env=env,
                 start_new_session=True,
