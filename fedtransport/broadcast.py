@@ -2,7 +2,7 @@
 
 Without it, ``remote(obj, parties=[p1..pN])`` compresses, seals and publishes N copies. Where
 the transport can fan out (``Transport.can_broadcast``: RabbitMQ in both modes, Pulsar
-``shared``), the sender instead
+``shared`` and ``replication``), the sender instead
 
 1. encodes the object once and frames it once under a random *data id*, each message
    flagged ``BROADCAST``: compressed like any payload and, when the job is sealed, sealed with
@@ -11,7 +11,9 @@ the transport can fan out (``Transport.can_broadcast``: RabbitMQ in both modes, 
 2. publishes those messages once, striped over the *broadcast lanes* (lane ids from
    ``BROADCAST_LANE`` up, never a pair lane), and the broker hands them to every destination
    (RabbitMQ: one publish with a ``CC`` header, stored once; Pulsar: one topic per source and
-   lane, the destinations in a message property);
+   lane, the destinations in a message property, and in replication mode every destination's
+   cluster in the message's replication clusters: stored once on the sender's cluster, its
+   replicators make the copies);
 3. sends each destination, on the ordinary sealed pair channel and under the ordinary
    transfer id of ``(name, tag, src, dst)``, a small *head* (transfer kind ``KIND_BROADCAST``)
    naming the data id, the send's incarnation, the size, the SHA-256 of the encoded object
@@ -25,8 +27,8 @@ make data that passes for the head's (docs/security.md, "Broadcasts").
 
 What stays per destination (``Broadcasts.applies`` is false): a single destination, tables
 (streamed per partition), the session's own notices (abort), and transports that cannot fan
-out (Pulsar ``direct`` and ``replication``, where each destination is another broker or
-cluster, and the memory backend).
+out (Pulsar ``direct``, where each destination reads its own broker and only the sender can
+put data there, and the memory backend).
 
 Broadcast frames and pair frames never stand in for each other: the inbox refuses a
 ``BROADCAST`` frame on a pair lane, this module refuses any other frame on a broadcast lane;

@@ -609,12 +609,13 @@ def test_pulsar_cleanup_removes_broadcast_topics(broker, job_id):
     assert admin_read(broker, f"/admin/v2/namespaces/fl-tenant/{job_id}") is None
 
 
-def test_pulsar_direct_and_replication_send_per_destination(job_id):
+def test_pulsar_direct_sends_per_destination_replication_broadcasts(job_id):
+    """Replication mode broadcasts (tests/test_pulsar_replication.py); direct mode cannot (docs/pulsar.md)."""
     routes = ft.RouteTable.load({p.party_id: {"host": "127.0.0.1", "port": 6650} for p in (GUEST, HOST, ARBITER)})
-    for mode in ("direct", "replication"):
+    for mode, can in (("direct", False), ("replication", True)):
         opts = {"mode": mode, "service_url": "pulsar://127.0.0.1:6650", "admin_url": "http://127.0.0.1:8080"}
         ctx = JobContext(job_id, GUEST, routes, {**PULSAR_DEFAULTS, **opts}, 4 * MIB, 4)
-        assert not PulsarTransport(ctx).can_broadcast([HOST, ARBITER]), mode
+        assert PulsarTransport(ctx).can_broadcast([HOST, ARBITER]) is can, mode
 
 
 def test_pulsar_frames_on_the_wrong_kind_of_topic_are_refused(broker, job_id):
