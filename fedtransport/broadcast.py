@@ -30,6 +30,12 @@ What stays per destination (``Broadcasts.applies`` is false): a single destinati
 out (Pulsar ``direct``, where each destination reads its own broker and only the sender can
 put data there, and the memory backend).
 
+Data that waits for its head is bounded per source (``max_held``, option ``max_broadcast_held``):
+a party of the job could otherwise publish data under ids no head ever names and make the
+receiver hold it until the session closes. The broadcast whose frame would pass the bound is
+dropped whole (acknowledged, counted in ``forged``), its later frames too, and a ``get`` of its
+head raises ``IntegrityError`` saying so.
+
 Broadcast frames and pair frames never stand in for each other: the inbox refuses a
 ``BROADCAST`` frame on a pair lane, this module refuses any other frame on a broadcast lane;
 both count it in ``Federation.stats["forged_refused"]``.
@@ -111,6 +117,8 @@ class _Data:
     head: BroadcastHead | None = None  # known once a get found the head naming it
     assembly: TransferAssembly | None = None
     early: list[tuple[Any, memoryview]] = field(default_factory=list)  # frames that came before the head
+    early_bytes: int = 0  # their payload bytes, counted against the source's max_held
+    dropped: bool = False  # taken or refused: a frame that comes now is acknowledged, not held
     tokens: list[_Token] = field(default_factory=list)
     error: FederationError | None = None
     last_progress: float = field(default_factory=time.monotonic)
@@ -135,6 +143,7 @@ class Broadcasts:
         max_chunk: Callable[[int], int],
         pool: concurrent.futures.Executor,
         redelivery_after: float,
+        max_held: int = 1 << 30,
     ) -> None:
         self._transport = transport
         self._job_id = job_id
@@ -145,6 +154,9 @@ class Broadcasts:
         self._max_chunk = max_chunk
         self._pool = pool
         self._redelivery_after = redelivery_after
+        self._max_held = max_held
+        self._held: dict[Party, int] = {}  # per source: payload bytes of data no get has named yet
+        self._overflowed: set[tuple[Party, bytes]] = set()  # data dropped for passing max_held
         self._lock = threading.Lock()
         self._data: dict[tuple[Party, bytes], _Data] = {}
         self._finished: set[tuple[Party, bytes]] = set()  # data ids taken: a replay of one is dropped
@@ -221,14 +233,55 @@ class Broadcasts:
         if entry is None:
             self._ack([token])
             return
+        overflow = False
         with entry.cond:
-            entry.tokens.append(token)
-            if entry.head is None:
-                entry.early.append((header, payload))
-            else:
-                self._place(entry, header, payload)
-            entry.cond.notify_all()
+            late = entry.dropped  # dropped by another thread since it was looked up above
+            if not late:
+                entry.tokens.append(token)
+                if entry.head is not None:
+                    self._place(entry, header, payload)
+                elif self._hold(entry, len(payload)):
+                    entry.early.append((header, payload))
+                else:
+                    overflow = True
+                entry.cond.notify_all()
+        if late:
+            self._ack([token])
+            return
+        if overflow:
+            self._overflow(entry)
+            return
         self._make_room(d.src, d.lane)
+
+    def _hold(self, entry: _Data, nbytes: int) -> bool:
+        """Count ``nbytes`` more early data of ``entry`` against its source's bound; False past it."""
+        with self._lock:
+            held = self._held.get(entry.src, 0)
+            if held + nbytes > self._max_held:
+                return False
+            self._held[entry.src] = held + nbytes
+            entry.early_bytes += nbytes
+        return True
+
+    def _release(self, entry: _Data) -> None:
+        """Under ``entry.cond``: its early data is placed or dropped, no longer held against the bound."""
+        with self._lock:
+            self._held[entry.src] = self._held.get(entry.src, 0) - entry.early_bytes
+            entry.early_bytes = 0
+
+    def _overflow(self, entry: _Data) -> None:
+        """The source's unnamed data passed ``max_held``: drop this broadcast whole (and its later frames)."""
+        with self._lock:
+            self._overflowed.add((entry.src, entry.data_id))
+            held = self._held.get(entry.src, 0)
+        log.warning(
+            "IntegrityError: broadcast data %s from %s came before its head while %d bytes of that party's "
+            "broadcast data waited for heads already: more would pass max_broadcast_held (%d); dropped",
+            entry.data_id.hex(), entry.src, held, self._max_held,
+        )  # fmt: skip
+        with self._lock:
+            self.forged += 1
+        self._drop(entry)
 
     def _place(self, entry: _Data, header: Any, payload: memoryview) -> None:
         """Under ``entry.cond``, the head known: add one frame to the data's assembly."""
@@ -290,6 +343,11 @@ class Broadcasts:
     def _expect(self, src: Party, head: BroadcastHead) -> _Data:
         key = (src, head.data_id)
         with self._lock:
+            if key in self._overflowed:
+                raise IntegrityError(
+                    f"broadcast data {head.data_id.hex()} from {src} was dropped: it came before its head while more "
+                    f"than max_broadcast_held ({self._max_held} bytes) of that party's broadcast data waited for heads"
+                )
             if key in self._finished:
                 raise IntegrityError(f"broadcast data {head.data_id.hex()} from {src} was taken already: a replay")
             entry = self._data.get(key)
@@ -301,6 +359,7 @@ class Broadcasts:
                 aead = AESGCM(head.key) if head.key else None
                 entry.assembly = TransferAssembly(head.data_id, PayloadCodec(self._compressor, aead), max_streams=1)
                 early, entry.early = entry.early, []
+                self._release(entry)
                 for header, payload in early:
                     self._place(entry, header, payload)
             elif entry.head != head:  # two heads naming one data id: only a replay makes that
@@ -332,6 +391,8 @@ class Broadcasts:
         with entry.cond:
             tokens, entry.tokens = entry.tokens, []
             entry.early = []
+            entry.dropped = True
+            self._release(entry)
         self._ack(tokens)
 
     def _refuse(self, tokens: list[_Token], what: str) -> None:

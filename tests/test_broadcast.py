@@ -10,6 +10,7 @@ data user cannot write to another party's queues at all).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -395,6 +396,58 @@ def test_rabbitmq_swapped_data_is_refused(rabbit_node, rjob, sealed):
         with pytest.raises(ft.IntegrityError, match="SHA-256"):
             h.get("w", "0", GUEST, timeout=60)
         assert h.stats["forged_refused"] >= 1
+
+
+def junk_frames(job_id: str, nbytes: int) -> list[bytes]:
+    """Broadcast frames of ``nbytes`` of random data under a fresh data id that no head names."""
+    data = os.urandom(nbytes)
+    w = FrameWriter(job_fingerprint(job_id), os.urandom(16), 1, PayloadCodec(Compressor(False), None), flags=BROADCAST)
+    chunker = UnitChunker([memoryview(data)], nbytes, CHUNK - 200)
+    n = len(chunker)
+    out = []
+    for i in range(n):
+        offset, chunk = chunker.pieces(i)
+        out.append(w.frame(stream=0, unit=0, seq=i, offset=offset, unit_len=nbytes, chunk=chunk, last=i == n - 1))
+    return out
+
+
+@requires_rabbitmq
+def test_rabbitmq_data_waiting_for_heads_is_bounded(rabbit_node, rjob):
+    """A party of the job broadcasts data that no head ever names: the receiver holds at most
+    ``max_broadcast_held`` of it, drops (acknowledges) the rest, counts it in ``forged_refused``;
+    honest broadcasts under the bound still arrive, and one over it fails its get clearly."""
+    bound = 3 * MIB
+    g = rconnect(rjob, GUEST, rabbit_node)
+    h = rconnect(rjob, HOST, rabbit_node, max_broadcast_held=bound)
+    attacker = rconnect(rjob, ARBITER, rabbit_node)
+    with g, h, attacker:
+        attacker.remote("hello", "x", "0", [HOST, GUEST])
+        assert h.get("x", "0", ARBITER, timeout=60) == ["hello"]  # HOST listens to ARBITER's broadcast lanes
+        junk = junk_frames(rjob, 8 * MIB)  # 9 messages, never named by a head
+        rtransport(attacker).send_broadcast([HOST, GUEST], BROADCAST_LANE, junk)
+        poll("the junk refused", lambda: h.stats["forged_refused"] >= 1)
+        # The broker's count, held (unacknowledged) or ready: HOST let go of every junk message.
+        mgmt, vhost = admin_of(rabbit_node), rtransport(g).vhost
+        queues = bqueues(g, ARBITER, HOST)
+        poll(
+            "the junk acknowledged",
+            lambda: sum((mgmt.get_queue(vhost, q) or {}).get("messages", 1) for q in queues) == 0,
+        )
+        assert h._broadcasts._held.get(ARBITER, 0) <= bound
+
+        honest = np.random.default_rng(21).integers(
+            0, 256, 2 * MIB, dtype=np.uint8
+        )  # waits for its get, under the bound
+        attacker.remote(honest, "y", "0", [HOST, GUEST])
+        [got] = h.get("y", "0", ARBITER, timeout=60)
+        np.testing.assert_array_equal(got, honest)
+
+        refused = h.stats["forged_refused"]
+        attacker.remote(np.random.default_rng(22).integers(0, 256, 5 * MIB, dtype=np.uint8), "z", "0", [HOST, GUEST])
+        poll("the large broadcast dropped", lambda: h.stats["forged_refused"] > refused)
+        with pytest.raises(ft.IntegrityError, match="max_broadcast_held"):
+            h.get("z", "0", ARBITER, timeout=60)
+        assert h._broadcasts._held.get(ARBITER, 0) == 0
 
 
 @requires_rabbitmq
