@@ -26,7 +26,8 @@ even one that got the same broadcast and so holds its data key, can neither forg
 make data that passes for the head's (docs/security.md, "Broadcasts").
 
 What stays per destination (``Broadcasts.applies`` is false): a single destination, tables
-(streamed per partition), the session's own notices (abort), and transports that cannot fan
+(streamed per partition and never held whole, where a broadcast is checked whole against its
+head's digest and held until its get: docs/architecture.md#broadcasts), the session's own notices (abort), and transports that cannot fan
 out (Pulsar ``direct``, where each destination reads its own broker and only the sender can
 put data there, and the memory backend).
 
