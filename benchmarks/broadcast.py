@@ -63,7 +63,10 @@ def broker_options(kind: str) -> Iterator[dict[str, Any]]:
     else:
         from fedtransport.brokers.standalone import PulsarStandalone
 
-        with PulsarStandalone(cluster="bench-a") as a, PulsarStandalone(cluster="bench-b") as b:
+        # 2 GiB of direct memory each: with 512 MiB (the launcher's default) cluster A ran out
+        # (OutOfDirectMemoryError) replicating per-destination copies of 128 MiB, and its bookie failed.
+        big = {"direct_memory": "2g"}
+        with PulsarStandalone(cluster="bench-a", **big) as a, PulsarStandalone(cluster="bench-b", **big) as b:
             routes: dict[str, Any] = {SENDER.party_id: {"host": "127.0.0.1", "port": a.port, "cluster": "bench-a"}}
             for i in range(MAX_PARTIES):
                 routes[str(10000 + i)] = {"host": "127.0.0.1", "port": b.port, "mngPort": b.web_port,

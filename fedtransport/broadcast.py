@@ -27,9 +27,9 @@ make data that passes for the head's (docs/security.md, "Broadcasts").
 
 What stays per destination (``Broadcasts.applies`` is false): a single destination, tables
 (streamed per partition and never held whole, where a broadcast is checked whole against its
-head's digest and held until its get: docs/architecture.md#broadcasts), the session's own notices (abort), and transports that cannot fan
-out (Pulsar ``direct``, where each destination reads its own broker and only the sender can
-put data there, and the memory backend).
+head's digest and held until its get: docs/architecture.md#broadcasts), the session's own
+notices (abort), and transports that cannot fan out (Pulsar ``direct``, where each destination
+reads its own broker and only the sender can put data there, and the memory backend).
 
 Data that waits for its head is bounded per source (``max_held``, option ``max_broadcast_held``):
 a party of the job could otherwise publish data under ids no head ever names and make the
@@ -345,16 +345,17 @@ class Broadcasts:
         key = (src, head.data_id)
         with self._lock:
             if key in self._overflowed:
-                raise IntegrityError(
-                    f"broadcast data {head.data_id.hex()} from {src} was dropped: it came before its head while more "
-                    f"than max_broadcast_held ({self._max_held} bytes) of that party's broadcast data waited for heads"
-                )
+                raise self._overflow_error(src, head)
             if key in self._finished:
                 raise IntegrityError(f"broadcast data {head.data_id.hex()} from {src} was taken already: a replay")
             entry = self._data.get(key)
             if entry is None:
                 entry = self._data[key] = _Data(src, head.data_id)
         with entry.cond:
+            if entry.dropped:  # dropped between the look-up above and now: it passed max_held, or a replay
+                if key in self._overflowed:
+                    raise self._overflow_error(src, head)
+                raise IntegrityError(f"broadcast data {head.data_id.hex()} from {src} was taken already: a replay")
             if entry.head is None:
                 entry.head = head
                 aead = AESGCM(head.key) if head.key else None
@@ -366,6 +367,12 @@ class Broadcasts:
             elif entry.head != head:  # two heads naming one data id: only a replay makes that
                 raise IntegrityError(f"broadcast data {head.data_id.hex()} from {src} is named by another head")
         return entry
+
+    def _overflow_error(self, src: Party, head: BroadcastHead) -> IntegrityError:
+        return IntegrityError(
+            f"broadcast data {head.data_id.hex()} from {src} was dropped: it came before its head while more "
+            f"than max_broadcast_held ({self._max_held} bytes) of that party's broadcast data waited for heads"
+        )
 
     def _check(self, src: Party) -> None:
         if self._closed:
