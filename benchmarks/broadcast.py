@@ -1,12 +1,15 @@
 """Broadcast once: the sender's time and bytes for one object to 1, 2, 4 and 8 parties.
 
-    python benchmarks/broadcast.py [--broker rabbitmq|pulsar] [--mib 128] [--runs 3]
+    python benchmarks/broadcast.py [--broker rabbitmq|pulsar|pulsar-replication] [--mib 128] [--runs 3]
                                    [--parties 1,2,4,8] [--json benchmarks/results/broadcast-rabbitmq.json]
 
 One sender session ``remote``s a float64 array of ``--mib`` MiB (random: incompressible) to N
 parties, sealed with a job secret (the usual federated-learning configuration), on a local
 broker started for the run (a throw-away RabbitMQ node, or the real Apache Pulsar standalone
-in shared mode). Timed is ``remote`` alone, which returns once the broker has accepted every
+in shared mode; ``pulsar-replication``: two standalone clusters, the sender's and one cluster
+that the route table gives every destination, with one destination session connected there so
+the job's namespace exists for the replicators; the time is the sender's upload to its own
+cluster, the replicators copy meanwhile). Timed is ``remote`` alone, which returns once the broker has accepted every
 message; the receivers are not connected (their queues or the namespace's retention keep the
 data), so what is measured is the sender's side. Each N runs twice in the same session: as a
 broadcast (fedtransport/broadcast.py) and per destination (the transport's ``can_broadcast``
@@ -41,6 +44,7 @@ import fedtransport as ft  # noqa: E402
 
 SECRET = "benchmark job secret, 32 bytes.."
 SENDER = ft.Party("guest", "9999")
+MAX_PARTIES = 8
 
 
 @contextlib.contextmanager
@@ -51,20 +55,45 @@ def broker_options(kind: str) -> Iterator[dict[str, Any]]:
         with RabbitNode(name="bench-broadcast") as node:
             yield {"host": "127.0.0.1", "port": node.port, "mng_port": node.mng_port, "user": node.user,
                    "password": node.password}  # fmt: skip
-    else:
+    elif kind == "pulsar":
         from fedtransport.brokers.standalone import PulsarStandalone
 
         with PulsarStandalone() as broker:
             yield {"service_url": broker.service_url, "admin_url": broker.admin_url}
+    else:
+        from fedtransport.brokers.standalone import PulsarStandalone
+
+        # 2 GiB of direct memory each: with 512 MiB (the launcher's default) cluster A ran out
+        # (OutOfDirectMemoryError) replicating per-destination copies of 128 MiB, and its bookie failed.
+        big = {"direct_memory": "2g"}
+        with PulsarStandalone(cluster="bench-a", **big) as a, PulsarStandalone(cluster="bench-b", **big) as b:
+            routes: dict[str, Any] = {SENDER.party_id: {"host": "127.0.0.1", "port": a.port, "cluster": "bench-a"}}
+            for i in range(MAX_PARTIES):
+                routes[str(10000 + i)] = {"host": "127.0.0.1", "port": b.port, "mngPort": b.web_port,
+                                          "cluster": "bench-b"}  # fmt: skip
+            table = ft.RouteTable.load(routes, kind="pulsar")
+            yield {"service_url": a.service_url, "admin_url": a.admin_url, "mode": "replication",
+                   "route_table": table, "receiver": {"service_url": b.service_url, "admin_url": b.admin_url,
+                                                      "mode": "replication", "route_table": table}}  # fmt: skip
 
 
 def one_run(
     kind: str, options: dict[str, Any], value: np.ndarray, parties: list[int], run: int
 ) -> list[dict[str, Any]]:
     rows = []
+    backend = "rabbitmq" if kind == "rabbitmq" else "pulsar"
+    options = dict(options)
+    receiver_options = options.pop("receiver", None)
+    routes = options.pop("route_table", None)
     for way in ("broadcast", "per-destination"):
         job = f"bench-broadcast-{os.getpid()}-{run}-{way}"
-        fed = ft.Federation.connect(kind, job_id=job, party=SENDER, options={**options, "secret": SECRET})
+        receiver = None
+        if receiver_options is not None:  # the destinations' cluster: the job's namespace there
+            ropts = {k: v for k, v in receiver_options.items() if k != "route_table"}
+            receiver = ft.Federation.connect(backend, job_id=job, party=ft.Party("host", "10000"),
+                                             route_table=routes, options={**ropts, "secret": SECRET})  # fmt: skip
+        fed = ft.Federation.connect(backend, job_id=job, party=SENDER, route_table=routes,
+                                    options={**options, "secret": SECRET})  # fmt: skip
         try:
             if way == "per-destination":  # what remote did before broadcasts
                 fed.transport.can_broadcast = lambda dsts: False  # type: ignore[method-assign]
@@ -82,6 +111,9 @@ def one_run(
         finally:
             fed.close()
             fed.cleanup()  # the broker lets go of the data before the next run
+            if receiver is not None:
+                receiver.close()
+                receiver.cleanup()
     return rows
 
 
@@ -104,7 +136,7 @@ def summarise(rows: list[dict[str, Any]], parties: list[int]) -> list[dict[str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--broker", choices=("rabbitmq", "pulsar"), default="rabbitmq")
+    ap.add_argument("--broker", choices=("rabbitmq", "pulsar", "pulsar-replication"), default="rabbitmq")
     ap.add_argument("--mib", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--parties", default="1,2,4,8")

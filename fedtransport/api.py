@@ -91,6 +91,7 @@ class Federation:
         self._broadcasts = Broadcasts(
             transport, ctx.job_id, self._job, self._compressor, self._sealer is not None, self._transform,
             lambda overhead: max_chunk(options, overhead), self._pool, options.redelivery_after,
+            options.max_broadcast_held,
         )  # fmt: skip
         self._presence = PeerWatch(transport.peer_present)  # for timeout messages: is a peer still connected?
         self._closed = False

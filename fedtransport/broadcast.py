@@ -2,7 +2,7 @@
 
 Without it, ``remote(obj, parties=[p1..pN])`` compresses, seals and publishes N copies. Where
 the transport can fan out (``Transport.can_broadcast``: RabbitMQ in both modes, Pulsar
-``shared``), the sender instead
+``shared`` and ``replication``), the sender instead
 
 1. encodes the object once and frames it once under a random *data id*, each message
    flagged ``BROADCAST``: compressed like any payload and, when the job is sealed, sealed with
@@ -11,7 +11,9 @@ the transport can fan out (``Transport.can_broadcast``: RabbitMQ in both modes, 
 2. publishes those messages once, striped over the *broadcast lanes* (lane ids from
    ``BROADCAST_LANE`` up, never a pair lane), and the broker hands them to every destination
    (RabbitMQ: one publish with a ``CC`` header, stored once; Pulsar: one topic per source and
-   lane, the destinations in a message property);
+   lane, the destinations in a message property, and in replication mode every destination's
+   cluster in the message's replication clusters: stored once on the sender's cluster, its
+   replicators make the copies);
 3. sends each destination, on the ordinary sealed pair channel and under the ordinary
    transfer id of ``(name, tag, src, dst)``, a small *head* (transfer kind ``KIND_BROADCAST``)
    naming the data id, the send's incarnation, the size, the SHA-256 of the encoded object
@@ -24,9 +26,16 @@ even one that got the same broadcast and so holds its data key, can neither forg
 make data that passes for the head's (docs/security.md, "Broadcasts").
 
 What stays per destination (``Broadcasts.applies`` is false): a single destination, tables
-(streamed per partition), the session's own notices (abort), and transports that cannot fan
-out (Pulsar ``direct`` and ``replication``, where each destination is another broker or
-cluster, and the memory backend).
+(streamed per partition and never held whole, where a broadcast is checked whole against its
+head's digest and held until its get: docs/architecture.md#broadcasts), the session's own
+notices (abort), and transports that cannot fan out (Pulsar ``direct``, where each destination
+reads its own broker and only the sender can put data there, and the memory backend).
+
+Data that waits for its head is bounded per source (``max_held``, option ``max_broadcast_held``):
+a party of the job could otherwise publish data under ids no head ever names and make the
+receiver hold it until the session closes. The broadcast whose frame would pass the bound is
+dropped whole (acknowledged, counted in ``forged``), its later frames too, and a ``get`` of its
+head raises ``IntegrityError`` saying so.
 
 Broadcast frames and pair frames never stand in for each other: the inbox refuses a
 ``BROADCAST`` frame on a pair lane, this module refuses any other frame on a broadcast lane;
@@ -109,6 +118,8 @@ class _Data:
     head: BroadcastHead | None = None  # known once a get found the head naming it
     assembly: TransferAssembly | None = None
     early: list[tuple[Any, memoryview]] = field(default_factory=list)  # frames that came before the head
+    early_bytes: int = 0  # their payload bytes, counted against the source's max_held
+    dropped: bool = False  # taken or refused: a frame that comes now is acknowledged, not held
     tokens: list[_Token] = field(default_factory=list)
     error: FederationError | None = None
     last_progress: float = field(default_factory=time.monotonic)
@@ -133,6 +144,7 @@ class Broadcasts:
         max_chunk: Callable[[int], int],
         pool: concurrent.futures.Executor,
         redelivery_after: float,
+        max_held: int = 1 << 30,
     ) -> None:
         self._transport = transport
         self._job_id = job_id
@@ -143,6 +155,9 @@ class Broadcasts:
         self._max_chunk = max_chunk
         self._pool = pool
         self._redelivery_after = redelivery_after
+        self._max_held = max_held
+        self._held: dict[Party, int] = {}  # per source: payload bytes of data no get has named yet
+        self._overflowed: set[tuple[Party, bytes]] = set()  # data dropped for passing max_held
         self._lock = threading.Lock()
         self._data: dict[tuple[Party, bytes], _Data] = {}
         self._finished: set[tuple[Party, bytes]] = set()  # data ids taken: a replay of one is dropped
@@ -219,14 +234,55 @@ class Broadcasts:
         if entry is None:
             self._ack([token])
             return
+        overflow = False
         with entry.cond:
-            entry.tokens.append(token)
-            if entry.head is None:
-                entry.early.append((header, payload))
-            else:
-                self._place(entry, header, payload)
-            entry.cond.notify_all()
+            late = entry.dropped  # dropped by another thread since it was looked up above
+            if not late:
+                entry.tokens.append(token)
+                if entry.head is not None:
+                    self._place(entry, header, payload)
+                elif self._hold(entry, len(payload)):
+                    entry.early.append((header, payload))
+                else:
+                    overflow = True
+                entry.cond.notify_all()
+        if late:
+            self._ack([token])
+            return
+        if overflow:
+            self._overflow(entry)
+            return
         self._make_room(d.src, d.lane)
+
+    def _hold(self, entry: _Data, nbytes: int) -> bool:
+        """Count ``nbytes`` more early data of ``entry`` against its source's bound; False past it."""
+        with self._lock:
+            held = self._held.get(entry.src, 0)
+            if held + nbytes > self._max_held:
+                return False
+            self._held[entry.src] = held + nbytes
+            entry.early_bytes += nbytes
+        return True
+
+    def _release(self, entry: _Data) -> None:
+        """Under ``entry.cond``: its early data is placed or dropped, no longer held against the bound."""
+        with self._lock:
+            self._held[entry.src] = self._held.get(entry.src, 0) - entry.early_bytes
+            entry.early_bytes = 0
+
+    def _overflow(self, entry: _Data) -> None:
+        """The source's unnamed data passed ``max_held``: drop this broadcast whole (and its later frames)."""
+        with self._lock:
+            self._overflowed.add((entry.src, entry.data_id))
+            held = self._held.get(entry.src, 0)
+        log.warning(
+            "IntegrityError: broadcast data %s from %s came before its head while %d bytes of that party's "
+            "broadcast data waited for heads already: more would pass max_broadcast_held (%d); dropped",
+            entry.data_id.hex(), entry.src, held, self._max_held,
+        )  # fmt: skip
+        with self._lock:
+            self.forged += 1
+        self._drop(entry)
 
     def _place(self, entry: _Data, header: Any, payload: memoryview) -> None:
         """Under ``entry.cond``, the head known: add one frame to the data's assembly."""
@@ -288,22 +344,35 @@ class Broadcasts:
     def _expect(self, src: Party, head: BroadcastHead) -> _Data:
         key = (src, head.data_id)
         with self._lock:
+            if key in self._overflowed:
+                raise self._overflow_error(src, head)
             if key in self._finished:
                 raise IntegrityError(f"broadcast data {head.data_id.hex()} from {src} was taken already: a replay")
             entry = self._data.get(key)
             if entry is None:
                 entry = self._data[key] = _Data(src, head.data_id)
         with entry.cond:
+            if entry.dropped:  # dropped between the look-up above and now: it passed max_held, or a replay
+                if key in self._overflowed:
+                    raise self._overflow_error(src, head)
+                raise IntegrityError(f"broadcast data {head.data_id.hex()} from {src} was taken already: a replay")
             if entry.head is None:
                 entry.head = head
                 aead = AESGCM(head.key) if head.key else None
                 entry.assembly = TransferAssembly(head.data_id, PayloadCodec(self._compressor, aead), max_streams=1)
                 early, entry.early = entry.early, []
+                self._release(entry)
                 for header, payload in early:
                     self._place(entry, header, payload)
             elif entry.head != head:  # two heads naming one data id: only a replay makes that
                 raise IntegrityError(f"broadcast data {head.data_id.hex()} from {src} is named by another head")
         return entry
+
+    def _overflow_error(self, src: Party, head: BroadcastHead) -> IntegrityError:
+        return IntegrityError(
+            f"broadcast data {head.data_id.hex()} from {src} was dropped: it came before its head while more "
+            f"than max_broadcast_held ({self._max_held} bytes) of that party's broadcast data waited for heads"
+        )
 
     def _check(self, src: Party) -> None:
         if self._closed:
@@ -330,6 +399,8 @@ class Broadcasts:
         with entry.cond:
             tokens, entry.tokens = entry.tokens, []
             entry.early = []
+            entry.dropped = True
+            self._release(entry)
         self._ack(tokens)
 
     def _refuse(self, tokens: list[_Token], what: str) -> None:

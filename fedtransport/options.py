@@ -330,6 +330,11 @@ COMMON_OPTIONS = OptionSpec(
            "the most streams a received transfer may declare (a table: one per partition, plus one), so a "
            "forged header cannot make a `get` build millions of partitions ([security.md](security.md))",
            range=(2, 1 << 24)),
+    Option("max_broadcast_held", int, 1 << 30,
+           "the most bytes of broadcast data from one party that a receiver holds before a `get` takes the head "
+           "naming it; the broadcast that would pass it is dropped and counted in `forged_refused`, and a `get` of "
+           "it raises `IntegrityError` ([security.md](security.md#broadcasts))",
+           range=(1, 1 << 50), unit="bytes"),
     Option("resumable_tables", bool, False,
            "`True`: a `remote` of a table whose partitions are lists first encodes the whole table once more to "
            "digest it, so a sender killed mid-send and restarted with the same table resumes it (Pulsar with "
@@ -356,6 +361,7 @@ class CommonOptions:
     redelivery_after: float
     peer_gone_after: float | None
     max_streams: int
+    max_broadcast_held: int
     resumable_tables: bool
 
 

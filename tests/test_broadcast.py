@@ -10,6 +10,7 @@ data user cannot write to another party's queues at all).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -397,6 +398,58 @@ def test_rabbitmq_swapped_data_is_refused(rabbit_node, rjob, sealed):
         assert h.stats["forged_refused"] >= 1
 
 
+def junk_frames(job_id: str, nbytes: int) -> list[bytes]:
+    """Broadcast frames of ``nbytes`` of random data under a fresh data id that no head names."""
+    data = os.urandom(nbytes)
+    w = FrameWriter(job_fingerprint(job_id), os.urandom(16), 1, PayloadCodec(Compressor(False), None), flags=BROADCAST)
+    chunker = UnitChunker([memoryview(data)], nbytes, CHUNK - 200)
+    n = len(chunker)
+    out = []
+    for i in range(n):
+        offset, chunk = chunker.pieces(i)
+        out.append(w.frame(stream=0, unit=0, seq=i, offset=offset, unit_len=nbytes, chunk=chunk, last=i == n - 1))
+    return out
+
+
+@requires_rabbitmq
+def test_rabbitmq_data_waiting_for_heads_is_bounded(rabbit_node, rjob):
+    """A party of the job broadcasts data that no head ever names: the receiver holds at most
+    ``max_broadcast_held`` of it, drops (acknowledges) the rest, counts it in ``forged_refused``;
+    honest broadcasts under the bound still arrive, and one over it fails its get clearly."""
+    bound = 3 * MIB
+    g = rconnect(rjob, GUEST, rabbit_node)
+    h = rconnect(rjob, HOST, rabbit_node, max_broadcast_held=bound)
+    attacker = rconnect(rjob, ARBITER, rabbit_node)
+    with g, h, attacker:
+        attacker.remote("hello", "x", "0", [HOST, GUEST])
+        assert h.get("x", "0", ARBITER, timeout=60) == ["hello"]  # HOST listens to ARBITER's broadcast lanes
+        junk = junk_frames(rjob, 8 * MIB)  # 9 messages, never named by a head
+        rtransport(attacker).send_broadcast([HOST, GUEST], BROADCAST_LANE, junk)
+        poll("the junk refused", lambda: h.stats["forged_refused"] >= 1)
+        # The broker's count, held (unacknowledged) or ready: HOST let go of every junk message.
+        mgmt, vhost = admin_of(rabbit_node), rtransport(g).vhost
+        queues = bqueues(g, ARBITER, HOST)
+        poll(
+            "the junk acknowledged",
+            lambda: sum((mgmt.get_queue(vhost, q) or {}).get("messages", 1) for q in queues) == 0,
+        )
+        assert h._broadcasts._held.get(ARBITER, 0) <= bound
+
+        honest = np.random.default_rng(21).integers(
+            0, 256, 2 * MIB, dtype=np.uint8
+        )  # waits for its get, under the bound
+        attacker.remote(honest, "y", "0", [HOST, GUEST])
+        [got] = h.get("y", "0", ARBITER, timeout=60)
+        np.testing.assert_array_equal(got, honest)
+
+        refused = h.stats["forged_refused"]
+        attacker.remote(np.random.default_rng(22).integers(0, 256, 5 * MIB, dtype=np.uint8), "z", "0", [HOST, GUEST])
+        poll("the large broadcast dropped", lambda: h.stats["forged_refused"] > refused)
+        with pytest.raises(ft.IntegrityError, match="max_broadcast_held"):
+            h.get("z", "0", ARBITER, timeout=60)
+        assert h._broadcasts._held.get(ARBITER, 0) == 0
+
+
 @requires_rabbitmq
 def test_rabbitmq_wrong_digest_is_refused(rabbit_node, rjob, monkeypatch):
     """A head whose digest does not match the data (a sender bug, or data changed on the way)."""
@@ -609,12 +662,13 @@ def test_pulsar_cleanup_removes_broadcast_topics(broker, job_id):
     assert admin_read(broker, f"/admin/v2/namespaces/fl-tenant/{job_id}") is None
 
 
-def test_pulsar_direct_and_replication_send_per_destination(job_id):
+def test_pulsar_direct_sends_per_destination_replication_broadcasts(job_id):
+    """Replication mode broadcasts (tests/test_pulsar_replication.py); direct mode cannot (docs/pulsar.md)."""
     routes = ft.RouteTable.load({p.party_id: {"host": "127.0.0.1", "port": 6650} for p in (GUEST, HOST, ARBITER)})
-    for mode in ("direct", "replication"):
+    for mode, can in (("direct", False), ("replication", True)):
         opts = {"mode": mode, "service_url": "pulsar://127.0.0.1:6650", "admin_url": "http://127.0.0.1:8080"}
         ctx = JobContext(job_id, GUEST, routes, {**PULSAR_DEFAULTS, **opts}, 4 * MIB, 4)
-        assert not PulsarTransport(ctx).can_broadcast([HOST, ARBITER]), mode
+        assert PulsarTransport(ctx).can_broadcast([HOST, ARBITER]) is can, mode
 
 
 def test_pulsar_frames_on_the_wrong_kind_of_topic_are_refused(broker, job_id):

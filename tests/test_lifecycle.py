@@ -83,6 +83,54 @@ def test_a_forked_child_neither_stops_the_broker_nor_uses_the_session(job_id: st
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
+def test_a_forked_child_of_a_broadcasting_session(job_id: str) -> None:
+    """A session that broadcast and listens to broadcast lanes, forked: the child can neither
+    broadcast nor take a broadcast through it, a session of its own takes the broadcast sent
+    before the fork, and the parent's broadcasts go on after the child exited."""
+    done = subprocess.run(
+        _script(f"""
+            import os, sys
+            import numpy as np
+            import fedtransport as ft
+            g, h, a = ft.Party("guest", "9999"), ft.Party("host", "10000"), ft.Party("arbiter", "10001")
+            broker = ft.brokers.EmbeddedPulsar().start()
+            opts = {{"service_url": broker.service_url, "max_message_size": 1 << 20}}
+            value = np.arange(1 << 19, dtype=np.float64)  # 4 MiB: several messages on each broadcast lane
+            with ft.Federation.connect("pulsar", job_id="{job_id}", party=g, options=opts) as fg, \
+                 ft.Federation.connect("pulsar", job_id="{job_id}", party=h, options=opts) as fh:
+                assert fg.transport.can_broadcast([h, a])
+                fg.remote(value, "before", "0", [h, a])
+                assert np.array_equal(fh.get("before", "0", [g], timeout=60)[0], value)  # fh listens to g's broadcasts
+                fg.remote(value + 1, "during", "0", [h, a])  # its data may reach fh while the child runs
+                pid = os.fork()
+                if pid == 0:
+                    code = 0
+                    for call in (lambda: fg.remote(2, "x", "0", [h, a]), lambda: fh.get("during", "0", [g], timeout=5)):
+                        try:
+                            call()
+                            code = 3
+                        except ft.FederationError as exc:
+                            code = code or (0 if "forked child" in str(exc) else 4)
+                    with ft.Federation.connect("pulsar", job_id="{job_id}", party=a, options=opts) as fa:
+                        if not np.array_equal(fa.get("before", "0", [g], timeout=60)[0], value):
+                            code = code or 5
+                    sys.exit(code)  # atexit runs here: it must not close the parent's clients
+                _, status = os.waitpid(pid, 0)
+                assert os.waitstatus_to_exitcode(status) == 0, status
+                assert np.array_equal(fh.get("during", "0", [g], timeout=60)[0], value + 1)
+                fg.remote(value + 2, "after", "0", [h, a])
+                assert np.array_equal(fh.get("after", "0", [g], timeout=60)[0], value + 2)
+                assert fh.stats["forged_refused"] == 0
+            broker.stop()
+            print("ok")
+        """),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 def _first_line(owner: subprocess.Popen[str], bound: float) -> Any:
     """The JSON line the owner prints once its broker serves; ``bound`` s is a liveness bound."""
     assert owner.stdout is not None

@@ -110,9 +110,9 @@ def direct_table(clusters: dict[ft.Party, PulsarStandalone]) -> dict[str, Any]:
     }
 
 
-def connect(job_id: str, party: ft.Party, b: PulsarStandalone, routes: Any) -> ft.Federation:
+def connect(job_id: str, party: ft.Party, b: PulsarStandalone, routes: Any, **extra: Any) -> ft.Federation:
     """``party`` connected to its own cluster only."""
-    opts = {"mode": "replication", "service_url": b.service_url, "admin_url": b.admin_url}
+    opts = {"mode": "replication", "service_url": b.service_url, "admin_url": b.admin_url, **extra}
     return ft.Federation.connect("pulsar", job_id=job_id, party=party, route_table=routes, options=opts)
 
 
@@ -286,6 +286,49 @@ def test_a_session_keeps_the_destinations_of_the_partys_other_sessions(clusters,
         assert h.get("x", "2", [GUEST], timeout=120) == ["to host again"]
         assert r.get("x", "1", [GUEST], timeout=120) == ["to arbiter"]
     for fed in (g1, h, r):
+        fed.cleanup()
+    for cluster in clusters.values():
+        assert_gone(cluster, job_id)
+
+
+def topic_stats(b: PulsarStandalone, topic: str) -> dict[str, Any]:
+    return read(b, f"/admin/v2/{topic.replace('://', '/')}/stats") or {}
+
+
+def test_broadcast_stored_once_and_replicated_to_each_destination(clusters, job_id):
+    """A ``remote`` to host (B) and arbiter (C): A stores the data once, on guest's broadcast
+    topics, and A's replicators copy it to B and to C; per destination go only the heads."""
+    a = clusters[GUEST]
+    routes = direct_table(clusters)
+    rng = np.random.default_rng(5)
+    value = rng.random(3 * (1 << 20) // 8)  # 3 MiB, incompressible: several messages
+    opts = {"max_message_size": 1 << 20}
+    with (
+        connect(job_id, GUEST, a, routes, **opts) as g,
+        connect(job_id, HOST, clusters[HOST], routes, **opts) as h,
+        connect(job_id, ARBITER, clusters[ARBITER], routes, **opts) as r,
+    ):
+        g.remote(value, "w", "0", [HOST, ARBITER])
+        for fed in (h, r):
+            [got] = fed.get("w", "0", [GUEST], timeout=120)
+            np.testing.assert_array_equal(got, value)
+        ours = f"persistent://{TENANT}/{job_id}/guest-9999-"
+        topics = [t for t in read(a, f"/admin/v2/persistent/{TENANT}/{job_id}") if t.startswith(ours)]
+        bcast = [t for t in topics if t.startswith(ours + "all-")]
+        stored = {t: topic_stats(a, t) for t in topics}
+        data_msgs = sum(int(stored[t]["msgInCounter"]) for t in bcast)
+        # The broker's count: the data once on the broadcast topics, one head on each pair lane 0.
+        assert bcast and data_msgs == g.stats["messages_sent"] - 2, (data_msgs, g.stats["messages_sent"])
+        pair_msgs = sum(int(stored[t]["msgInCounter"]) for t in topics if t not in bcast)
+        assert pair_msgs == 2
+        data_bytes = sum(int(stored[t]["bytesInCounter"]) for t in bcast)
+        assert value.nbytes <= data_bytes < 1.1 * value.nbytes
+        assert sum(int(s["bytesInCounter"]) for s in stored.values()) < 1.1 * value.nbytes
+        # Each destination's cluster got its copy from A's replicator, none from the sender.
+        for cluster in ("fl-pulsar-10000", "fl-pulsar-10001"):
+            out = sum(int(replicators(a, t)[cluster]["msgOutCount"]) for t in bcast)
+            assert out == data_msgs, (cluster, out, data_msgs)
+    for fed in (r, h, g):
         fed.cleanup()
     for cluster in clusters.values():
         assert_gone(cluster, job_id)

@@ -2,10 +2,13 @@
 
 Features
     * Topics ``persistent://{tenant}/{job_id}/{src_role}-{src_id}-{dst_role}-{dst_id}-{lane}``:
-      parties x lanes per job, never one per variable or partition. In ``shared`` mode a
-      broadcast (fedtransport/broadcast.py) is published once on ``{src_role}-{src_id}-all-{lane}``
-      with the property ``ft-to`` naming its destinations; each destination reads that topic on
-      its own subscription and skips (acknowledges) what is not addressed to it.
+      parties x lanes per job, never one per variable or partition. In ``shared`` and
+      ``replication`` modes a broadcast (fedtransport/broadcast.py) is published once on
+      ``{src_role}-{src_id}-all-{lane}`` with the property ``ft-to`` naming its destinations
+      (replication: on our cluster, every destination's cluster a replication cluster of the
+      message); each destination reads that topic on its own subscription (its own cluster's
+      copy) and skips (acknowledges) what is not addressed to it. ``direct`` cannot: each
+      destination reads its own broker, which only the sender can write to.
     * One ``pulsar.Client`` per broker the session talks to; producers and consumers are
       cached per lane. ``send_async`` with a bounded in-flight window (``send_window``);
       ``remote`` returns once every receipt is in.
@@ -220,18 +223,24 @@ class PulsarTransport(PulsarOperatorHooks):
         if self._closed.is_set():
             raise BackendError("the Pulsar transport is closed")
         cluster = self.management.ensure_peer(dst)  # first: a topic made before would start unreplicated
-        return self.publisher.send(dst, lane, messages, replicate_to=cluster)
+        return self.publisher.send(dst, lane, messages, replicate_to=[cluster] if cluster else None)
 
     def can_broadcast(self, dsts: Sequence[Party]) -> bool:
-        # Direct and replication modes: each destination is another broker or cluster, so one
-        # publish cannot reach them all (replication_clusters would copy to every cluster anyway).
-        return self.mode == "shared"
+        # Direct mode: each destination reads its own broker, and nothing but the sender moves
+        # data between brokers, so one publish cannot reach them all (docs/pulsar.md, "Modes").
+        return self.mode in ("shared", "replication")
 
     def send_broadcast(self, dsts: Sequence[Party], lane: int, messages: Iterable[bytes]) -> int:
         if self._closed.is_set():
             raise BackendError("the Pulsar transport is closed")
         to = {BROADCAST_TO: ",".join(str(d) for d in dsts)}
-        return self.publisher.send(self.ctx.party, lane, messages, replicate_to=None, properties=to)
+        clusters: list[str] | None = None
+        if self.mode == "replication":
+            # Stored once on our cluster; the replicators copy it to each destination's cluster.
+            clusters = sorted({c for d in dsts if (c := self.management.ensure_peer(d))})
+            self.publisher.producer(self.ctx.party, lane)  # the topic first: replicators attach to it
+            self.management.await_replicating(self.topic(self.ctx.party, self.ctx.party, lane), clusters)
+        return self.publisher.send(self.ctx.party, lane, messages, replicate_to=clusters, properties=to)
 
     def listen(self, src: Party, lane: int, deliver: DeliverFn) -> None:
         self.consumers.listen(src, lane, deliver)

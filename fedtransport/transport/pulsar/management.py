@@ -81,6 +81,7 @@ class PulsarManagement:
         self._admin_lock = threading.Lock()  # guards the lazily made admin client
         self._peer_lock = threading.Lock()  # set-up per destination cluster, once
         self._peers: set[str] = set()
+        self._replicating: set[tuple[str, str]] = set()  # (topic, cluster) seen replicated
 
     @property
     def enabled(self) -> bool:
@@ -173,27 +174,37 @@ class PulsarManagement:
         )
 
     def await_replicator(self, dst: Party, topic: str) -> None:
-        """Replication mode: return once our broker replicates ``topic`` to ``dst``'s cluster.
+        """Replication mode: return once our broker replicates ``topic`` to ``dst``'s cluster."""
+        assert self._route_table is not None
+        self.await_replicating(topic, [self._route_table.cluster_name(dst)])
+
+    def await_replicating(self, topic: str, clusters: Sequence[str]) -> None:
+        """Replication mode: return once our broker replicates ``topic`` to each of ``clusters``.
 
         A replicator starts reading where the topic ends when it is created (Pulsar's
         ``replicationStartAt=latest``), and the broker creates it asynchronously once the topic
         and the namespace policy are both there: a message written before would never leave.
+        A broadcast topic gains destinations over the job, so what was seen is remembered per
+        (topic, cluster) and only a new pair is waited for.
         """
-        assert self._route_table is not None
-        cluster = self._route_table.cluster_name(dst)
-        if cluster == self.cluster:
+        with self._peer_lock:
+            missing = sorted({c for c in clusters if c != self.cluster and (topic, c) not in self._replicating})
+        if not missing:
             return
         a = self.admin()
         timeout = float(self._options["send_timeout"])
 
         def replicating() -> bool:
-            return cluster in ((a.get_topic_stats(topic) or {}).get("replication") or {})
+            have = (a.get_topic_stats(topic) or {}).get("replication") or {}
+            return all(c in have for c in missing)
 
         if not _poll(replicating, time.monotonic() + timeout, self._closed):
             raise BackendError(
-                f"Pulsar: the broker did not start replicating {topic} to cluster {cluster} "
+                f"Pulsar: the broker did not start replicating {topic} to cluster(s) {', '.join(missing)} "
                 f"within {self._options['send_timeout']} s (send_timeout)"
             )
+        with self._peer_lock:
+            self._replicating.update((topic, c) for c in missing)
 
     def _await_replicators_stopped(self, a: PulsarAdmin, topics: Sequence[str]) -> None:
         """Cleanup in replication mode: wait (up to the admin timeout) until the broker has closed

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pulsar
@@ -165,17 +165,17 @@ class Publisher:
         dst: Party,
         lane: int,
         messages: Iterable[bytes],
-        replicate_to: str | None,
+        replicate_to: Sequence[str] | None,
         properties: dict[str, str] | None = None,
     ) -> int:
         """Publish ``messages`` on the lane towards ``dst``; with ``replicate_to``, every message
-        names that cluster as its only replication cluster; ``properties`` go on every message.
+        names those clusters as its only replication clusters; ``properties`` go on every message.
         Returns the count once all are in."""
-        producer = self._producer(dst, lane)
+        producer = self.producer(dst, lane)
         # The client fails a message send_timeout after it was queued, so a receipt is due by then.
         patience = self._send_timeout * _RECEIPT_PATIENCE
         receipts = _Receipts(self._window, self._window_bytes, patience)
-        extra: dict[str, Any] = {"replication_clusters": [replicate_to]} if replicate_to else {}
+        extra: dict[str, Any] = {"replication_clusters": list(replicate_to)} if replicate_to else {}
         if properties:
             extra["properties"] = properties
         resent = False
@@ -219,7 +219,8 @@ class Publisher:
             raise BackendError(f"Pulsar refused a message on {topic}: {failure}", broker_message=failure)
         return count
 
-    def _producer(self, dst: Party, lane: int) -> pulsar.Producer:
+    def producer(self, dst: Party, lane: int) -> pulsar.Producer:
+        """The lane's producer, made (and its topic with it) on first use."""
         key = (dst, lane)
         producer = self._producers.get(key)
         if producer is not None:
@@ -270,7 +271,7 @@ class Publisher:
         with self._lock:
             if self._producers.get((dst, lane)) is old:
                 del self._producers[(dst, lane)]
-        return self._producer(dst, lane)
+        return self.producer(dst, lane)
 
 
 def _close_quietly(producer: pulsar.Producer) -> None:
