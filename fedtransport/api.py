@@ -295,10 +295,10 @@ class Federation:
                     out.nstreams,
                 )  # fmt: skip
             limit = max_chunk(self._opts, transform.overhead)
-            incarnation = self._incarnation(out, tid, dst, limit, digests, notice=bool(notice))
+            resumable = not notice and out.resumable(self._opts.lanes, limit, self._opts.resumable_tables)
+            incarnation = self._incarnation(out, tid, dst, limit, digests, resumable=resumable)
             writer = FrameWriter(self._job, tid, out.nstreams, transform, incarnation)
             lanes = out.lane_messages(writer, self._opts.lanes, limit)
-            resumable = not notice and out.resumable(self._opts.lanes, limit, self._opts.resumable_tables)
             for lane, messages in lanes.items():
                 # asked on the lane's own send thread, so the lanes' admin calls overlap
                 where = functools.partial(self._stored_point, out, dst, lane, tid, incarnation, transform, limit)
@@ -336,11 +336,13 @@ class Federation:
             )  # fmt: skip
 
     def _incarnation(
-        self, out: Outgoing, tid: bytes, dst: Party, limit: int, digests: list[Digest | None], *, notice: bool
+        self, out: Outgoing, tid: bytes, dst: Party, limit: int, digests: list[Digest | None], *, resumable: bool
     ) -> bytes:
         """The incarnation of this send to ``dst`` (resume.py): the value's digest, keyed for the
-        direction; random for a notice, a one-shot table, or a table without ``resumable_tables``."""
-        if notice or (out.table is not None and not self._opts.resumable_tables):
+        direction, for a send that can be resumed; random for any other (a notice, an object of
+        fewer than ``MIN_RESUME_MESSAGES`` messages a lane, a table without ``resumable_tables``
+        or with one-shot partitions). A random one never merges two sends; the inbox keeps them apart."""
+        if not resumable:
             return random_incarnation()
         if not digests:  # once per remote: every destination keys the same digest
             if out.unit is not None:

@@ -213,6 +213,40 @@ def test_a_restarted_sender_of_the_same_value_continues_its_send_on_the_memory_b
     assert digest(back) == digest(value)
 
 
+def test_only_a_send_that_can_be_resumed_is_digested(job_id, monkeypatch):
+    """The keyed digest costs a SHA-256 pass per ``remote`` and buys only a resume: a send of fewer
+    than MIN_RESUME_MESSAGES messages a lane takes a random incarnation instead."""
+    import fedtransport.api as api_module
+
+    passes: list[int] = []
+    real = api_module.unit_digest
+    monkeypatch.setattr(api_module, "unit_digest", lambda unit: passes.append(unit.size) or real(unit))
+    opts = {"max_message_size": 65536, "lanes": 1}
+    with ft.Federation.connect("memory", job_id=job_id, party=HOST, options=opts) as h:
+        with ft.Federation.connect("memory", job_id=job_id, party=GUEST, options=opts) as g:
+            g.remote(b"x" * 1024, "small", "0", [HOST])
+            assert passes == []  # one message: nothing to resume, no digest
+            g.remote(big_array(1), "big", "0", [HOST])  # 17 messages on its one lane
+            assert len(passes) == 1
+        assert h.get("small", "0", [GUEST], timeout=10) == [b"x" * 1024]
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["same-value", "recomputed"])
+def test_a_small_send_made_again_by_a_restarted_sender_arrives_once(job_id, same):
+    """A one-message send is atomic: the receiver holds it whole or not at all. Sent again by a new
+    session (a restarted sender; a random incarnation each time), the copy is dropped and acked:
+    the receiver gets the first value, never a second one."""
+    opts = {"max_message_size": 65536, "lanes": 1}
+    with ft.Federation.connect("memory", job_id=job_id, party=HOST, options=opts) as h:
+        listening(h)
+        for value in (b"first" * 200, b"first" * 200 if same else b"again" * 200):
+            with ft.Federation.connect("memory", job_id=job_id, party=GUEST, options=opts) as g:
+                g.remote(value, "w", "0", [HOST])
+        wait_for(lambda: entry(h) is not None and len(entry(h).tokens) == 2, "both sends")
+        assert entry(h).assembly.messages == 1  # the first send, whole; the copy placed nowhere
+        assert h.get("w", "0", [GUEST], timeout=10) == [b"first" * 200]
+
+
 # ==================================================================================================
 # real brokers, senders SIGKILLed mid-remote
 # ==================================================================================================
