@@ -31,7 +31,7 @@ from .inbox import Inbox, Incoming
 from .options import CommonOptions, max_chunk, split_options
 from .party import Party, as_parties, as_party, check_job_id, check_timeout, key_part
 from .presence import PeerWatch
-from .resume import Digest, incarnation, random_incarnation, resume_point, skip_through, table_digest, unit_digest
+from .resume import Digest, RandomIncarnations, incarnation, resume_point, skip_through, table_digest, unit_digest
 from .routing import RouteTable
 from .table import Table
 from .transfer import KIND_BROADCAST, KIND_TABLE, Outgoing, decode_object_transfer, streamed_table, transfer_kind
@@ -98,6 +98,7 @@ class Federation:
         self._peers_heard: set[Party] = set()  # parties whose abort notice we listen for
         self._peers_lock = threading.Lock()
         self._pid = os.getpid()  # threads and broker connections do not survive a fork
+        self._random_incarnation = RandomIncarnations()  # for sends that are not digested (resume.py)
         self._stats = {
             "bytes_sent": 0, "messages_sent": 0, "messages_resumed": 0, "bytes_received": 0, "messages_received": 0,
         }  # fmt: skip
@@ -343,7 +344,7 @@ class Federation:
         fewer than ``MIN_RESUME_MESSAGES`` messages a lane, a table without ``resumable_tables``
         or with one-shot partitions). A random one never merges two sends; the inbox keeps them apart."""
         if not resumable:
-            return random_incarnation()
+            return self._random_incarnation()
         if not digests:  # once per remote: every destination keys the same digest
             if out.unit is not None:
                 digests.append(unit_digest(out.unit))
@@ -351,7 +352,7 @@ class Federation:
                 assert out.table is not None
                 digests.append(table_digest(out.table, limit))
         if digests[0] is None:
-            return random_incarnation()
+            return self._random_incarnation()
         key = self._sealer.digest_key(self.party, dst) if self._sealer else tid
         return incarnation(
             key, tid, digests[0], max_chunk=limit, lanes=self._opts.lanes, nstreams=out.nstreams,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -47,6 +48,7 @@ from .table import Table
 __all__ = [
     "MIN_RESUME_MESSAGES",
     "Digest",
+    "RandomIncarnations",
     "incarnation",
     "random_incarnation",
     "resume_point",
@@ -65,6 +67,22 @@ _LAYOUT = struct.Struct("<QIIB")  # payload bytes per message, lanes, streams, k
 
 def random_incarnation() -> bytes:
     return os.urandom(INCARNATION_SIZE)
+
+
+class RandomIncarnations:
+    """A session's random incarnations, without a system call each: a counter hashed under a key
+    drawn once. ``os.urandom`` lets go of the GIL, and taking it back from the I/O thread showed
+    in a small ``remote``'s profile. Another session (a restarted sender) draws another key, so
+    its incarnations differ from these but for a 2**-64 chance, as two ``os.urandom`` draws do.
+    """
+
+    def __init__(self) -> None:
+        self._key = os.urandom(32)
+        self._counter = itertools.count()  # next() is atomic: concurrent remotes never share one
+
+    def __call__(self) -> bytes:
+        n = next(self._counter).to_bytes(8, "little")
+        return hashlib.blake2b(n, key=self._key, digest_size=INCARNATION_SIZE, person=b"ft-incarnation").digest()
 
 
 def unit_digest(unit: EncodedUnit) -> Digest:

@@ -29,7 +29,7 @@ from test_faults import partial_timeout, pulsar_opts, received
 import fedtransport as ft
 from fedtransport.codec import Compressor, EncodedUnit, PayloadCodec, Sealer
 from fedtransport.framing import FrameWriter, TransferAssembly, frame_units, job_fingerprint, parse_frame, transfer_id
-from fedtransport.resume import incarnation, table_digest, unit_digest
+from fedtransport.resume import RandomIncarnations, incarnation, table_digest, unit_digest
 from fedtransport.transfer import Outgoing
 
 try:
@@ -229,6 +229,28 @@ def test_only_a_send_that_can_be_resumed_is_digested(job_id, monkeypatch):
             g.remote(big_array(1), "big", "0", [HOST])  # 17 messages on its one lane
             assert len(passes) == 1
         assert h.get("small", "0", [GUEST], timeout=10) == [b"x" * 1024]
+
+
+def test_a_small_remote_draws_its_random_incarnation_without_a_system_call(job_id, monkeypatch):
+    """os.urandom lets go of the GIL, and taking it back behind the I/O thread showed in a small
+    remote's profile: a session draws one key and hashes a counter under it."""
+    import types
+
+    import fedtransport.resume as resume_module
+
+    draws: list[int] = []
+    real = resume_module.os
+    counting = types.SimpleNamespace(urandom=lambda n: draws.append(n) or real.urandom(n))
+    monkeypatch.setattr(resume_module, "os", counting)
+    with ft.Federation.connect("memory", job_id=job_id, party=HOST) as h:
+        with ft.Federation.connect("memory", job_id=job_id, party=GUEST) as g:
+            for i in range(20):
+                g.remote(i, "small", str(i), [HOST])
+        assert len(draws) <= 2  # each session's key, not one draw per remote
+        assert [h.get("small", str(i), [GUEST], timeout=10)[0] for i in range(20)] == list(range(20))
+    first, second = RandomIncarnations(), RandomIncarnations()
+    drawn = [first() for _ in range(1000)] + [second() for _ in range(1000)]
+    assert len(set(drawn)) == len(drawn) and all(len(x) == 8 for x in drawn)
 
 
 @pytest.mark.parametrize("same", [True, False], ids=["same-value", "recomputed"])
