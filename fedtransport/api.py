@@ -31,7 +31,7 @@ from .inbox import Inbox, Incoming
 from .options import CommonOptions, max_chunk, split_options
 from .party import Party, as_parties, as_party, check_job_id, check_timeout, key_part
 from .presence import PeerWatch
-from .resume import Digest, incarnation, random_incarnation, resume_point, skip_through, table_digest, unit_digest
+from .resume import Digest, RandomIncarnations, incarnation, resume_point, skip_through, table_digest, unit_digest
 from .routing import RouteTable
 from .table import Table
 from .transfer import KIND_BROADCAST, KIND_TABLE, Outgoing, decode_object_transfer, streamed_table, transfer_kind
@@ -99,6 +99,7 @@ class Federation:
         self._peers_heard: set[Party] = set()  # parties whose abort notice we listen for
         self._peers_lock = threading.Lock()
         self._pid = os.getpid()  # threads and broker connections do not survive a fork
+        self._random_incarnation = RandomIncarnations()  # for sends that are not digested (resume.py)
         self._stats = {
             "bytes_sent": 0, "messages_sent": 0, "messages_resumed": 0, "bytes_received": 0, "messages_received": 0,
         }  # fmt: skip
@@ -296,10 +297,10 @@ class Federation:
                     out.nstreams,
                 )  # fmt: skip
             limit = max_chunk(self._opts, transform.overhead)
-            incarnation = self._incarnation(out, tid, dst, limit, digests, notice=bool(notice))
+            resumable = not notice and out.resumable(self._opts.lanes, limit, self._opts.resumable_tables)
+            incarnation = self._incarnation(out, tid, dst, limit, digests, resumable=resumable)
             writer = FrameWriter(self._job, tid, out.nstreams, transform, incarnation)
             lanes = out.lane_messages(writer, self._opts.lanes, limit)
-            resumable = not notice and out.resumable(self._opts.lanes, limit, self._opts.resumable_tables)
             for lane, messages in lanes.items():
                 # asked on the lane's own send thread, so the lanes' admin calls overlap
                 where = functools.partial(self._stored_point, out, dst, lane, tid, incarnation, transform, limit)
@@ -337,12 +338,14 @@ class Federation:
             )  # fmt: skip
 
     def _incarnation(
-        self, out: Outgoing, tid: bytes, dst: Party, limit: int, digests: list[Digest | None], *, notice: bool
+        self, out: Outgoing, tid: bytes, dst: Party, limit: int, digests: list[Digest | None], *, resumable: bool
     ) -> bytes:
         """The incarnation of this send to ``dst`` (resume.py): the value's digest, keyed for the
-        direction; random for a notice, a one-shot table, or a table without ``resumable_tables``."""
-        if notice or (out.table is not None and not self._opts.resumable_tables):
-            return random_incarnation()
+        direction, for a send that can be resumed; random for any other (a notice, an object of
+        fewer than ``MIN_RESUME_MESSAGES`` messages a lane, a table without ``resumable_tables``
+        or with one-shot partitions). A random one never merges two sends; the inbox keeps them apart."""
+        if not resumable:
+            return self._random_incarnation()
         if not digests:  # once per remote: every destination keys the same digest
             if out.unit is not None:
                 digests.append(unit_digest(out.unit))
@@ -350,7 +353,7 @@ class Federation:
                 assert out.table is not None
                 digests.append(table_digest(out.table, limit))
         if digests[0] is None:
-            return random_incarnation()
+            return self._random_incarnation()
         key = self._sealer.digest_key(self.party, dst) if self._sealer else tid
         return incarnation(
             key, tid, digests[0], max_chunk=limit, lanes=self._opts.lanes, nstreams=out.nstreams,

@@ -17,14 +17,15 @@ layer above checks (records of a table partition). The CRC covers header and
 payload (CRC-32 as zlib computes it, by ISA-L); the header is parsed with :mod:`struct`, never
 unpickled.
 
-The *incarnation* names what a send carries: the api gives a keyed digest of the
-value and its layout (resume.py), so a sender killed part-way and restarted with the
-same value sends the same incarnation again, and a recomputed value another one. A
-:class:`TransferAssembly` holds the messages of one incarnation only, so two values are
-never mixed into one (the inbox keeps incarnations apart and picks one). Within one
-incarnation a message at a position already held (same stream and seq) is a duplicate,
-and it must say the same as the first: the same place, and the same bytes where they are
-still held; anything else is an :class:`IntegrityError` ("two values under one
+The *incarnation* names what a send carries: for a send that can be resumed the api
+gives a keyed digest of the value and its layout (resume.py; any other send a random
+one), so a sender killed part-way and restarted with the same value sends the same
+incarnation again, and a recomputed value another one. A :class:`TransferAssembly`
+holds the messages of one incarnation only, so two values are never mixed into one
+(the inbox keeps incarnations apart and picks one). Within one incarnation a message at
+a position already held (same stream and seq) is a duplicate, and it must say the same
+as the first: the same place, and the same bytes where they are still held; anything
+else is an :class:`IntegrityError` ("two values under one
 incarnation"). :class:`FrameWriter` alone draws a random incarnation.
 
 This layer knows nothing about objects: payload compression and sealing are done

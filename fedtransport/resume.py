@@ -3,9 +3,12 @@
 Every frame carries the *incarnation* of its send (framing.py). It is a keyed digest of what
 the send carries, not a random draw:
 
-* an object: HMAC-SHA256 over the encoded value and the layout that places its bytes in
-  messages (payload bytes per message, lanes, streams), so the same value sent the same way
-  gets the same incarnation and any other value or layout another one;
+* an object of at least ``MIN_RESUME_MESSAGES`` messages a lane: HMAC-SHA256 over the encoded
+  value and the layout that places its bytes in messages (payload bytes per message, lanes,
+  streams), so the same value sent the same way gets the same incarnation and any other value
+  or layout another one. A smaller object cannot be resumed, so it skips the SHA-256 pass and
+  takes a random one: a one-message send is atomic (the receiver drops a resend once it holds
+  the first), and a few-message send cut short is sent whole again, assembled apart;
 * a table: the same over every partition's record batches, but only with the option
   ``resumable_tables`` (a second encoding pass over the whole table, before sending) and only
   when each partition can be read twice; else (and for generator partitions) a random one;
@@ -13,8 +16,8 @@ the send carries, not a random draw:
 
 The key is the direction's digest key when sealing is on (``secret`` or ``identity``: derived
 like the sealing key, so a party that does not hold it cannot compute or steer the
-incarnation), else the transfer id. The value is hashed once per ``remote`` (SHA-256); each
-destination then keys that hash.
+incarnation), else the transfer id. A digested value is hashed once per ``remote`` (SHA-256);
+each destination then keys that hash.
 
 What it buys: a sender killed mid-send and restarted with the same value sends under the same
 incarnation, so the receiver merges the resend into what it already holds (a message at a
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +48,7 @@ from .table import Table
 __all__ = [
     "MIN_RESUME_MESSAGES",
     "Digest",
+    "RandomIncarnations",
     "incarnation",
     "random_incarnation",
     "resume_point",
@@ -62,6 +67,22 @@ _LAYOUT = struct.Struct("<QIIB")  # payload bytes per message, lanes, streams, k
 
 def random_incarnation() -> bytes:
     return os.urandom(INCARNATION_SIZE)
+
+
+class RandomIncarnations:
+    """A session's random incarnations, without a system call each: a counter hashed under a key
+    drawn once. ``os.urandom`` lets go of the GIL, and taking it back from the I/O thread showed
+    in a small ``remote``'s profile. Another session (a restarted sender) draws another key, so
+    its incarnations differ from these but for a 2**-64 chance, as two ``os.urandom`` draws do.
+    """
+
+    def __init__(self) -> None:
+        self._key = os.urandom(32)
+        self._counter = itertools.count()  # next() is atomic: concurrent remotes never share one
+
+    def __call__(self) -> bytes:
+        n = next(self._counter).to_bytes(8, "little")
+        return hashlib.blake2b(n, key=self._key, digest_size=INCARNATION_SIZE, person=b"ft-incarnation").digest()
 
 
 def unit_digest(unit: EncodedUnit) -> Digest:

@@ -30,7 +30,7 @@ from test_faults import gated_sender, partial_timeout, pulsar_opts, received
 import fedtransport as ft
 from fedtransport.codec import Compressor, EncodedUnit, PayloadCodec, Sealer
 from fedtransport.framing import FrameWriter, TransferAssembly, frame_units, job_fingerprint, parse_frame, transfer_id
-from fedtransport.resume import incarnation, table_digest, unit_digest
+from fedtransport.resume import RandomIncarnations, incarnation, table_digest, unit_digest
 from fedtransport.transfer import Outgoing
 
 try:
@@ -200,6 +200,62 @@ def test_a_restarted_sender_of_the_same_value_continues_its_send_on_the_memory_b
         assert inc.assembly.incarnation == first and not inc.dropped and not inc.rivals
         [back] = h.get("w", "0", [GUEST], timeout=10)
     assert digest(back) == digest(value)
+
+
+def test_only_a_send_that_can_be_resumed_is_digested(job_id, monkeypatch):
+    """The keyed digest costs a SHA-256 pass per ``remote`` and buys only a resume: a send of fewer
+    than MIN_RESUME_MESSAGES messages a lane takes a random incarnation instead."""
+    import fedtransport.api as api_module
+
+    passes: list[int] = []
+    real = api_module.unit_digest
+    monkeypatch.setattr(api_module, "unit_digest", lambda unit: passes.append(unit.size) or real(unit))
+    opts = {"max_message_size": 65536, "lanes": 1}
+    with ft.Federation.connect("memory", job_id=job_id, party=HOST, options=opts) as h:
+        with ft.Federation.connect("memory", job_id=job_id, party=GUEST, options=opts) as g:
+            g.remote(b"x" * 1024, "small", "0", [HOST])
+            assert passes == []  # one message: nothing to resume, no digest
+            g.remote(big_array(1), "big", "0", [HOST])  # 17 messages on its one lane
+            assert len(passes) == 1
+        assert h.get("small", "0", [GUEST], timeout=10) == [b"x" * 1024]
+
+
+def test_a_small_remote_draws_its_random_incarnation_without_a_system_call(job_id, monkeypatch):
+    """os.urandom lets go of the GIL, and taking it back behind the I/O thread showed in a small
+    remote's profile: a session draws one key and hashes a counter under it."""
+    import types
+
+    import fedtransport.resume as resume_module
+
+    draws: list[int] = []
+    real = resume_module.os
+    counting = types.SimpleNamespace(urandom=lambda n: draws.append(n) or real.urandom(n))
+    monkeypatch.setattr(resume_module, "os", counting)
+    with ft.Federation.connect("memory", job_id=job_id, party=HOST) as h:
+        with ft.Federation.connect("memory", job_id=job_id, party=GUEST) as g:
+            for i in range(20):
+                g.remote(i, "small", str(i), [HOST])
+        assert len(draws) <= 2  # each session's key, not one draw per remote
+        assert [h.get("small", str(i), [GUEST], timeout=10)[0] for i in range(20)] == list(range(20))
+    first, second = RandomIncarnations(), RandomIncarnations()
+    drawn = [first() for _ in range(1000)] + [second() for _ in range(1000)]
+    assert len(set(drawn)) == len(drawn) and all(len(x) == 8 for x in drawn)
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["same-value", "recomputed"])
+def test_a_small_send_made_again_by_a_restarted_sender_arrives_once(job_id, same):
+    """A one-message send is atomic: the receiver holds it whole or not at all. Sent again by a new
+    session (a restarted sender; a random incarnation each time), the copy is dropped and acked:
+    the receiver gets the first value, never a second one."""
+    opts = {"max_message_size": 65536, "lanes": 1}
+    with ft.Federation.connect("memory", job_id=job_id, party=HOST, options=opts) as h:
+        listening(h)
+        for value in (b"first" * 200, b"first" * 200 if same else b"again" * 200):
+            with ft.Federation.connect("memory", job_id=job_id, party=GUEST, options=opts) as g:
+                g.remote(value, "w", "0", [HOST])
+        wait_for(lambda: entry(h) is not None and len(entry(h).tokens) == 2, "both sends")
+        assert entry(h).assembly.messages == 1  # the first send, whole; the copy placed nowhere
+        assert h.get("w", "0", [GUEST], timeout=10) == [b"first" * 200]
 
 
 # ==================================================================================================
