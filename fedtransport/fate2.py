@@ -19,7 +19,9 @@ FATE 2.2 (``pyfate``) facts this module follows (read in ``fate/arch``):
 
 How it maps onto fedtransport
     bytes       ``remote`` of a ``pickle.PickleBuffer`` over FATE's bytes: they travel as one
-                out-of-band buffer, not pickled a second time, and come back as ``bytes``
+                out-of-band buffer, not pickled a second time, and come back as ``bytes``.
+                FATE's cut of pickles over 1 MiB into slice tables is off (its queues cap a
+                message; fedtransport's framing splits any size): ``max_message_size`` turns it on
     tables      a :class:`~fedtransport.Table` whose partitions are the KVTable's partitions of
                 raw ``(key bytes, value bytes)``, read one at a time while they stream out; the
                 receiver rebuilds them with its own computing session (same partition count,
@@ -83,6 +85,7 @@ ENGINE = "fedtransport"  # the name FATE's builders select once install() ran
 log = logging.getLogger(__name__)
 WRITERS = 4  # partitions of a received table written into standalone LMDB at once
 PUSHERS = 2  # tables sent at once in the background
+_NO_SLICING = 2**63 - 1  # a pickle size FATE never reaches: every object goes as one push of bytes
 
 PartyMeta = tuple[str, str]
 RouteTableArg = str | Path | Mapping[str, Any] | RouteTable | None
@@ -109,7 +112,9 @@ class FedtransportFederation(_FateFederation):  # type: ignore[misc]  # FATE shi
     Build it with :meth:`from_conf`, or around an open :class:`~fedtransport.Federation` whose
     ``job_id`` is the federation session id. ``computing_session`` is FATE's computing session
     (``KVTableContext``) that received tables are rebuilt in. ``timeout`` bounds each pull
-    (``None``: wait as long as it takes, as FATE does).
+    (``None``: wait as long as it takes, as FATE does). ``max_message_size``: pickles over that
+    many bytes go as FATE's slice tables (``None``, the default: never; see
+    :meth:`get_default_max_message_size`).
     """
 
     def __init__(
@@ -120,6 +125,7 @@ class FedtransportFederation(_FateFederation):  # type: ignore[misc]  # FATE shi
         parties: Sequence[Any],
         *,
         timeout: float | None = None,
+        max_message_size: int | None = None,
     ) -> None:
         local, members = _meta(party), [_meta(p) for p in parties]
         if local not in members:
@@ -130,6 +136,9 @@ class FedtransportFederation(_FateFederation):  # type: ignore[misc]  # FATE shi
         self._fed = federation
         self._computing = computing_session
         self._timeout = check_timeout(timeout)  # refused now, not at the first get
+        if max_message_size is not None and (type(max_message_size) is not int or max_message_size <= 0):
+            raise ConfigError(f"max_message_size must be a positive int of bytes or None, got {max_message_size!r}")
+        self._max_message_size = max_message_size
         # Tables pushed in the background: this put's (since the last bytes) and earlier puts'.
         self._pushes = ThreadPoolExecutor(max_workers=PUSHERS, thread_name_prefix="fedtransport-fate-push")
         self._push_lock = threading.Lock()
@@ -148,6 +157,7 @@ class FedtransportFederation(_FateFederation):  # type: ignore[misc]  # FATE shi
         route_table: RouteTableArg = None,
         *,
         timeout: float | None = None,
+        max_message_size: int | None = None,
     ) -> FedtransportFederation:
         """Connect a fedtransport session (``backend`` and ``options`` as in API.md) for FATE."""
         fed = Federation.connect(
@@ -158,7 +168,7 @@ class FedtransportFederation(_FateFederation):  # type: ignore[misc]  # FATE shi
             options=dict(options or {}),
         )
         try:
-            return cls(fed, computing_session, party, parties, timeout=timeout)
+            return cls(fed, computing_session, party, parties, timeout=timeout, max_message_size=max_message_size)
         except BaseException:
             fed.close()
             raise
@@ -167,6 +177,16 @@ class FedtransportFederation(_FateFederation):  # type: ignore[misc]  # FATE shi
     def federation(self) -> Federation:
         """The fedtransport session underneath."""
         return self._fed
+
+    def get_default_max_message_size(self) -> int:
+        """The pickle size over which FATE cuts an object into a slice table: none by default.
+
+        FATE's brokers need the cut (their messages are capped); fedtransport frames an object
+        of any size itself, so a 4 MiB array is one push of its pickle rather than a table of
+        slices (written into LMDB on both sides) plus a pickle naming it. FATE's own queue
+        federations override this hook the same way, with their ``max_message_size``.
+        """
+        return _NO_SLICING if self._max_message_size is None else self._max_message_size
 
     # FATE's hooks ------------------------------------------------------------------------------
 

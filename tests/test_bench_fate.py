@@ -112,3 +112,67 @@ def test_the_chart_names_fate_s_own_federation_as_the_baseline() -> None:
     small_panel = panels["FATE: 1 KiB objects"]
     assert small_panel.unit == "objects/s"
     assert [round(b.value) for b in small_panel.groups[0].bars] == [100, 1000]
+
+
+def _fate_context(tmp_path: Any, job_id: str, party: tuple[str, str]) -> Any:
+    """FATE's own ``Context`` over FATE over fedtransport (the memory backend), as a bench party holds."""
+    from fate.arch.computing.backends.standalone import CSession
+    from fate.arch.context import Context
+
+    from fedtransport.fate2 import FedtransportFederation
+
+    parties = [("guest", "9999"), ("host", "10000")]
+    session = CSession(session_id=f"b-{party[0]}-{job_id}", data_dir=str(tmp_path / party[0]))
+    fed = FedtransportFederation.from_conf(job_id, session, party, parties, "memory", {"hub": job_id})
+    return Context(computing=session, federation=fed)
+
+
+def test_a_fate_destroy_that_hangs_is_left_behind_at_its_deadline(
+    tmp_path: Any, job_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FATE's Pulsar destroy once hung for good (admin calls without a timeout on a wedged broker):
+    the party must end all the same. Here the destroy waits on a table push that cannot finish."""
+    import threading
+
+    pytest.importorskip("fate.arch.context")
+    from fedtransport.bench.fate import _bounded_destroy
+
+    ctx = _fate_context(tmp_path, job_id, ("guest", "9999"))
+    release = threading.Event()
+
+    class _Blocked:  # a KVTable whose records come only once released: destroy waits for its push
+        num_partitions = 1
+
+        @staticmethod
+        def partitioner(key: bytes, n: int) -> int:
+            return 0
+
+        def _collect(self) -> Any:
+            release.wait(120)
+            return iter([])
+
+    ctx.federation.push_table(_Blocked(), "t", "0", [("host", "10000")])
+    cfg = {"engine": "fedtransport", "backend": "rabbitmq", "job_id": job_id, "destroy_timeout": 0.5}
+    try:
+        _bounded_destroy(ctx, cfg, "guest")  # returns at its deadline, the destroy still waiting
+        assert not ctx.federation.federation.closed
+        assert "still running after 0.5 s; left behind" in capsys.readouterr().err
+    finally:
+        release.set()
+
+
+def test_on_pulsar_only_guest_runs_fate_s_own_destroy(tmp_path: Any, job_id: str) -> None:
+    """Both parties' namespace-wide unsubscribe at once wedged Pulsar's admin REST: host skips it."""
+    pytest.importorskip("fate.arch.context")
+    from fedtransport.bench.fate import _bounded_destroy
+
+    host = _fate_context(tmp_path, job_id, ("host", "10000"))
+    guest = _fate_context(tmp_path, job_id, ("guest", "9999"))
+    cfg = {"engine": "native", "backend": "pulsar", "job_id": job_id}
+    try:
+        _bounded_destroy(host, cfg, "host")
+        assert not host.federation.federation.closed
+        _bounded_destroy(guest, cfg, "guest")
+        assert guest.federation.federation.closed
+    finally:
+        host.federation.destroy()

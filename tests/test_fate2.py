@@ -2,8 +2,9 @@
 
 Two parties in two processes, each with FATE's own ``Context`` and standalone computing, talk
 over the real brokers (Apache Pulsar standalone, a RabbitMQ node): a dict holding an ndarray, a
-4-partition KVTable, a KVTable nested in a dict, an array over FATE's max message size (FATE
-cuts it into a slice table), a table sent back after ``mapValues``, then ``ctx.destroy()``.
+4-partition KVTable, a KVTable nested in a dict, an array over FATE's 1 MiB max message size (FATE's
+brokers would take it as a slice table; this federation sends it whole), a table sent back after
+``mapValues``, then ``ctx.destroy()``.
 
 pyfate's pickler runs ``import torch`` for every ``put`` only to ask ``isinstance(v,
 torch.Tensor)``; the test environment leaves torch out (hundreds of MB), so when torch is not
@@ -60,6 +61,9 @@ ctx = create_context(me, [tuple(p) for p in a["parties"]], a["job"], a["backend"
                      computing_conf={"computing.standalone.data_dir": a["data_dir"]}, timeout=240)
 done = Path(a["done"])
 out = {}
+pushed = []  # the tables this party's federation sent: FATE's slice tables would be among them
+real_push_table = ctx.federation._push_table
+ctx.federation._push_table = lambda **kw: (pushed.append(kw["name"]), real_push_table(**kw))  # FATE passes keywords
 if me[0] == "guest":
     table = ctx.computing.parallelize([(i, f"v{i}") for i in range(1000)], partition=4, include_key=True)
     nested = ctx.computing.parallelize([(f"k{i}", i * i) for i in range(50)], partition=3, include_key=True)
@@ -90,6 +94,7 @@ else:
         time.sleep(0.1)
 ctx.destroy()
 out["closed"] = ctx.federation.federation.closed
+out["tables_pushed"] = len(pushed)
 print(json.dumps(out), flush=True)
 """
 
@@ -128,6 +133,8 @@ def _check(reports: dict[str, Any]) -> None:
     assert host["t_ok"]
     assert (host["nest_n"], host["nest_partitions"], host["nest_ok"]) == (3, 3, True)
     assert host["big_ok"]
+    # t and the nested table; "big" (4.8 MB) went as one push of bytes, not a slice table
+    assert (guest["tables_pushed"], host["tables_pushed"]) == (2, 1)
     assert (guest["back_partitions"], guest["back_ok"]) == (4, True)
     assert host["closed"] and guest["closed"]
 
@@ -364,5 +371,71 @@ def test_a_table_that_failed_to_go_out_raises_at_destroy(tmp_path: Path, job_id:
         with pytest.raises(BackendError, match="store is gone"):
             fed.destroy()
         assert fed.federation.closed  # closed and cleaned up all the same
+    finally:
+        session.destroy()
+
+
+# ---------------------------------------------------------------- objects over FATE's 1 MiB
+
+
+def _contexts(tmp_path: Path, job_id: str, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> dict[str, Any]:
+    """Guest's and host's FATE ``Context`` in this process over the memory backend; each
+    federation counts the tables it pushes (FATE's slice tables among them)."""
+    import importlib.util
+    import types
+
+    from fate.arch.context import Context
+
+    if importlib.util.find_spec("torch") is None:  # see the module docstring
+        stand_in = types.ModuleType("torch")
+        stand_in.Tensor = type("Tensor", (), {})  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "torch", stand_in)
+    ctxs: dict[str, Any] = {}
+    for party in PARTIES:
+        session = CSession(session_id=f"o-{party[0]}-{time.time_ns()}", data_dir=str(tmp_path / party[0]))
+        fed = FedtransportFederation.from_conf(job_id, session, party, PARTIES, "memory", {"hub": job_id},
+                                               timeout=20, **kw)  # fmt: skip
+        fed.pushed = []  # type: ignore[attr-defined]
+        real = fed._push_table
+        monkeypatch.setattr(
+            fed, "_push_table", lambda f=fed, real=real, **kw: (f.pushed.append(kw["name"]), real(**kw))
+        )
+        ctxs[party[0]] = Context(computing=session, federation=fed)
+    return ctxs
+
+
+def _close(ctxs: dict[str, Any]) -> None:
+    for ctx in ctxs.values():
+        ctx.federation.destroy()
+        ctx.computing.destroy()
+
+
+@pytest.mark.parametrize("limit", [None, 1 << 20])
+def test_an_object_over_fate_s_1_mib_goes_whole_unless_a_limit_is_set(
+    tmp_path: Path, job_id: str, monkeypatch: pytest.MonkeyPatch, limit: int | None
+) -> None:
+    """By default a 4.8 MB array is one push of its pickle, no slice table; with
+    ``max_message_size`` FATE cuts it into slice tables again, and both arrive whole."""
+    import numpy as np
+
+    ctxs = _contexts(tmp_path, job_id, monkeypatch, max_message_size=limit)
+    try:
+        big = np.arange(600_000, dtype=np.float64)
+        ctxs["guest"].hosts.put("big", big)
+        assert np.array_equal(ctxs["host"].guest.get("big"), big)
+        assert len(ctxs["guest"].federation.pushed) == (0 if limit is None else 1)
+    finally:
+        _close(ctxs)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "1MiB", True])
+def test_a_bad_max_message_size_is_a_config_error(tmp_path: Path, job_id: str, bad: Any) -> None:
+    from fedtransport.errors import ConfigError
+
+    session = CSession(session_id=f"m-{os.getpid()}-{time.time_ns()}", data_dir=str(tmp_path))
+    try:
+        with pytest.raises(ConfigError, match="max_message_size"):
+            FedtransportFederation.from_conf(job_id, session, GUEST, PARTIES, "memory", {"hub": job_id},
+                                             max_message_size=bad)  # fmt: skip
     finally:
         session.destroy()

@@ -36,6 +36,7 @@ import atexit
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import types
 from typing import Any
@@ -62,6 +63,7 @@ OBJECT_MIB = 4
 OBJECT_COUNT = 8
 SMALL_TABLE_MIB = 4 * PARTITIONS  # the 8 x 4 MiB table of issue 16
 TIMEOUT = 600.0  # seconds a party waits for the other (a loaded machine, FATE's slowest path)
+DESTROY_TIMEOUT = 60.0  # seconds a party's ctx.destroy() may take before the party ends without it
 
 #: every workload of the FATE comparison, in the order they run (native first: the baseline)
 FATE_WORKLOADS: list[str] = []
@@ -124,6 +126,7 @@ class _Party:
 
     def __init__(self, cfg: dict[str, Any], who: str) -> None:
         _torch_stand_in()
+        self.cfg, self.who = cfg, who
         import numpy  # noqa: F401  (both sides hold arrays: loaded before the clock, as in a job)
         from fate.arch.computing.backends.standalone import CSession
         from fate.arch.context import Context
@@ -136,11 +139,38 @@ class _Party:
         self.ctx = Context(computing=self.computing, federation=_federation(cfg, who, self.computing))
 
     def close(self) -> None:
-        try:
-            self.ctx.destroy()  # the job's queues / namespace; after the clock stopped
-        except Exception as exc:  # the measurement is in: reported, never fatal
-            print(f"bench: destroying a FATE context failed: {exc!r}", file=sys.stderr, flush=True)
+        _bounded_destroy(self.ctx, self.cfg, self.who)  # the job's queues / namespace; after the clock stopped
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _bounded_destroy(ctx: Any, cfg: dict[str, Any], who: str) -> None:
+    """``ctx.destroy()`` in a thread of its own, given :data:`DESTROY_TIMEOUT` seconds; a failure or
+    a hang is reported, never fatal (the measurement is in by then).
+
+    FATE's ``PulsarFederation._destroy`` makes admin calls without a timeout, and with both parties
+    running its namespace-wide unsubscribe at once it parked every ``pulsar-web`` thread of Pulsar
+    4.0.7 standalone: the party hung in it and every later admin call on the broker too. Both
+    parties share the job's namespace (client mode), so on Pulsar only guest runs FATE's destroy,
+    after host said it holds the data; host's FATE federation only goes with its process.
+    """
+    if cfg["engine"] == "native" and cfg["backend"] == "pulsar" and who == "host":
+        return
+    failure: list[BaseException] = []
+
+    def destroy() -> None:
+        try:
+            ctx.destroy()
+        except BaseException as exc:  # reported below
+            failure.append(exc)
+
+    worker = threading.Thread(target=destroy, name="bench-fate-destroy", daemon=True)
+    worker.start()
+    worker.join(float(cfg.get("destroy_timeout", DESTROY_TIMEOUT)))
+    if worker.is_alive():
+        print(f"bench: {who}'s FATE destroy of {cfg['job_id']} ({cfg['engine']}) still running after "
+              f"{cfg.get('destroy_timeout', DESTROY_TIMEOUT)} s; left behind", file=sys.stderr, flush=True)  # fmt: skip
+    elif failure:
+        print(f"bench: {who}'s FATE destroy of {cfg['job_id']} failed: {failure[0]!r}", file=sys.stderr, flush=True)
 
 
 def _table(ctx: Any, mib: int) -> Any:
