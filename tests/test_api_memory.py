@@ -44,6 +44,19 @@ def test_64mib_array_roundtrip_over_many_messages(job_id):
         assert g.stats["messages_sent"] >= 16 and h.stats["messages_received"] == g.stats["messages_sent"]
 
 
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
+def test_a_read_only_array_arrives(job_id, sealed):
+    # np.frombuffer over bytes is read-only; pickle hands its out-of-band buffer back as a
+    # read-only memoryview, which the array decoder once refused as malformed
+    opts = {"secret": "s" * 32} if sealed else {}
+    a = np.frombuffer(np.random.default_rng(3).random(1 << 21).tobytes(), dtype=np.float64)
+    assert not a.flags.writeable
+    with connect(job_id, GUEST, **opts) as g, connect(job_id, HOST, **opts) as h:
+        g.remote(a, "ro", "0", [HOST])
+        [b] = h.get("ro", "0", [GUEST], timeout=60)
+        assert np.array_equal(a, b)
+
+
 def test_messages_never_exceed_max_message_size(job_id):
     seen = []
 

@@ -99,7 +99,8 @@ def _array(spec: Any, shape: Any, order: Any, data: Any) -> Any:
         raise IntegrityError(f"malformed numpy shape {shape!r:.80}")
     if order not in _ORDERS:
         raise IntegrityError(f"malformed numpy order {order!r:.20}")
-    if not isinstance(data, (bytes, bytearray, pickle.PickleBuffer)):
+    # memoryview: an out-of-band buffer marked read-only (a read-only array sent) comes back as one
+    if not isinstance(data, (bytes, bytearray, pickle.PickleBuffer, memoryview)):
         raise IntegrityError(f"numpy array data must be bytes, got {type(data).__name__}")
     with memoryview(data) as view:  # released at once: numpy takes its own export below
         nbytes = view.nbytes
