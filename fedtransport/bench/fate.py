@@ -36,13 +36,12 @@ import atexit
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import types
 from typing import Any
 from urllib.parse import urlsplit
 
-from .parties import run_pair
+from .parties import bounded_teardown, run_pair
 from .workloads import (
     SMALL,
     SMALL_COUNT,
@@ -155,22 +154,8 @@ def _bounded_destroy(ctx: Any, cfg: dict[str, Any], who: str) -> None:
     """
     if cfg["engine"] == "native" and cfg["backend"] == "pulsar" and who == "host":
         return
-    failure: list[BaseException] = []
-
-    def destroy() -> None:
-        try:
-            ctx.destroy()
-        except BaseException as exc:  # reported below
-            failure.append(exc)
-
-    worker = threading.Thread(target=destroy, name="bench-fate-destroy", daemon=True)
-    worker.start()
-    worker.join(float(cfg.get("destroy_timeout", DESTROY_TIMEOUT)))
-    if worker.is_alive():
-        print(f"bench: {who}'s FATE destroy of {cfg['job_id']} ({cfg['engine']}) still running after "
-              f"{cfg.get('destroy_timeout', DESTROY_TIMEOUT)} s; left behind", file=sys.stderr, flush=True)  # fmt: skip
-    elif failure:
-        print(f"bench: {who}'s FATE destroy of {cfg['job_id']} failed: {failure[0]!r}", file=sys.stderr, flush=True)
+    what = f"{who}'s FATE destroy of {cfg['job_id']} ({cfg['engine']})"
+    bounded_teardown(ctx.destroy, what, float(cfg.get("destroy_timeout", DESTROY_TIMEOUT)))
 
 
 def _table(ctx: Any, mib: int) -> Any:

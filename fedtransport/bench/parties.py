@@ -154,24 +154,30 @@ def _bounded_cleanup(fed: Any, cfg: dict[str, Any], who: str) -> None:
     A forced topic delete on a replicating Pulsar standalone now and then never answers (see
     tests/test_pulsar_replication.py): the measurement is in by then, so it must not wait on that.
     """
+    timeout = float(cfg.get("cleanup_timeout", CLEANUP_TIMEOUT))
+    bounded_teardown(fed.cleanup, f"{who}'s cleanup of {cfg['job_id']}", timeout)
+
+
+def bounded_teardown(call: Callable[[], object], what: str, timeout: float) -> None:
+    """``call()`` in a thread of its own, given ``timeout`` seconds; a failure or a hang is printed
+    to stderr, never raised: teardown runs after the measurement is in."""
     import threading
 
     failure: list[BaseException] = []
 
-    def clean() -> None:
+    def run() -> None:
         try:
-            fed.cleanup()
+            call()
         except BaseException as exc:  # reported below; the run's result stands
             failure.append(exc)
 
-    worker = threading.Thread(target=clean, name="bench-cleanup", daemon=True)
+    worker = threading.Thread(target=run, name="bench-teardown", daemon=True)
     worker.start()
-    worker.join(float(cfg.get("cleanup_timeout", CLEANUP_TIMEOUT)))
+    worker.join(timeout)
     if worker.is_alive():
-        print(f"bench: {who}'s cleanup of {cfg['job_id']} still running after "
-              f"{cfg.get('cleanup_timeout', CLEANUP_TIMEOUT)} s; left behind", file=sys.stderr, flush=True)  # fmt: skip
+        print(f"bench: {what} still running after {timeout} s; left behind", file=sys.stderr, flush=True)
     elif failure:
-        print(f"bench: {who}'s cleanup of {cfg['job_id']} failed: {failure[0]!r}", file=sys.stderr, flush=True)
+        print(f"bench: {what} failed: {failure[0]!r}", file=sys.stderr, flush=True)
 
 
 def _prepare_object(cfg: dict[str, Any]) -> Any:
