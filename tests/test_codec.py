@@ -204,6 +204,21 @@ def test_serialised_records_travel_as_one_pickle_a_run_in_order():
     assert pickles < 20  # not one per record
 
 
+def test_bytes_values_under_int_and_str_keys_travel_as_one_pickle_a_run():
+    """FATE-like records of int or str keys and bytes values are batched like (bytes, bytes) ones:
+    a list per run, in order, the unit within its target even for keys of wide characters."""
+    records: list = [(i, bytes([i % 256]) * 700) for i in range(300)]
+    records += [(f"ключ-{i}" * 20, b"v" * 50) for i in range(100)]  # 2-byte UTF-8: the estimate must hold
+    records += [(10**400 + i, b"big key") for i in range(20)] + [(True, b"a bool is not an int here")]
+    batches = list(encode_records(iter(records), 8192))
+    assert sum(n for _, n in batches) == len(records)
+    assert all(b.size <= 8192 + 64 for b, n in batches if n > 1)
+    back = [r for b, _ in batches for r in decode_records(b.tobytes(), SAFE, "p")]
+    assert back == records and type(back[-1][0]) is bool
+    first = batches[0][0].tobytes()
+    assert first.count(b"\x95") < 4, "a pickle per record, not one per run"  # FRAME: one per pickle
+
+
 @pytest.mark.parametrize("run", [[b"not a pair"], [(b"k",)], [(b"k", b"v", b"w")], [[b"k", b"v"]]])
 def test_a_run_that_is_not_of_records_is_an_integrity_error(run):
     payload = pickle.dumps(run, protocol=5)

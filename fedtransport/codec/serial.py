@@ -206,7 +206,7 @@ class _Pickler(pickle.Pickler):
         return reduce_numpy(obj)
 
 
-def _pickler(buf: io.BytesIO, buffer_callback: Any = None) -> pickle.Pickler:
+def _pickler(buf: io.BytesIO | _Frames, buffer_callback: Any = None) -> pickle.Pickler:
     return _Pickler(buf, protocol=5, buffer_callback=buffer_callback)
 
 
@@ -281,7 +281,7 @@ def encode_records(records: Iterable[Any], target_size: int) -> Iterator[tuple[E
     """Batch ``(key, value)`` records into units of at most ``target_size`` bytes.
 
     Yields ``(unit, record_count)``. A unit is a sequence of pickles, each a
-    record, a row batch or a list of ``(bytes, bytes)`` records. The pickler's memo is cleared after each: a generator
+    record, a row batch or a list of records of bytes values. The pickler's memo is cleared after each: a generator
     may yield the same object again, changed, and must not find its first state
     referenced. A record that overflows the unit is taken back and opens the next
     one; a single record larger than the target becomes a unit of its own, which
@@ -292,16 +292,22 @@ def encode_records(records: Iterable[Any], target_size: int) -> Iterator[tuple[E
         if not (isinstance(rec, (tuple, list)) and len(rec) == 2):
             raise SerializationError(f"table records must be (key, value) pairs, got {rec!r:.80}")
         key, value = rec
-        if unit.run is not None and unit.run.add(key, value):
-            continue
-        unit.flush_run()
-        if type(key) is bytes and type(value) is bytes:  # serialised records (FATE's): one pickle a run
-            need = len(key) + len(value) + _PAIR_OVERHEAD
-            if (unit.count or unit.pairs) and unit.size + need > target_size:
+        run = unit.run
+        if run is not None:
+            if run.add(key, value):
+                continue
+            unit.flush_run()
+        if type(value) is bytes and type(key) in _ATOM_KEYS:  # serialised records (FATE's): one pickle a run
+            need = len(value) + (len(key) + _PAIR_OVERHEAD if type(key) is bytes else _key_size(key))
+            if not unit.pairs:
+                unit.pairs_room = target_size - unit.size
+            if need > unit.pairs_room and (unit.count or unit.pairs):
                 unit.flush_pairs()
                 yield unit.done()
                 unit = _UnitWriter(target_size)
-            unit.add_pair(rec if type(rec) is tuple else (key, value), need)
+                unit.pairs_room = target_size - unit.size
+            unit.pairs.append(rec if type(rec) is tuple else (key, value))
+            unit.pairs_room -= need
             continue
         unit.flush_pairs()
         if can_start_rows(value):
@@ -313,11 +319,13 @@ def encode_records(records: Iterable[Any], target_size: int) -> Iterator[tuple[E
         mark = unit.buf.tell()
         _dump_record(unit.pickler, (key, value))
         if unit.count and unit.size > target_size:
-            unit.buf.truncate(mark)
+            unit.buf.seek(mark)
+            unit.buf.truncate()
             yield unit.done()
             unit = _UnitWriter(target_size)  # the record opens the next unit
             _dump_record(unit.pickler, (key, value))
         unit.count += 1
+        unit.seal_if_full()
     unit.flush_run()
     unit.flush_pairs()
     if unit.count:
@@ -326,42 +334,78 @@ def encode_records(records: Iterable[Any], target_size: int) -> Iterator[tuple[E
 
 _RUN_OVERHEAD = 256  # bytes a row batch's call takes besides its keys and rows
 _KEY_ALLOWANCE = 16  # bytes a row's key is assumed to take: an int, a short string
-_PAIR_OVERHEAD = 16  # pickle opcodes around one (bytes, bytes) pair in a run
+_PAIR_OVERHEAD = 16  # pickle opcodes around one record in a run of bytes values
+# Keys that may join a run of bytes values: immutable, so the run needs no memo cleared between records.
+_ATOM_KEYS = frozenset([bytes, str, int])
+# The pickle written so far is sealed into a part of its own at this size: a BytesIO
+# grown to megabytes write by write is reallocated, and often copied, again and again.
+_SEAL = 1 << 16
+
+
+def _key_size(key: bytes | str | int) -> int:
+    """At least the pickled size of a key in a run, with its record's opcodes."""
+    if isinstance(key, int):
+        return key.bit_length() // 8 + _PAIR_OVERHEAD
+    if isinstance(key, str) and not key.isascii():
+        return 4 * len(key) + _PAIR_OVERHEAD  # UTF-8 takes at most 4 bytes a character
+    return len(key) + _PAIR_OVERHEAD
 
 
 class _UnitWriter:
-    """One unit of table records being written, with the row batch it has open."""
+    """One unit of table records being written, with the row batch it has open.
+
+    The main pickle is a list of sealed parts and the BytesIO being written.
+    """
 
     def __init__(self, target: int) -> None:
         self.target = target
-        self.buf = io.BytesIO()
+        self.sealed: list[bytes] = []
+        self._sealed_size = 0
         # not a bound method: a pickler -> writer -> pickler cycle would keep every row block of a
         # partition alive until the cyclic garbage collector happened to run
         self.oob = _RowBlocks()
+        self.buf = io.BytesIO()
         self.pickler = _pickler(self.buf, self.oob)
         self.count = 0  # records written
         self.run: RowBlock | None = None
-        # A run of (bytes, bytes) records not yet written, and its size as pickled (about). Such
-        # records hold nothing mutable, so they need no memo cleared between them: one pickle of
-        # the list costs one pickler and one unpickler call, not one per record.
-        self.pairs: list[tuple[bytes, bytes]] = []
-        self._pairs_size = 0
+        # A run of records of bytes values not yet written, and the room left for it (its
+        # size as pickled, about). Such records hold nothing mutable, so they need no memo
+        # cleared between them: one pickle of the list costs one pickler and one unpickler
+        # call, not one per record.
+        self.pairs: list[tuple[Any, bytes]] = []
+        self.pairs_room = 0
 
     @property
     def size(self) -> int:
-        """At least the unit's size so far, laid out (:func:`_layout`): exact but for the main pickle's padding."""
-        return self.buf.tell() + self._pairs_size + self.oob.laid_out + ALIGN - 1
+        """At least the unit's size so far without the pending run, laid out (:func:`_layout`):
+        exact but for the main pickle's padding."""
+        return self._sealed_size + self.buf.tell() + self.oob.laid_out + ALIGN - 1
 
-    def add_pair(self, rec: tuple[bytes, bytes], size: int) -> None:
-        self.pairs.append(rec)
-        self._pairs_size += size
+    def seal_if_full(self) -> None:
+        if self.buf.tell() >= _SEAL:
+            self._seal()
+
+    def _seal(self) -> None:
+        if not self.buf.tell():
+            return
+        part = self.buf.getvalue()  # the BytesIO's own bytes, not a copy: it is dropped here
+        self.sealed.append(part)
+        self._sealed_size += len(part)
+        self.buf = io.BytesIO()
+        self.pickler = _pickler(self.buf, self.oob)
 
     def flush_pairs(self) -> None:
         if not self.pairs:
             return
-        _dump_record(self.pickler, self.pairs, self.pairs[0][0])
+        self._seal()
+        # The pickler hands over each 64 KiB frame it fills as a bytes object of its own:
+        # kept as parts of the unit, never copied into one growing buffer.
+        frames = _Frames()
+        _dump_record(_pickler(frames), self.pairs, self.pairs[0][0])
+        self.sealed += frames.parts
+        self._sealed_size += frames.size
         self.count += len(self.pairs)
-        self.pairs, self._pairs_size = [], 0
+        self.pairs = []
 
     def start_run(self, key: Any, value: Any) -> None:
         # as many rows as the unit has room for (at least this one: an oversized row is a unit of its own)
@@ -379,9 +423,25 @@ class _UnitWriter:
         self.oob.current = None
         self.count += run.count
         self.run = None
+        self.seal_if_full()
 
     def done(self) -> tuple[EncodedUnit, int]:
-        return _layout([self.buf.getbuffer()], self.oob.blocks), self.count
+        return _layout([*self.sealed, self.buf.getbuffer()], self.oob.blocks), self.count
+
+
+class _Frames:
+    """A pickler's file that keeps every write as a part: the pickler writes whole frames."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        if type(data) is not bytes:  # a view of something the caller may change later
+            data = bytes(data)
+        self.parts.append(data)
+        self.size += len(data)
+        return len(data)
 
 
 class _RowBlocks:
