@@ -172,6 +172,7 @@ def _kill(pid: int, *, group: bool = False) -> None:
 
 def _end_everything(marker: bytes, groups: dict[int, str], paths: list[bytes]) -> None:
     deadline = time.monotonic() + _SWEEP_SECONDS
+    pause = 0.005  # SIGKILLed processes are not our children: nothing to wait on but their pids, so back off
     while True:
         # A group whose leader is gone is not trusted: its number may belong to someone else now.
         live_groups = [pid for pid, started in groups.items() if start_time(pid) == started and _alive(pid)]
@@ -184,7 +185,8 @@ def _end_everything(marker: bytes, groups: dict[int, str], paths: list[bytes]) -
             _kill(pid)
         if time.monotonic() >= deadline:
             break
-        time.sleep(0.1)
+        time.sleep(min(pause, deadline - time.monotonic()))
+        pause = min(pause * 2, 0.2)
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)
 
