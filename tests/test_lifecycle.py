@@ -25,6 +25,12 @@ def _script(body: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(body)]
 
 
+def _passes(body: str) -> None:
+    """Run ``body`` in a fresh interpreter: it must exit 0 having printed "ok" last."""
+    done = subprocess.run(_script(body), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 def test_sigterm_of_the_owner_stops_its_brokers_and_removes_their_files() -> None:
     owner = subprocess.Popen(
         _script("""
@@ -51,8 +57,8 @@ def test_sigterm_of_the_owner_stops_its_brokers_and_removes_their_files() -> Non
 
 
 def test_a_forked_child_neither_stops_the_broker_nor_uses_the_session(job_id: str) -> None:
-    done = subprocess.run(
-        _script(f"""
+    _passes(
+        f"""
             import os, sys
             import fedtransport as ft
             g, h = ft.Party("guest", "9999"), ft.Party("host", "10000")
@@ -75,20 +81,16 @@ def test_a_forked_child_neither_stops_the_broker_nor_uses_the_session(job_id: st
                 assert fh.get("x", "0", [g], timeout=60) == [41]
             broker.stop()
             print("ok")
-        """),
-        capture_output=True,
-        text=True,
-        timeout=240,
+        """
     )
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 def test_a_forked_child_of_a_broadcasting_session(job_id: str) -> None:
     """A session that broadcast and listens to broadcast lanes, forked: the child can neither
     broadcast nor take a broadcast through it, a session of its own takes the broadcast sent
     before the fork, and the parent's broadcasts go on after the child exited."""
-    done = subprocess.run(
-        _script(f"""
+    _passes(
+        f"""
             import os, sys
             import numpy as np
             import fedtransport as ft
@@ -123,12 +125,8 @@ def test_a_forked_child_of_a_broadcasting_session(job_id: str) -> None:
                 assert fh.stats["forged_refused"] == 0
             broker.stop()
             print("ok")
-        """),
-        capture_output=True,
-        text=True,
-        timeout=240,
+        """
     )
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 def _first_line(owner: subprocess.Popen[str], bound: float) -> Any:

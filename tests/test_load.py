@@ -99,7 +99,8 @@ def fix_mmap_threshold() -> None:
     holds. Fixing the threshold (what MALLOC_MMAP_THRESHOLD_=131072 does at start-up) returns each
     freed message to the system. docs/reliability.md#load gives operators the same advice."""
     libc = ctypes.util.find_library("c")
-    if libc is None or not ctypes.CDLL(libc).mallopt(M_MMAP_THRESHOLD, 128 << 10):
+    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None  # musl has none
+    if mallopt is None or not mallopt(M_MMAP_THRESHOLD, 128 << 10):
         pytest.skip("not glibc: the memory bound assumes its allocator")
 
 
