@@ -34,7 +34,15 @@ from .presence import PeerWatch
 from .resume import Digest, RandomIncarnations, incarnation, resume_point, skip_through, table_digest, unit_digest
 from .routing import RouteTable
 from .table import Table
-from .transfer import KIND_BROADCAST, KIND_TABLE, Outgoing, decode_object_transfer, streamed_table, transfer_kind
+from .transfer import (
+    KIND_BROADCAST,
+    KIND_TABLE,
+    Outgoing,
+    cheap_to_encode,
+    decode_object_transfer,
+    streamed_table,
+    transfer_kind,
+)
 from .transport import JobContext, Transport, get_backend
 
 __all__ = ["Federation"]
@@ -268,10 +276,17 @@ class Federation:
         self, obj: Any, name: str, tag: str, dsts: list[Party], progress: ProgressFn | None, *, notice: str = ""
     ) -> None:
         """Frame ``obj`` and send it to ``dsts``; with ``notice``, as the session's own notice of that kind."""
-        started = time.perf_counter()
+        self._send_outgoing(self._outgoing(obj, dsts), name, tag, dsts, progress, notice=notice)
+
+    def _outgoing(self, obj: Any, dsts: list[Party]) -> Outgoing:
         with self._peers_lock:
             self._peers.update(dsts)
-        out = Outgoing(obj, fanout=len(dsts), cloudpickle_fallback=self._opts.trust_remote_code)
+        return Outgoing(obj, fanout=len(dsts), cloudpickle_fallback=self._opts.trust_remote_code)
+
+    def _send_outgoing(
+        self, out: Outgoing, name: str, tag: str, dsts: list[Party], progress: ProgressFn | None, *, notice: str = ""
+    ) -> None:
+        started = time.perf_counter()
         total = None if out.unit is None else out.unit.size * len(dsts)
         counter = _Counting(total, progress)
         if not notice and self._broadcasts.applies(out, dsts):  # encoded and uploaded once (broadcast.py)
@@ -281,30 +296,7 @@ class Federation:
             self._stats["bytes_sent"] += counter.bytes
             self._stats["messages_sent"] += counter.messages
             return
-        plan: list[tuple[Party, int, Iterator[bytes]]] = []
-        digests: list[Digest | None] = []  # the value's digest, computed for the first destination
-        for dst in dsts:
-            transform = self._transform(self.party, dst)
-            if notice:
-                tid = control_id(self.job_id, notice, str(self.party), str(dst))
-            else:
-                tid = transfer_id(self.job_id, name, tag, str(self.party), str(dst))
-            if log.isEnabledFor(logging.DEBUG):  # its arguments cost more than a small object's framing
-                log.debug(
-                    "sending %s/%s %s -> %s: transfer %s, %s, %d streams",
-                    name, tag, self.party, dst, tid.hex(),
-                    "table" if out.table is not None else f"object of {total and total // len(dsts)} bytes",
-                    out.nstreams,
-                )  # fmt: skip
-            limit = max_chunk(self._opts, transform.overhead)
-            resumable = not notice and out.resumable(self._opts.lanes, limit, self._opts.resumable_tables)
-            incarnation = self._incarnation(out, tid, dst, limit, digests, resumable=resumable)
-            writer = FrameWriter(self._job, tid, out.nstreams, transform, incarnation)
-            lanes = out.lane_messages(writer, self._opts.lanes, limit)
-            for lane, messages in lanes.items():
-                # asked on the lane's own send thread, so the lanes' admin calls overlap
-                where = functools.partial(self._stored_point, out, dst, lane, tid, incarnation, transform, limit)
-                plan.append((dst, lane, counter.count(messages, where if resumable else None)))
+        plan = self._plan(out, name, tag, dsts, counter, notice)
         errors: list[tuple[Party, int, BaseException]] = []
         if len(plan) == 1:  # one lane to one party: no thread hand-off for the common small object
             dst, lane, messages = plan[0]
@@ -321,6 +313,43 @@ class Federation:
                     fut.result()
                 except Exception as exc:  # FederationError, or a backend bug / a value that cannot be encoded
                     errors.append((dst, lane, exc))
+        self._account(name, tag, dsts, counter, errors, started)
+
+    def _plan(
+        self, out: Outgoing, name: str, tag: str, dsts: list[Party], counter: _Counting, notice: str
+    ) -> list[tuple[Party, int, Iterator[bytes]]]:
+        """Each destination's lanes and their lazy message streams."""
+        plan: list[tuple[Party, int, Iterator[bytes]]] = []
+        digests: list[Digest | None] = []  # the value's digest, computed for the first destination
+        for dst in dsts:
+            transform = self._transform(self.party, dst)
+            if notice:
+                tid = control_id(self.job_id, notice, str(self.party), str(dst))
+            else:
+                tid = transfer_id(self.job_id, name, tag, str(self.party), str(dst))
+            if log.isEnabledFor(logging.DEBUG):  # its arguments cost more than a small object's framing
+                log.debug(
+                    "sending %s/%s %s -> %s: transfer %s, %s, %d streams",
+                    name, tag, self.party, dst, tid.hex(),
+                    "table" if out.unit is None else f"object of {out.unit.size} bytes",
+                    out.nstreams,
+                )  # fmt: skip
+            limit = max_chunk(self._opts, transform.overhead)
+            resumable = not notice and out.resumable(self._opts.lanes, limit, self._opts.resumable_tables)
+            incarnation = self._incarnation(out, tid, dst, limit, digests, resumable=resumable)
+            writer = FrameWriter(self._job, tid, out.nstreams, transform, incarnation)
+            lanes = out.lane_messages(writer, self._opts.lanes, limit)
+            for lane, messages in lanes.items():
+                # asked on the lane's own send thread, so the lanes' admin calls overlap
+                where = functools.partial(self._stored_point, out, dst, lane, tid, incarnation, transform, limit)
+                plan.append((dst, lane, counter.count(messages, where if resumable else None)))
+        return plan
+
+    def _account(
+        self, name: str, tag: str, dsts: list[Party], counter: _Counting,
+        errors: list[tuple[Party, int, BaseException]], started: float,
+    ) -> None:  # fmt: skip
+        """Raise the first failure of a send, else count what it sent."""
         if errors:
             dst, lane, failure = errors[0]
             if isinstance(failure, FederationError):
@@ -381,8 +410,42 @@ class Federation:
     ) -> None:
         """``remote`` for asyncio: the event loop is not blocked while the broker accepts."""
         loop = asyncio.get_running_loop()
+        if progress is None and self._transport.submits_without_waiting and cheap_to_encode(obj):
+            await self._remote_submitted(loop, obj, name, tag, parties)
+            return
         send = functools.partial(self.remote, obj, name, tag, parties, progress=progress)
         await loop.run_in_executor(self._async_pool, send)
+
+    async def _remote_submitted(
+        self, loop: asyncio.AbstractEventLoop, obj: Any, name: str, tag: str, parties: Party | Sequence[Party]
+    ) -> None:
+        """A small object's ``remote_async``: encoded on the event loop (tens of µs) and handed to
+        the transport's ``submit``, whose futures are awaited here. A thread per transfer, parked
+        on the broker's confirm, cost more than the transfer itself (the handoffs between event
+        loop, worker and I/O thread). What does not fit one message per destination, or goes out
+        as a broadcast, takes the threaded path after all."""
+        started = time.perf_counter()
+        name, tag, dsts = self._key(name, tag, parties)
+        with self._sent.claimed(name, tag, dsts):
+            out = self._outgoing(obj, dsts)
+            limit = max_chunk(self._opts, self._transform(self.party, dsts[0]).overhead)
+            if self._broadcasts.applies(out, dsts) or out.unit is None or out.unit.size > limit:
+                threaded = functools.partial(self._send_outgoing, out, name, tag, dsts, None)
+                await loop.run_in_executor(self._async_pool, threaded)
+                return
+            counter = _Counting(None, None)
+            sends: list[tuple[Party, int, concurrent.futures.Future[int]]] = []
+            for dst, lane, messages in self._plan(out, name, tag, dsts, counter, ""):
+                [message] = messages  # one chunk: one lane, one message, never resumable
+                future = self._transport.submit(dst, lane, message)
+                if future is None:  # the backend must wait for something first: a thread waits for it
+                    future = self._async_pool.submit(self._transport.send, dst, lane, [message])
+                sends.append((dst, lane, future))
+            results = await asyncio.gather(*(asyncio.wrap_future(f) for _, _, f in sends), return_exceptions=True)
+            errors = [
+                (dst, lane, r) for (dst, lane, _), r in zip(sends, results, strict=True) if isinstance(r, BaseException)
+            ]
+            self._account(name, tag, dsts, counter, errors, started)
 
     # receiving ---------------------------------------------------------------------------------
 

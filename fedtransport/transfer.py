@@ -32,6 +32,7 @@ __all__ = [
     "KIND_OBJECT",
     "KIND_TABLE",
     "Outgoing",
+    "cheap_to_encode",
     "decode_object_transfer",
     "streamed_table",
     "transfer_kind",
@@ -40,6 +41,46 @@ __all__ = [
 KIND_OBJECT = 0
 KIND_TABLE = 1
 KIND_BROADCAST = 2  # a head naming broadcast data to fetch (broadcast.py)
+
+
+CHEAP_BYTES = 64 << 10  # what cheap_to_encode lets through: pickled in tens of µs
+_CHEAP_ITEMS = 64
+_SCALARS = (type(None), bool, int, float, complex)
+_BUFFERS = (str, bytes, bytearray)
+_CONTAINERS = (list, tuple, dict)
+
+
+def cheap_to_encode(value: Any) -> bool:
+    """Whether encoding ``value`` is sure to be quick, told without encoding it.
+
+    Exact built-in types only (a subclass may pickle however it likes): scalars, ``str``, ``bytes``,
+    ``bytearray`` and ``memoryview`` and numeric numpy arrays of at most ``CHEAP_BYTES``, and
+    lists, tuples and dicts of at most 64 of those (not nested further), ``CHEAP_BYTES`` in all.
+    ``remote_async`` encodes such a value on the event loop and a thread does any other."""
+    budget = CHEAP_BYTES
+
+    def leaf(v: Any) -> bool:
+        nonlocal budget
+        kind = type(v)
+        if kind in _SCALARS:
+            return kind is not int or v.bit_length() <= 1024
+        if kind in _BUFFERS:
+            budget -= len(v) * (4 if kind is str else 1)  # a str is pickled as UTF-8
+        elif kind is memoryview:
+            budget -= v.nbytes
+        elif kind.__module__ == "numpy" and not getattr(getattr(v, "dtype", None), "hasobject", True):
+            budget -= v.nbytes  # an ndarray or a numpy scalar of a numeric dtype
+        else:
+            return False
+        return budget >= 0
+
+    kind = type(value)
+    if kind in _CONTAINERS:
+        if len(value) > _CHEAP_ITEMS:
+            return False
+        items = [x for kv in value.items() for x in kv] if kind is dict else value
+        return all(leaf(v) for v in items)
+    return leaf(value)
 
 
 class Outgoing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 import threading
 from typing import ClassVar
@@ -12,8 +13,13 @@ import pytest
 from conftest import ARBITER, GUEST, HOST
 
 import fedtransport as ft
+from fedtransport.transfer import cheap_to_encode
 from fedtransport.transport.base import Delivery
 from fedtransport.transport.memory import MemoryTransport, hub
+
+
+class _Bytes(bytes):
+    """A subclass: its pickling is its own business."""
 
 
 def connect(job_id, party, **options):
@@ -448,6 +454,70 @@ async def test_async_forms(memory_pair):
         await h.get_async(name="never", tag="0", parties=[GUEST], timeout=0.3)
     with pytest.raises(ft.DuplicateTransfer):
         await g.remote_async({"v": 1}, name="a", tag="0", parties=[HOST])
+
+
+@pytest.mark.parametrize(
+    ("value", "cheap"),
+    [
+        (None, True),
+        (3, True),
+        (2**5000, False),
+        (1.5, True),
+        (b"x" * (64 << 10), True),
+        (b"x" * ((64 << 10) + 1), False),
+        ("é" * (16 << 10), True),
+        ("é" * ((16 << 10) + 1), False),
+        (memoryview(bytes(1000)), True),
+        (np.zeros(8192), True),
+        (np.zeros(8193), False),
+        (np.array([object()]), False),
+        (np.float64(2.0), True),
+        ({"loss": 0.5, "step": 3, "grad": np.zeros(100)}, True),
+        ([b"x" * (40 << 10)] * 2, False),
+        (list(range(64)), True),
+        (list(range(65)), False),
+        ([[1]], False),
+        (_Bytes(b"x"), False),
+        (object(), False),
+        (ft.Table.from_partitions([[(1, 2)]]), False),
+    ],
+    ids=repr,
+)
+def test_what_is_cheap_to_encode_on_an_event_loop(value, cheap):
+    """Told from types and sizes alone, without encoding: exact built-ins (a subclass may pickle
+    itself however it likes), at most 64 KiB, containers one level deep of at most 64 items."""
+    assert cheap_to_encode(value) is cheap
+
+
+async def test_a_small_remote_async_is_submitted_from_the_event_loop(memory_pair, monkeypatch):
+    """No worker thread for a small object: the transport's submit, awaited on the loop. A value
+    that is not cheap to encode, or a progress callback, still goes to a thread."""
+    g, h = memory_pair
+    threaded: list[object] = []
+    real = g._async_pool.submit
+    monkeypatch.setattr(g._async_pool, "submit", lambda fn, *a, **k: threaded.append(fn) or real(fn, *a, **k))
+    await asyncio.gather(*(g.remote_async({"i": i}, "s", str(i), [HOST]) for i in range(50)))
+    assert threaded == []
+    assert [h.get("s", str(i), [GUEST], timeout=10) for i in range(50)] == [[{"i": i}] for i in range(50)]
+    await g.remote_async(bytes(1 << 20), "big", "0", [HOST])
+    await g.remote_async(b"small", "p", "0", [HOST], progress=lambda done, total: None)
+    assert len(threaded) == 2
+    assert h.get("big", "0", [GUEST], timeout=10) == [bytes(1 << 20)]
+    assert g.stats["messages_sent"] >= 52
+
+
+async def test_a_failed_submit_releases_the_claim_and_loses_nothing(memory_pair, monkeypatch):
+    g, h = memory_pair
+    failed: concurrent.futures.Future[int] = concurrent.futures.Future()
+    failed.set_exception(ft.BackendError("refused by the broker"))
+    monkeypatch.setattr(g.transport, "submit", lambda dst, lane, message: failed)
+    with pytest.raises(ft.BackendError, match="refused by the broker"):
+        await g.remote_async(b"v", "x", "0", [HOST])
+    monkeypatch.setattr(g.transport, "submit", lambda dst, lane, message: None)  # "cannot now": a thread sends
+    await g.remote_async(b"v", "x", "0", [HOST])  # the same name and tag: the claim was released
+    assert h.get("x", "0", [GUEST], timeout=10) == [b"v"]
+    with pytest.raises(ft.DuplicateTransfer):
+        await g.remote_async(b"v", "x", "0", [HOST])
 
 
 async def test_many_concurrent_async_gets(memory_pair):

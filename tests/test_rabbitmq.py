@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
+import os
 import random
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -193,6 +196,68 @@ def test_a_small_remote_wakes_the_io_thread_once(pool_nodes, job_id, monkeypatch
         got = [h.get("small", str(i), [GUEST], timeout=30)[0] for i in range(20)]
         assert got == [bytes(1024) + bytes([i]) for i in range(20)]
     g.cleanup()
+
+
+def test_small_remote_asyncs_are_submitted_without_a_thread_each(pool_nodes, job_id, monkeypatch):
+    """300 small remote_async calls at once: each message handed to the I/O thread from the event
+    loop and settled at its confirm, never a blocking send; all arrive, and the books are empty."""
+    node = pool_nodes[0]
+    with connect(job_id, GUEST, node) as g, connect(job_id, HOST, node) as h:
+        blocking: list[Any] = []
+        real_send = transport(g).publisher.send
+        monkeypatch.setattr(transport(g).publisher, "send", lambda *a: blocking.append(a) or real_send(*a))
+
+        async def send_all() -> None:
+            values = [{"i": i, "blob": bytes([i % 256]) * 1000} for i in range(300)]
+            await asyncio.gather(*(g.remote_async(v, "s", str(v["i"]), [HOST]) for v in values))
+
+        asyncio.run(send_all())
+        assert blocking == []
+        assert transport(g).publisher.in_flight == 0 and not transport(g).publisher._submitted
+        got = [h.get("s", str(i), [GUEST], timeout=60)[0] for i in range(300)]
+        assert got == [{"i": i, "blob": bytes([i % 256]) * 1000} for i in range(300)]
+    g.cleanup()
+
+
+def test_a_submit_the_broker_never_confirms_fails_after_send_timeout(lonely_node, job_id):
+    """The node frozen (SIGSTOP): no confirm comes. A small remote_async fails within send_timeout
+    as a remote would, its claim released; a session closed meanwhile fails its pending submits at
+    once. Once the node runs again the same remote_async goes through."""
+    node = lonely_node
+    with connect(job_id, GUEST, node, send_timeout=2.0) as g, connect(job_id, HOST, node) as h:
+        g.remote(b"warm", "warm", "0", [HOST])
+        os.kill(node.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ft.BackendError, match="no publisher confirm"):
+                asyncio.run(g.remote_async(b"v", "x", "0", [HOST]))
+            assert time.monotonic() - started < 10
+        finally:
+            os.kill(node.pid, signal.SIGCONT)
+        asyncio.run(g.remote_async(b"v", "x", "0", [HOST]))
+        assert h.get("x", "0", [GUEST], timeout=60) == [b"v"]
+    with connect(job_id, GUEST, node, send_timeout=120.0) as g:
+        g.remote(b"warm", "warm", "1", [HOST])
+        os.kill(node.pid, signal.SIGSTOP)
+        try:
+            closing = threading.Thread(target=g.close)  # waits up to 15 s for the frozen node
+
+            async def pending_then_closed() -> list[Any]:
+                sends = [asyncio.ensure_future(g.remote_async(i, "p", str(i), [HOST])) for i in range(5)]
+                await asyncio.to_thread(wait_for, lambda: len(transport(g).publisher._submitted) == 5, "submitted")
+                started = time.monotonic()
+                closing.start()
+                results = await asyncio.gather(*sends, return_exceptions=True)
+                assert time.monotonic() - started < 5
+                return results
+
+            results = asyncio.run(pending_then_closed())
+            assert all(isinstance(r, ft.BackendError) and "closed" in str(r) for r in results), results
+        finally:
+            os.kill(node.pid, signal.SIGCONT)
+        closing.join(30)
+    h2 = connect(job_id, HOST, node)
+    h2.cleanup()
 
 
 def test_federated_object_and_table_roundtrip(pool_nodes, job_id):

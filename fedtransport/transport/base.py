@@ -9,6 +9,11 @@ Threading contract: ``send`` may be called concurrently from several threads for
 different ``(dst, lane)`` pairs; ``deliver`` callbacks run on threads the backend
 owns and must not block for long; ``ack`` may be called from any thread.
 
+``submit`` publishes one message and returns a future instead of waiting. A backend whose
+client confirms asynchronously says so with ``submits_without_waiting``; ``remote_async``
+then awaits a small object's futures on the event loop, where it would otherwise park a
+thread per transfer.
+
 Operator hooks: what ``fedtransport doctor`` and ``fedtransport cleanup`` (fedtransport.doctor)
 ask of a backend, so that they name none. Each has a default, so a backend added through the
 entry point gets both commands, and overrides what it knows better:
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -99,6 +105,8 @@ class Transport(ABC):
     #: sending more (RabbitMQ prefetch); ``None`` when unacked messages do not
     #: block delivery. Past this the receiver calls ``make_room``, to stay live.
     max_unacked_per_lane: int | None = None
+    #: ``submit`` returns at once: its future completes when the broker has accepted the message
+    submits_without_waiting: ClassVar[bool] = False
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
@@ -110,6 +118,20 @@ class Transport(ABC):
     @abstractmethod
     def send(self, dst: Party, lane: int, messages: Iterable[bytes]) -> int:
         """Publish ``messages`` in order; return the count once the broker has accepted all."""
+
+    def submit(self, dst: Party, lane: int, message: bytes) -> Future[int] | None:
+        """Publish one message without waiting for the broker: a future of ``send``'s result
+        (1, or the ``BackendError`` it raises). ``None``: not possible without waiting right now
+        (a lane's first use that needs the control plane); the caller then uses ``send``.
+
+        The default sends (it waits) and returns the finished future; backends that declare
+        ``submits_without_waiting`` override it."""
+        done: Future[int] = Future()
+        try:
+            done.set_result(self.send(dst, lane, [message]))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
 
     @abstractmethod
     def listen(self, src: Party, lane: int, deliver: DeliverFn) -> None:

@@ -90,6 +90,7 @@ def hub(name: str = "default") -> _Hub:
 class MemoryTransport(Transport):
     name: ClassVar[str] = "memory"
     in_process: ClassVar[bool] = True
+    submits_without_waiting: ClassVar[bool] = True  # a send never waits here: the default submit is it
     option_defaults: ClassVar[OptionSpec] = OptionSpec(
         Option(
             "hub",

@@ -20,6 +20,8 @@ Features
       ``send``): the sender blocks on the window, never buffers a lazy message stream, and
       ``send`` returns once every message is confirmed. A nack, a returned (unroutable)
       message or a channel error raises ``BackendError`` with the broker's reply text.
+      ``submit`` (one message) returns at once, its future settled by the I/O thread at the
+      confirm or failure, or after ``send_timeout`` without one.
     * Consumers with manual acknowledgement and a per-lane prefetch (the channel's qos), one
       channel per (source, lane), each handing its deliveries to a thread of its own so that
       checking and placing messages runs in parallel across lanes, off pika's I/O thread.
@@ -91,6 +93,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence, Sized
+from concurrent.futures import Future
 from typing import Any, ClassVar
 
 from ...errors import BackendError, ConfigError
@@ -118,6 +121,7 @@ class RabbitTransport(RabbitOperatorHooks):
 
     name: ClassVar[str] = "rabbitmq"
     option_defaults: ClassVar[OptionSpec] = RABBITMQ_OPTIONS
+    submits_without_waiting: ClassVar[bool] = True  # the I/O thread settles a submit at its confirm
 
     def __init__(self, ctx: JobContext) -> None:
         super().__init__(ctx)
@@ -229,9 +233,13 @@ class RabbitTransport(RabbitOperatorHooks):
             raise
 
     def close(self) -> None:
+        if self.connection.closed:
+            return
+        # Sends and submits fail now, not after the wait for the I/O thread (up to 15 s).
+        self.publisher.fail_all("the RabbitMQ transport was closed")
         if not self.connection.close():
             return
-        self.publisher.fail_all("the RabbitMQ transport was closed")
+        self.publisher.fail_all("the RabbitMQ transport was closed")  # any submitted meanwhile
         self.consumers.stop_all()
 
     def cleanup(self) -> None:
@@ -250,6 +258,13 @@ class RabbitTransport(RabbitOperatorHooks):
         if self._federated:
             self.management.ensure_link_user(dst)
         return self.publisher.send(self.queue(self.ctx.party, dst, lane), messages, self.ctx.max_message_size)
+
+    def submit(self, dst: Party, lane: int, message: bytes) -> Future[int] | None:
+        if self.connection.closed:
+            raise BackendError("the RabbitMQ transport is closed")
+        if self._federated and not self.management.link_ready(dst):
+            return None  # its first send makes the link user (management API): not on an event loop
+        return self.publisher.submit(self.queue(self.ctx.party, dst, lane), message, self.ctx.max_message_size)
 
     def can_broadcast(self, dsts: Sequence[Party]) -> bool:
         return True  # one publish with a CC header, in both modes (the publisher's broker stores it once)

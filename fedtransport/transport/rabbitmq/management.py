@@ -156,6 +156,10 @@ class RabbitManagement:
             return derive_password(self._secret, "federation-link", f"{self.vhost}\0{name}")
         return None
 
+    def link_ready(self, dst: Party) -> bool:
+        """Whether sending to ``dst`` needs no management call first (``ensure_link_user`` is done)."""
+        return not self.federated or (self._secret is None and self._pairs is None) or dst in self._links
+
     def ensure_link_user(self, dst: Party) -> None:
         """Federated mode with a secret or pair keys: the user ``dst``'s broker pulls our queues as."""
         if not self.federated or (self._secret is None and self._pairs is None):

@@ -9,6 +9,10 @@ header. A confirm frees a slot; a nack, a returned (unroutable) message or a cha
 error fails the send with the broker's reply text; no confirm for ``send_timeout`` seconds
 fails it naming the last connection problem.
 
+``submit`` publishes one message without waiting: its future completes at the confirm (or
+fails as ``send`` would), and a timer on the I/O thread stands in for ``send``'s wait on
+``send_timeout``.
+
 When the connection comes back, the new channel publishes again whatever is unconfirmed
 (the framing layer above drops the duplicates).
 """
@@ -22,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from pika.channel import Channel
@@ -38,9 +43,10 @@ log = logging.getLogger("fedtransport.rabbitmq")
 class _Send:
     """One ``send`` call: its window of unconfirmed messages, shared with the I/O thread.
 
-    ``queues``: where each message goes; beyond the first, named in the ``CC`` header (a broadcast)."""
+    ``queues``: where each message goes; beyond the first, named in the ``CC`` header (a broadcast).
+    ``future``: set for a ``submit``, completed once when the op ends; nobody waits on ``cond``."""
 
-    def __init__(self, op_id: int, queues: tuple[str, ...]) -> None:
+    def __init__(self, op_id: int, queues: tuple[str, ...], future: Future[int] | None = None) -> None:
         self.id = op_id
         self.queue = queues[0]
         self.queues = queues
@@ -51,12 +57,30 @@ class _Send:
         self.progress = time.monotonic()
         self.closed = False  # the caller has handed over every message (under ``cond``)
         self.forgotten = False  # the I/O thread dropped it from its books at its last confirm
+        self.future = future
+        self.timer: Any = None  # a submit's send_timeout, on the I/O thread
 
-    def fail(self, why: str) -> None:
+    def fail(self, why: str, exc: BackendError | None = None) -> None:
+        """Fail the op with ``why``; a submit's future gets ``exc`` if given, else ``failure()``."""
         with self.cond:
             if self.error is None:
                 self.error = why
             self.cond.notify_all()
+            self.settle(exc)
+
+    def failure(self) -> BackendError:
+        why = self.error or "unknown reason"
+        return BackendError(f"RabbitMQ: sending to {self.queue} failed: {why}", broker_message=why)
+
+    def settle(self, exc: BackendError | None = None) -> None:
+        """Complete a submit's future once it failed or its message is confirmed (holding ``cond``)."""
+        future = self.future
+        if future is None or future.done():
+            return
+        if self.error is not None:
+            future.set_exception(exc or self.failure())
+        elif self.closed and not self.unconfirmed:
+            future.set_result(1)  # a submit is one message
 
 
 class Publisher:
@@ -72,6 +96,9 @@ class Publisher:
         self._timeout = timeout
         self._op_ids = itertools.count(1)
         self._ops: dict[int, _Send] = {}
+        # Submits not yet ended; filled by callers, emptied by the I/O thread (one dict operation
+        # each: safe under the GIL), read when closing.
+        self._submitted: dict[int, _Send] = {}
         # The channel and its state: touched only on the I/O thread.
         self._epochs = itertools.count(1)
         self._ch: Channel | None = None
@@ -122,6 +149,24 @@ class Publisher:
                     self._io.post(functools.partial(self._forget, op))
         return count
 
+    def submit(self, queue: str, body: bytes, limit: int) -> Future[int]:
+        """Publish ``body`` to ``queue`` and return at once: a future of 1 once the broker confirms
+        it, or of the ``BackendError`` ``send`` would raise (``send_timeout`` included)."""
+        if len(body) > limit:
+            raise BackendError(f"message of {len(body)} bytes exceeds max_message_size {limit}")
+        future: Future[int] = Future()
+        op = _Send(next(self._op_ids), (queue,), future)
+        op.unconfirmed[0] = body
+        op.closed = True  # handed over whole: the last confirm settles it
+        op.progress = time.monotonic()
+        self._submitted[op.id] = op  # until it ends: closing fails it, registered or not
+        try:
+            self._io.post(functools.partial(self._register, op))
+        except BackendError:
+            self._submitted.pop(op.id, None)
+            raise
+        return future
+
     def _room(self, op: _Send, size: int) -> bool:
         """The window: ``send_window`` messages and ``send_window_bytes`` unconfirmed at most."""
         if not op.unconfirmed:
@@ -133,20 +178,23 @@ class Publisher:
         """Block (holding ``op.cond``) until ``done()``; raise on failure or no progress."""
         while True:
             if op.error is not None:
-                raise BackendError(f"RabbitMQ: sending to {op.queue} failed: {op.error}", broker_message=op.error)
+                raise op.failure()
             if done():
                 return
             if self._io.closed:
                 raise BackendError("the RabbitMQ transport is closed")
             left = op.progress + self._timeout - time.monotonic()
             if left <= 0:
-                why = self._io.problem or "the broker is slow or blocked (resource alarm?)"
-                raise BackendError(
-                    f"RabbitMQ: no publisher confirm for {op.queue} in {self._timeout:.0f} s "
-                    f"({len(op.unconfirmed)} messages unconfirmed): {why}",
-                    broker_message=why,
-                )
+                raise self._overdue(op)
             op.cond.wait(left)
+
+    def _overdue(self, op: _Send) -> BackendError:
+        why = self._io.problem or "the broker is slow or blocked (resource alarm?)"
+        return BackendError(
+            f"RabbitMQ: no publisher confirm for {op.queue} in {self._timeout:.0f} s "
+            f"({len(op.unconfirmed)} messages unconfirmed): {why}",
+            broker_message=why,
+        )
 
     @property
     def in_flight(self) -> int:
@@ -154,8 +202,8 @@ class Publisher:
         return len(self._ops)
 
     def fail_all(self, why: str) -> None:
-        """Wake every waiting ``send`` with ``why`` (the transport was closed)."""
-        for op in list(self._ops.values()):
+        """Wake every waiting ``send`` and fail every pending submit with ``why`` (the transport was closed)."""
+        for op in list(self._ops.values()) + list(self._submitted.values()):
             op.fail(why)
 
     # I/O thread: connection events ---------------------------------------------------------
@@ -208,6 +256,8 @@ class Publisher:
         why = reason(exc)
         for op in lost.values():
             op.fail(f"the broker closed the publishing channel: {why}")
+            if op.future is not None:
+                self._done(op)
         delay, self._retry = self._retry, min(self._retry * 2, 5.0)
         self._io.call_later(delay, self._reopen)
 
@@ -217,11 +267,37 @@ class Publisher:
 
     def _register(self, op: _Send) -> None:
         """``op``'s first message is waiting: keep books for it and publish."""
+        if op.future is not None and op.future.done():  # failed before it got here (closing)
+            self._submitted.pop(op.id, None)
+            return
         self._ops[op.id] = op
+        if op.future is not None:  # nobody waits on a submit: its clock runs here
+            op.timer = self._io.call_later(self._timeout, functools.partial(self._expire, op))
         self._pump(op)
 
     def _forget(self, op: _Send) -> None:
         self._ops.pop(op.id, None)
+
+    def _done(self, op: _Send) -> None:
+        """A submit ended (confirmed or failed): out of the books, its timer stopped."""
+        self._ops.pop(op.id, None)
+        self._submitted.pop(op.id, None)
+        if op.timer is not None:
+            self._io.remove_timeout(op.timer)
+            op.timer = None
+
+    def _expire(self, op: _Send) -> None:
+        """A submit's ``send_timeout``: restarted by every confirm, as ``send``'s wait is."""
+        op.timer = None
+        if op.id not in self._ops:
+            return
+        left = op.progress + self._timeout - time.monotonic()
+        if left > 0:
+            op.timer = self._io.call_later(left, functools.partial(self._expire, op))
+            return
+        overdue = self._overdue(op)
+        op.fail(overdue.broker_message or str(overdue), overdue)
+        self._done(op)
 
     def _pump(self, op: _Send) -> None:
         """Publish whatever of ``op`` has not gone out on the current channel."""
@@ -292,6 +368,9 @@ class Publisher:
                 if op.closed and not op.unconfirmed:  # its send returns now: no post to forget it
                     op.forgotten = True
                     self._ops.pop(op.id, None)
+                    if op.future is not None:
+                        op.settle()
+                        self._done(op)
                 op.cond.notify_all()
 
     def _on_return(self, ch: Channel, method: Any, props: BasicProperties, body: bytes) -> None:
@@ -300,3 +379,5 @@ class Publisher:
         if op is not None:
             op.fail(f"the broker returned message {index} for queue {method.routing_key}: "
                     f"{method.reply_code} {method.reply_text}")  # fmt: skip
+            if op.future is not None:
+                self._done(op)
