@@ -434,17 +434,23 @@ class Federation:
                 await loop.run_in_executor(self._async_pool, threaded)
                 return
             counter = _Counting(None, None)
-            sends: list[tuple[Party, int, concurrent.futures.Future[int]]] = []
+            sends: list[tuple[Party, int, concurrent.futures.Future[int], float | None]] = []
             for dst, lane, messages in self._plan(out, name, tag, dsts, counter, ""):
                 [message] = messages  # one chunk: one lane, one message, never resumable
-                future = self._transport.submit(dst, lane, message)
+                patience = self._transport.submit_patience
+                try:
+                    future = self._transport.submit(dst, lane, message)
+                except FederationError as exc:  # like a failed send: the others still go
+                    future = concurrent.futures.Future()
+                    future.set_exception(exc)
                 if future is None:  # the backend must wait for something first: a thread waits for it
-                    future = self._async_pool.submit(self._transport.send, dst, lane, [message])
-                sends.append((dst, lane, future))
-            results = await asyncio.gather(*(asyncio.wrap_future(f) for _, _, f in sends), return_exceptions=True)
-            errors = [
-                (dst, lane, r) for (dst, lane, _), r in zip(sends, results, strict=True) if isinstance(r, BaseException)
-            ]
+                    future, patience = self._async_pool.submit(self._transport.send, dst, lane, [message]), None
+                sends.append((dst, lane, future, patience))
+            errors = []
+            for dst, lane, future, patience in sends:  # all are in flight: waiting in turn costs nothing
+                failure = await _outcome(future, patience)
+                if failure is not None:
+                    errors.append((dst, lane, failure))
             self._account(name, tag, dsts, counter, errors, started)
 
     # receiving ---------------------------------------------------------------------------------
@@ -680,6 +686,17 @@ class Federation:
         self._stats["bytes_received"] += inc.assembly.bytes
         self._stats["messages_received"] += inc.assembly.messages
         return True
+
+
+async def _outcome(future: concurrent.futures.Future[int], patience: float | None) -> BaseException | None:
+    """How a submit ended (``None``: accepted), waited for at most ``patience`` seconds."""
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(future), patience)
+    except asyncio.TimeoutError:
+        return BackendError(f"no receipt from the broker within {patience:g} s for a submitted message")
+    except Exception as exc:  # as the threaded path: _account raises the first failure
+        return exc
+    return None
 
 
 class _Rising:

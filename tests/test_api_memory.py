@@ -520,6 +520,26 @@ async def test_a_failed_submit_releases_the_claim_and_loses_nothing(memory_pair,
         await g.remote_async(b"v", "x", "0", [HOST])
 
 
+async def test_a_submit_refused_for_one_party_still_sends_to_the_others(job_id, monkeypatch):
+    """Two destinations, one refused by the transport: the other gets its copy, the call raises,
+    and the refused party can be sent to again."""
+    with connect(job_id, GUEST) as g, connect(job_id, HOST) as h, connect(job_id, ARBITER) as a:
+        real = g.transport.submit
+
+        def refuse_host(dst, lane, message):
+            if dst == HOST:
+                raise ft.BackendError("the broker refused this lane")
+            return real(dst, lane, message)
+
+        monkeypatch.setattr(g.transport, "submit", refuse_host)
+        with pytest.raises(ft.BackendError, match="refused this lane"):
+            await g.remote_async([1, 2], "x", "0", [HOST, ARBITER])
+        assert a.get("x", "0", [GUEST], timeout=10) == [[1, 2]]
+        monkeypatch.undo()
+        await g.remote_async([1, 2], "x", "0", [HOST])
+        assert h.get("x", "0", [GUEST], timeout=10) == [[1, 2]]
+
+
 async def test_many_concurrent_async_gets(memory_pair):
     g, h = memory_pair
     gets = [h.get_async(f"n{i}", "0", [GUEST], timeout=20) for i in range(100)]

@@ -22,6 +22,7 @@ Values are compared exactly: nothing lost, nothing duplicated.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import multiprocessing as mp
@@ -397,6 +398,38 @@ def test_pulsar_receipts_never_coming_fail_remote_in_bounded_time(pulsar_broker,
         monkeypatch.undo()
         g.remote("x", "w", "0", [HOST])  # not recorded as sent: the retry is allowed
         assert h.get("w", "0", [GUEST], timeout=60) == ["x"]
+    g.cleanup()
+
+
+def test_pulsar_small_remote_asyncs_are_settled_by_their_receipts(pulsar_broker, job_id, monkeypatch):
+    """200 small remote_async at once on a lane with a producer: each one a send_async whose receipt
+    settles it, no blocking send; all arrive. A receipt that never comes fails its remote_async
+    after 1.5 × send_timeout, and the same remote_async goes through once receipts come again."""
+    opts = pulsar_opts(pulsar_broker, send_timeout=1.0, lanes=1)
+    with ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=opts) as g, \
+            ft.Federation.connect("pulsar", job_id=job_id, party=HOST, options=opts) as h:  # fmt: skip
+        g.remote("warm", "warm", "0", [HOST])  # the lane's producer
+        publisher = g.transport.publisher  # type: ignore[attr-defined]
+        blocking: list[Any] = []
+        real_send = publisher.send
+        monkeypatch.setattr(publisher, "send", lambda *a, **k: blocking.append(a) or real_send(*a, **k))
+
+        async def send_all() -> None:
+            await asyncio.gather(*(g.remote_async({"i": i}, "s", str(i), [HOST]) for i in range(200)))
+
+        asyncio.run(send_all())
+        assert blocking == [] and not any(publisher._submitting.values())
+        assert [h.get("s", str(i), [GUEST], timeout=60)[0] for i in range(200)] == [{"i": i} for i in range(200)]
+        monkeypatch.undo()
+        dropping_receipts(monkeypatch, None)
+        started = time.monotonic()
+        with pytest.raises(ft.BackendError, match=r"no receipt from the broker within 1\.5 s"):
+            asyncio.run(g.remote_async("x", "lost", "0", [HOST]))
+        assert time.monotonic() - started < 10
+        assert not any(publisher._submitting.values())  # the lost receipt's room was given back
+        monkeypatch.undo()
+        asyncio.run(g.remote_async("x", "lost", "0", [HOST]))  # its claim was released
+        assert h.get("lost", "0", [GUEST], timeout=60) == ["x"]
     g.cleanup()
 
 

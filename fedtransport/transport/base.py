@@ -133,6 +133,12 @@ class Transport(ABC):
             done.set_exception(exc)
         return done
 
+    @property
+    def submit_patience(self) -> float | None:
+        """Seconds after which a submit still unsettled counts as lost (the caller stops waiting
+        and raises ``BackendError``); ``None``: the backend settles every submit in bounded time."""
+        return None
+
     @abstractmethod
     def listen(self, src: Party, lane: int, deliver: DeliverFn) -> None:
         """Start delivering messages from ``src`` on ``lane`` (idempotent).

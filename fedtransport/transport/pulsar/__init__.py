@@ -87,6 +87,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from typing import Any, ClassVar
 
 from ...errors import BackendError, ConfigError, RouteError
@@ -114,6 +115,7 @@ class PulsarTransport(PulsarOperatorHooks):
 
     name: ClassVar[str] = "pulsar"
     option_defaults: ClassVar[OptionSpec] = PULSAR_OPTIONS
+    submits_without_waiting: ClassVar[bool] = True  # a lane's receipts settle its submits
 
     def __init__(self, ctx: JobContext) -> None:
         super().__init__(ctx)
@@ -224,6 +226,18 @@ class PulsarTransport(PulsarOperatorHooks):
             raise BackendError("the Pulsar transport is closed")
         cluster = self.management.ensure_peer(dst)  # first: a topic made before would start unreplicated
         return self.publisher.send(dst, lane, messages, replicate_to=[cluster] if cluster else None)
+
+    def submit(self, dst: Party, lane: int, message: bytes) -> Future[int] | None:
+        if self._closed.is_set():
+            raise BackendError("the Pulsar transport is closed")
+        if not self.management.peer_ready(dst):
+            return None  # replication mode's first send to dst registers its cluster (admin API)
+        cluster = self.management.ensure_peer(dst)  # known by now: no admin call
+        return self.publisher.submit(dst, lane, message, [cluster] if cluster else None)
+
+    @property
+    def submit_patience(self) -> float:
+        return self.publisher.receipt_patience
 
     def can_broadcast(self, dsts: Sequence[Party]) -> bool:
         # Direct mode: each destination reads its own broker, and nothing but the sender moves

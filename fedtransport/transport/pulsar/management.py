@@ -134,6 +134,14 @@ class PulsarManagement:
 
     # replication ---------------------------------------------------------------------------
 
+    def peer_ready(self, dst: Party) -> bool:
+        """Whether ``ensure_peer(dst)`` would return without an admin call."""
+        if not self._replication:
+            return True
+        assert self._route_table is not None
+        cluster = self._route_table.cluster_name(dst)
+        return cluster in self._peers or cluster == self.cluster
+
     def ensure_peer(self, dst: Party) -> str | None:
         """Replication mode: register ``dst``'s cluster and add it to the namespace, once; its
         cluster name (the message's replication cluster). Other modes: None."""

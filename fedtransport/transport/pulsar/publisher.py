@@ -8,6 +8,10 @@ stop coming for longer than the client's own ``send_timeout`` allows, what is un
 published once more on a new producer (the receiver drops duplicates); a refusal is a
 ``BackendError`` with pulsar-client's result.
 
+``submit`` publishes one message on a lane whose producer exists and returns a future that its
+receipt settles; it declines (``None``) while the lane has ``SUBMIT_ROOM`` submits in flight, so
+that ``send_async`` never waits for room on the caller's event loop.
+
 In direct mode a producer waits, up to ``subscribe_timeout``, for the destination to make
 the job namespace on its broker. In replication mode the transport hands in
 ``on_new_producer``, which waits until the broker replicates the new topic (see
@@ -20,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 import pulsar
@@ -34,6 +39,7 @@ __all__ = ["Publisher"]
 log = logging.getLogger("fedtransport.pulsar")
 
 _RECEIPT_PATIENCE = 1.5  # × send_timeout without any receipt before the missing ones count as lost
+SUBMIT_ROOM = 1024  # submits in flight per lane; the producer's queue has this much room beyond send_window
 
 
 class _Receipts:
@@ -154,6 +160,9 @@ class Publisher:
         self._producer_kwargs = dict(options["producer"])
         self._lock = threading.Lock()
         self._producers: dict[tuple[Party, int], pulsar.Producer] = {}
+        self._submitting: dict[tuple[Party, int], int] = {}  # submits in flight per lane
+        #: how long an unsettled submit may wait for its receipt (the caller bounds the wait)
+        self.receipt_patience = self._send_timeout * _RECEIPT_PATIENCE
 
     def close(self) -> None:
         """Forget the producers; closing their clients closes them."""
@@ -215,9 +224,57 @@ class Publisher:
         lost = f"no receipt within {patience:g} s ({_RECEIPT_PATIENCE:g} × send_timeout)" if receipts.lost else ""
         failure = receipts.failure or lost
         if failure:
-            topic = self._names.topic(self._me, dst, lane)
-            raise BackendError(f"Pulsar refused a message on {topic}: {failure}", broker_message=failure)
+            raise _refused(self._names.topic(self._me, dst, lane), failure)
         return count
+
+    def submit(self, dst: Party, lane: int, message: bytes, replicate_to: Sequence[str] | None) -> Future[int] | None:
+        """Publish one message on an existing producer without waiting: a future settled by its
+        receipt. ``None`` when the lane has no producer yet (making one waits for the broker) or
+        ``SUBMIT_ROOM`` submits in flight; the caller then uses ``send``."""
+        key = (dst, lane)
+        producer = self._producers.get(key)
+        if producer is None:
+            return None
+        with self._lock:
+            if self._submitting.get(key, 0) >= SUBMIT_ROOM:
+                return None
+            self._submitting[key] = self._submitting.get(key, 0) + 1
+        future: Future[int] = Future()
+        topic = self._names.topic(self._me, dst, lane)
+        settled = False
+
+        def release() -> bool:
+            """Give back the lane's room, once: at the receipt, a refusal or the caller giving up."""
+            nonlocal settled
+            with self._lock:
+                if settled:
+                    return False
+                settled = True
+                self._submitting[key] -= 1
+                return True
+
+        def receipt(result: pulsar.Result, _msg_id: Any) -> None:
+            if not release():
+                return  # refused by send_async and called back as well, or given up on
+            try:
+                if result == pulsar.Result.Ok:
+                    future.set_result(1)
+                else:
+                    future.set_exception(_refused(topic, str(result)))
+            except InvalidStateError:  # cancelled meanwhile
+                pass
+
+        # Cancelled (the caller's receipt_patience ran out): a lost receipt must not keep its room.
+        future.add_done_callback(lambda f: f.cancelled() and release())
+
+        extra: dict[str, Any] = {"replication_clusters": list(replicate_to)} if replicate_to else {}
+        try:
+            with inside_client():
+                producer.send_async(message, receipt, **extra)
+        except Exception as exc:
+            receipt(pulsar.Result.UnknownError, None)  # frees the room; nobody holds the future
+            raise _refused(topic, str(exc)) from exc
+        return future
 
     def producer(self, dst: Party, lane: int) -> pulsar.Producer:
         """The lane's producer, made (and its topic with it) on first use."""
@@ -229,7 +286,7 @@ class Publisher:
         topic = self._names.topic(self._me, dst, lane)
         kwargs = {
             "send_timeout_millis": int(self._send_timeout * 1000),
-            "max_pending_messages": self._window,
+            "max_pending_messages": self._window + SUBMIT_ROOM,  # each send keeps to its own window
             "block_if_queue_full": True,
             "batching_enabled": False,  # messages are already up to 4 MiB; batching would only add latency
             **self._producer_kwargs,
@@ -272,6 +329,10 @@ class Publisher:
             if self._producers.get((dst, lane)) is old:
                 del self._producers[(dst, lane)]
         return self.producer(dst, lane)
+
+
+def _refused(topic: str, why: str) -> BackendError:
+    return BackendError(f"Pulsar refused a message on {topic}: {why}", broker_message=why)
 
 
 def _close_quietly(producer: pulsar.Producer) -> None:

@@ -39,6 +39,8 @@ __all__ = ["Publisher"]
 
 log = logging.getLogger("fedtransport.rabbitmq")
 
+SUBMIT_ROOM = 1024  # unconfirmed submits per session; past it a remote_async waits in a thread
+
 
 class _Send:
     """One ``send`` call: its window of unconfirmed messages, shared with the I/O thread.
@@ -149,11 +151,14 @@ class Publisher:
                     self._io.post(functools.partial(self._forget, op))
         return count
 
-    def submit(self, queue: str, body: bytes, limit: int) -> Future[int]:
+    def submit(self, queue: str, body: bytes, limit: int) -> Future[int] | None:
         """Publish ``body`` to ``queue`` and return at once: a future of 1 once the broker confirms
-        it, or of the ``BackendError`` ``send`` would raise (``send_timeout`` included)."""
+        it, or of the ``BackendError`` ``send`` would raise (``send_timeout`` included). ``None``
+        while ``SUBMIT_ROOM`` submits are unconfirmed: the caller sends it as ``send`` does."""
         if len(body) > limit:
             raise BackendError(f"message of {len(body)} bytes exceeds max_message_size {limit}")
+        if len(self._submitted) >= SUBMIT_ROOM:
+            return None
         future: Future[int] = Future()
         op = _Send(next(self._op_ids), (queue,), future)
         op.unconfirmed[0] = body
