@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -191,6 +194,8 @@ def _fake_run(
     *only: str,
     warmup: int = 0,
     cpu: dict[str, list[tuple[float, float]]] | None = None,
+    pids: bool = False,
+    extra: Sequence[str] = (),
 ) -> tuple[dict[str, Any], list[str], str]:
     """``bench.run`` on a backend whose workloads take the seconds above; (results, call order, output).
 
@@ -220,9 +225,11 @@ def _fake_run(
         def fed(kind: str, **extra: Any) -> bench.Go:
             return go(kind, 5 * MiB if kind == "object" else bench.SMALL * bench.SMALL_COUNT)
 
-        return bench.BenchContext(args, "fake", stack, raw, fed)
+        # with pids: the test process stands in for the broker (quiet: it waits in the run)
+        return bench.BenchContext(args, "fake", stack, raw, fed, pids=(lambda: [os.getpid()]) if pids else None)
 
-    args = bench.build_parser().parse_args(["--mib", "5", "--repeat", "3", "--warmup", str(warmup), "--only", *only])
+    argv = ["--mib", "5", "--repeat", "3", "--warmup", str(warmup), *extra, "--only", *only]
+    args = bench.build_parser().parse_args(argv)
     args.backend = "fake"
     lines: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
@@ -378,3 +385,35 @@ def test_broker_and_replication_flags() -> None:
     assert {"raw-repl", "object-repl", "table-repl"} <= set(bench.WORKLOADS)
     assert not any(bench.WORKLOADS[n].default for n in ("raw-repl", "object-repl", "table-repl"))
     assert bench.WORKLOADS["object-repl"].baseline == bench.WORKLOADS["table-repl"].baseline == "raw-repl"
+
+
+# ---------------------------------------------------------------------------- settling between runs
+
+
+def test_a_run_waits_for_a_busy_broker_to_go_quiet_and_records_it() -> None:
+    """settle() waits while the watched process burns CPU, returns once it idles, and gives up
+    after its bound on one that never does; a run's result records both figures."""
+    from fedtransport.bench.settle import cpu_seconds, settle
+
+    busy_then_idle = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1.5: pass\ntime.sleep(60)"
+    burning = subprocess.Popen([sys.executable, "-c", busy_then_idle])
+    forever = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        quiet = settle(lambda: [burning.pid], window=0.25, bound=30)
+        assert 1.0 <= quiet["seconds"] < 30 and quiet["broker_cpu"] < 0.15, quiet
+        stuck = settle(lambda: [forever.pid], window=0.25, bound=1.0)
+        assert stuck["seconds"] >= 1.0 and stuck["broker_cpu"] > 0.15, stuck
+        assert settle(lambda: [])["seconds"] == 0.0  # no broker of the run's own: nothing to wait for
+        assert cpu_seconds([forever.pid, 2**22 + 1]) > 0  # a pid that is gone counts nothing
+    finally:
+        for p in (burning, forever):
+            p.kill()
+            p.wait()
+
+
+def test_every_run_is_settled_first_unless_told_not_to(capsys: pytest.CaptureFixture[str]) -> None:
+    results, _, _ = _fake_run(capsys, "raw-large", "object", warmup=1, pids=True)
+    runs = [*results["workloads"]["object"]["runs"], *results["warmup"]["object"]]
+    assert all(r["settle_seconds"] >= 0 and "settle_broker_cpu" in r for r in runs)
+    results, _, _ = _fake_run(capsys, "raw-large", "object", pids=True, extra=["--settle", "0"])
+    assert all("settle_seconds" not in r for r in results["workloads"]["object"]["runs"])

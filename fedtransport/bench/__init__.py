@@ -43,7 +43,10 @@ Timing starts when the sender begins (both sides connected and subscribed; in re
 broker's replicator to B exists) and ends when the receiver holds the last byte. Each workload
 runs --repeat times, interleaved with its raw baseline repetition by repetition (raw-large 1,
 object 1, table 1, raw-large 2, ...), so every fedtransport run has a raw run next to it in
-time. Reported, never the best alone:
+time. Each run, warm-ups too, starts once the run's brokers use under 0.15 of a core
+(``--settle``, fedtransport/bench/settle.py): a broker still deleting what the previous run's
+clean-up removed would otherwise slow the next run. Each run records ``settle_seconds`` and
+``settle_broker_cpu``. Reported, never the best alone:
 
   * per workload: every run, the ``median`` (of the rates) and the ``worst`` run
     (lowest MB/s); ``best`` is kept in the JSON as well;

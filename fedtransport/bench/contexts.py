@@ -107,6 +107,11 @@ def _pulsar_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
 
         return go
 
+    def pids() -> list[int]:
+        brokers = [started["single"]] if "single" in started else []
+        brokers += list(started.get("repl", ()))
+        return [b.pid for b in brokers if b.pid is not None]
+
     broker: dict[str, Any] = {"kind": kind, "replication": {"raw": raw_repl, "fed": fed_repl}}
     only = set(args.only or ())
     if not only or not all(name.endswith("-repl") for name in only):  # a run of replication alone needs no third
@@ -114,7 +119,7 @@ def _pulsar_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
         broker["service_url"] = b.service_url
         if kind != "embedded":
             broker["admin_url"] = b.admin_url
-    return BenchContext(args, "pulsar", stack, raw, fed, broker)
+    return BenchContext(args, "pulsar", stack, raw, fed, broker, pids)
 
 
 def _rabbit_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
@@ -152,7 +157,7 @@ def _rabbit_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
         return go
 
     broker = {"nodes": (a, b), "routes": routes, "options": options}
-    return BenchContext(args, "rabbitmq", stack, raw, fed, broker)
+    return BenchContext(args, "rabbitmq", stack, raw, fed, broker, lambda: sorted({*a.processes(), *b.processes()}))
 
 
 _CONTEXTS: dict[str, Callable[[argparse.Namespace, ExitStack], BenchContext]] = {

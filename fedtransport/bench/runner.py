@@ -22,8 +22,9 @@ from typing import Any
 from ..errors import ConfigError
 from .contexts import _CONTEXTS, PULSAR_BROKERS
 from .report import load_results, render_chart
+from .settle import BOUND, BUSY, settle
 from .stats import compare, summarize
-from .workloads import _ARGUMENT_HOOKS, SMALL_COUNT, Go, Result, selected
+from .workloads import _ARGUMENT_HOOKS, SMALL_COUNT, BenchContext, Go, Result, selected
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -42,6 +43,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="unmeasured rounds of every workload before the measured ones (default 1; "
                     "kept in the results under 'warmup')")  # fmt: skip
     ap.add_argument("--only", nargs="*", help="run only these workloads")
+    ap.add_argument("--settle", type=float, default=BOUND, metavar="SECONDS",
+                    help="before each run, wait up to this long for the brokers to go quiet (under "
+                    f"{BUSY:g} of a core; default {BOUND:g}, 0: do not wait)")  # fmt: skip
     ap.add_argument("--partitions", type=_positive, nargs="*", default=[], metavar="N",
                     help="extra workloads table-N: the --mib table in N partitions (scaling)")  # fmt: skip
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -101,6 +105,16 @@ def _line(backend: str, name: str, record: Mapping[str, Any]) -> str:
             f"worst {worst['MB_per_s']:8.1f} MB/s {worst['seconds']:7.2f} s{extra}  runs: {runs}")  # fmt: skip
 
 
+def _settled(ctx: BenchContext, args: argparse.Namespace, go: Go, i: int) -> Result:
+    """Repetition ``i`` of ``go``, started once the brokers have gone quiet (:mod:`.settle`)."""
+    bound = getattr(args, "settle", BOUND)
+    quiet = settle(ctx.pids, bound=bound) if ctx.pids is not None and bound > 0 else None
+    result = go(i)
+    if quiet is not None:
+        result["settle_seconds"], result["settle_broker_cpu"] = quiet["seconds"], quiet["broker_cpu"]
+    return result
+
+
 def run(args: argparse.Namespace, out: Callable[[str], Any] = print) -> dict[str, Any]:
     """Run the suite for ``args.backend``; print one line per workload and ratio; return the results.
 
@@ -125,12 +139,12 @@ def run(args: argparse.Namespace, out: Callable[[str], Any] = print) -> dict[str
             # in the results under "warmup", never counted in a median or worst.
             for i in range(getattr(args, "warmup", 0)):
                 for name in group:
-                    warm = suite[name][0](args.repeat + i)
+                    warm = _settled(ctx, args, suite[name][0], args.repeat + i)
                     results.setdefault("warmup", {}).setdefault(name, []).append(warm)
                     out(f"warm-up {name}: {warm['MB_per_s']:.1f} MB/s in {warm['seconds']:.2f} s (not counted)")
             for i in range(args.repeat):
                 for name in group:
-                    runs[name].append(suite[name][0](i))
+                    runs[name].append(_settled(ctx, args, suite[name][0], i))
             for name in group:
                 w[name] = summarize(runs[name])
                 out(_line(args.backend, name, w[name]))

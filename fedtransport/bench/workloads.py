@@ -43,6 +43,8 @@ class BenchContext:
     #: backend specifics: ``service_url``, ``admin_url``, ``kind`` (pulsar; ``replication`` with
     #: ``--replication``) or ``nodes`` / ``routes`` / ``options`` (rabbitmq)
     broker: dict[str, Any] = field(default_factory=dict)
+    #: ``pids()`` -> the processes of the brokers started so far, waited on to go quiet (:mod:`.settle`)
+    pids: Callable[[], list[int]] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,59 @@
+"""Waiting for a run's brokers to go quiet before each repetition.
+
+A broker keeps working after a repetition has ended: removing what the job's clean-up deleted
+(a FATE job's namespace and its ledgers, a session's queues), collecting garbage. A repetition
+started right behind another shares the cores with that work and measures less than itself;
+the next workload in the schedule always pays for the one before it. So before every run,
+warm-ups included, :func:`settle` waits until the broker processes use less than ``busy`` of a
+core over ``window`` seconds, for at most ``bound`` seconds, and the run's result records how
+long that took and what the broker used last (``settled``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+
+__all__ = ["BUSY", "cpu_seconds", "settle"]
+
+BUSY = 0.15  # of one core: what an idle broker uses (timers, heartbeats, a JVM's housekeeping) stays below
+WINDOW = 0.5  # seconds over which the broker's CPU is measured
+BOUND = 60.0  # seconds: a broker that never settles does not stop the run
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User and system CPU seconds the processes ``pids`` have used (every thread); gone ones count 0."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def settle(
+    pids: Callable[[], list[int]], *, busy: float = BUSY, window: float = WINDOW, bound: float = BOUND
+) -> dict[str, float]:
+    """Wait until the processes ``pids()`` use less than ``busy`` of a core over ``window`` seconds.
+
+    Returns ``{"seconds": waited, "broker_cpu": cores used over the last window}``; gives up
+    after ``bound`` seconds (the run goes on, and the record says how busy the broker still was).
+    Without pids (a broker not started by the run) it returns at once.
+    """
+    started = time.monotonic()
+    watched = pids()
+    if not watched:
+        return {"seconds": 0.0, "broker_cpu": 0.0}
+    before = cpu_seconds(watched)
+    while True:
+        time.sleep(window)  # sampling the broker's CPU: nothing to wait on but time
+        now = cpu_seconds(watched)
+        used = (now - before) / window
+        before = now
+        waited = time.monotonic() - started
+        if used < busy or waited >= bound:
+            return {"seconds": round(waited, 2), "broker_cpu": round(used, 3)}
