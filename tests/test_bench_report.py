@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -412,8 +413,9 @@ def test_a_run_waits_for_a_busy_broker_to_go_quiet_and_records_it() -> None:
 
 
 def test_every_run_is_settled_first_unless_told_not_to(capsys: pytest.CaptureFixture[str]) -> None:
-    results, _, _ = _fake_run(capsys, "raw-large", "object", warmup=1, pids=True)
+    results, _, out = _fake_run(capsys, "raw-large", "object", warmup=1, pids=True)
     runs = [*results["workloads"]["object"]["runs"], *results["warmup"]["object"]]
     assert all(r["settle_seconds"] >= 0 and "settle_broker_cpu" in r for r in runs)
+    assert re.search(r"object .* settled [\d.]+ [\d.]+ [\d.]+ s", out), out  # each run's wait, printed
     results, _, _ = _fake_run(capsys, "raw-large", "object", pids=True, extra=["--settle", "0"])
     assert all("settle_seconds" not in r for r in results["workloads"]["object"]["runs"])

@@ -101,6 +101,8 @@ def _line(backend: str, name: str, record: Mapping[str, Any]) -> str:
         cpu = record["cpu"]
         extra += "  cpu " + " ".join(f"{k[4:]} {cpu[k]:.2f} s" for k in ("cpu_sender", "cpu_receiver",
                                                                           "cpu_processes") if k in cpu)  # fmt: skip
+    if all("settle_seconds" in r for r in record["runs"]):  # how long each run waited for a quiet broker
+        extra += "  settled " + " ".join(f"{r['settle_seconds']:.1f}" for r in record["runs"]) + " s"
     return (f"{backend:8s} {name:12s} median {median['MB_per_s']:8.1f} MB/s {median['seconds']:7.2f} s  "
             f"worst {worst['MB_per_s']:8.1f} MB/s {worst['seconds']:7.2f} s{extra}  runs: {runs}")  # fmt: skip
 
