@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -406,6 +407,7 @@ def test_a_run_waits_for_a_busy_broker_to_go_quiet_and_records_it() -> None:
         assert stuck["seconds"] >= 1.0 and stuck["broker_cpu"] > 0.15, stuck
         assert settle(lambda: [])["seconds"] == 0.0  # no broker of the run's own: nothing to wait for
         assert cpu_seconds([forever.pid, 2**22 + 1]) > 0  # a pid that is gone counts nothing
+        assert cpu_seconds([2**22 + 1]) == 0.0  # above pid_max: never a process
     finally:
         for p in (burning, forever):
             p.kill()
@@ -419,3 +421,26 @@ def test_every_run_is_settled_first_unless_told_not_to(capsys: pytest.CaptureFix
     assert re.search(r"object .* settled [\d.]+ [\d.]+ [\d.]+ s", out), out  # each run's wait, printed
     results, _, _ = _fake_run(capsys, "raw-large", "object", pids=True, extra=["--settle", "0"])
     assert all("settle_seconds" not in r for r in results["workloads"]["object"]["runs"])
+
+
+def test_a_broker_named_to_confuse_the_stat_parser_is_still_measured(tmp_path: Path) -> None:
+    """/proc/PID/stat puts the command name in parentheses; a name holding ") (" and spaces must
+    not shift the fields settle() reads (the CPU ticks) or the state the launchers read."""
+    from fedtransport.bench.settle import cpu_seconds
+    from fedtransport.brokers._guard import stat_fields
+
+    odd = tmp_path / "b) Z 1 (x"  # split at the first ")", the state would read "Z"
+    odd.symlink_to(sys.executable)
+    proc = subprocess.Popen([str(odd), "-c", "while True: pass"])
+    try:
+        fields = None
+        for _ in range(50):  # until it has used a tick of CPU
+            fields = stat_fields(proc.pid)
+            if cpu_seconds([proc.pid]) > 0:
+                break
+            time.sleep(0.05)  # a CPU tick is 10 ms: nothing to wait on but time
+        assert fields is not None and fields[0] in ("R", "S"), fields
+        assert 0 < cpu_seconds([proc.pid]) < 60
+    finally:
+        proc.kill()
+        proc.wait()

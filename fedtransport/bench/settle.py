@@ -15,6 +15,8 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
+from ..brokers._guard import stat_fields
+
 __all__ = ["BUSY", "cpu_seconds", "settle"]
 
 BUSY = 0.15  # of one core: what an idle broker uses (timers, heartbeats, a JVM's housekeeping) stays below
@@ -26,12 +28,9 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     """User and system CPU seconds the processes ``pids`` have used (every thread); gone ones count 0."""
     ticks = 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+        fields = stat_fields(pid)
+        if fields is not None and len(fields) > 12:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

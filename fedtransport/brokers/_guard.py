@@ -41,13 +41,24 @@ __all__ = ["Guard", "start_time"]
 _SWEEP_SECONDS = 30.0
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """``/proc/PID/stat`` from field 3 on (index 0: the state), or None when ``pid`` is gone.
+
+    Split after the last ``)``: the command name before it may hold spaces, parentheses, and
+    bytes of a multi-byte character cut short (it is truncated to 15 bytes).
+    """
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    _, closing, rest = raw.rpartition(b")")
+    return rest.decode("ascii", "replace").split() if closing else None
+
+
 def start_time(pid: int) -> str | None:
     """The start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[19] if len(fields) > 19 else None
+    fields = stat_fields(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 class Guard:
@@ -155,11 +166,9 @@ def _marked(needle: bytes) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie is waiting for its (new) parent to reap it: gone for us
+    fields = stat_fields(pid)
+    # a zombie waits for its (new) parent to reap it: gone for us
+    return fields is not None and len(fields) > 0 and fields[0] != "Z"
 
 
 def _kill(pid: int, *, group: bool = False) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import BackendError
-from ._guard import Guard
+from ._guard import Guard, stat_fields
 from ._process import LOOPBACK, owned, port_open, stop_pid, stop_process
 from .rabbit_config import MARKER
 
@@ -141,11 +141,8 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    try:  # a zombie is dead for our purposes
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    fields = stat_fields(pid)
+    return fields is not None and len(fields) > 0 and fields[0] != "Z"  # a zombie is dead for our purposes
 
 
 def spawn(
