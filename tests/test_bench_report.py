@@ -421,6 +421,10 @@ def test_every_run_is_settled_first_unless_told_not_to(capsys: pytest.CaptureFix
     assert re.search(r"object .* settled [\d.]+ [\d.]+ [\d.]+ s", out), out  # each run's wait, printed
     results, _, _ = _fake_run(capsys, "raw-large", "object", pids=True, extra=["--settle", "0"])
     assert all("settle_seconds" not in r for r in results["workloads"]["object"]["runs"])
+    assert bench.build_parser().parse_args(["--settle", "2.5"]).settle == 2.5
+    for bad in ("-1", "nan", "inf", "soon"):  # off unsaid, or a wait that never ends: refused
+        with pytest.raises(SystemExit):
+            bench.build_parser().parse_args(["--settle", bad])
 
 
 def test_a_broker_named_to_confuse_the_stat_parser_is_still_measured(tmp_path: Path) -> None:

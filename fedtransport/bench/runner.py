@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -43,7 +44,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="unmeasured rounds of every workload before the measured ones (default 1; "
                     "kept in the results under 'warmup')")  # fmt: skip
     ap.add_argument("--only", nargs="*", help="run only these workloads")
-    ap.add_argument("--settle", type=float, default=BOUND, metavar="SECONDS",
+    ap.add_argument("--settle", type=_seconds, default=BOUND, metavar="SECONDS",
                     help="before each run, wait up to this long for the brokers to go quiet (under "
                     f"{BUSY:g} of a core; default {BOUND:g}, 0: do not wait)")  # fmt: skip
     ap.add_argument("--partitions", type=_positive, nargs="*", default=[], metavar="N",
@@ -64,6 +65,16 @@ def _whole(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:  # nan or a negative would turn waiting off unsaid; inf never ends
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, got {text}")
     return value
 
 
