@@ -1,12 +1,12 @@
 """Waiting for a run's brokers to go quiet before each repetition.
 
-A broker keeps working after a repetition has ended: removing what the job's clean-up deleted
-(a FATE job's namespace and its ledgers, a session's queues), collecting garbage. A repetition
-started right behind another shares the cores with that work and measures less than itself;
-the next workload in the schedule always pays for the one before it. So before every run,
-warm-ups included, :func:`settle` waits until the broker processes use less than ``busy`` of a
-core over ``window`` seconds, for at most ``bound`` seconds, and the run's result records how
-long that took and what the broker used last (``settled``).
+A broker may keep working after a repetition has ended: deleting what the job's clean-up
+removed (topics and their ledgers, queues, vhosts), collecting garbage. A repetition started
+right behind another would share the cores with that work and measure less than itself, and
+the next workload in the schedule would always pay for the one before it. So before every
+run, warm-ups included, :func:`settle` waits until the broker processes use less than ``busy``
+of a core over ``window`` seconds, for at most ``bound`` seconds, and the run's result records
+how long that took and what the broker used last (``settle_seconds``, ``settle_broker_cpu``).
 """
 
 from __future__ import annotations
