@@ -84,6 +84,8 @@ def test_a_small_fate_run_over_rabbitmq_produces_ratios(request: pytest.FixtureR
     for name in w:  # every record of the 1 MiB table arrived, over FATE's federation and ours
         [run] = w[name]["runs"]
         assert run["bytes"] == 1 * MiB and run["seconds"] > 0
+        # each side's CPU over the transfer, the sender's background pushes too, and the broker's
+        assert run["cpu_sender"] > 0 and run["cpu_receiver"] > 0 and run["cpu_broker"] > 0, run
     ratio = results["ratios"]["fate-ft-table"]
     assert results["baselines"]["fate-ft-table"] == "fate-native-table"
     assert len(ratio["per_repeat"]) == 1 and ratio["median"] > 0 and ratio["worst"] == ratio["per_repeat"][0]

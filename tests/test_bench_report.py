@@ -427,6 +427,46 @@ def test_every_run_is_settled_first_unless_told_not_to(capsys: pytest.CaptureFix
             bench.build_parser().parse_args(["--settle", bad])
 
 
+def test_each_run_records_the_cpu_its_broker_used_unless_the_broker_started_in_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A run's ``cpu_broker`` is what the broker processes used while it ran; a broker the
+    repetition itself started (its pids changed) would count its start-up, so none is recorded."""
+    burning = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    started: list[int] = []  # a broker the second workload starts in its first repetition
+    try:
+
+        def go(i: int) -> bench.Result:
+            if len(order) == 1:  # raw 0, then object 0: the broker of object 0 starts in it
+                started.append(os.getpid())
+            order.append(i)
+            time.sleep(0.6)  # the broker burns CPU meanwhile
+            return {"seconds": 1.0, "bytes": 5 * MiB, "MB_per_s": 5.2}
+
+        order: list[int] = []
+
+        def context(args: argparse.Namespace, stack: ExitStack) -> bench.BenchContext:
+            return bench.BenchContext(args, "fake", stack, lambda *a: go, lambda *a, **k: go,
+                                      pids=lambda: [burning.pid, *started])  # fmt: skip
+
+        args = bench.build_parser().parse_args(["--repeat", "3", "--warmup", "0", "--settle", "0",
+                                                "--only", "raw-large", "object"])  # fmt: skip
+        args.backend = "fake"
+        lines: list[str] = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(bench._CONTEXTS, "fake", context)
+            results = bench.run(args, lines.append)
+    finally:
+        burning.kill()
+        burning.wait()
+    raw = results["workloads"]["raw-large"]["runs"]
+    assert all(0.2 <= r["cpu_broker"] <= 2.0 for r in raw), raw  # ~0.6 s of one busy core
+    obj = results["workloads"]["object"]["runs"]
+    assert "cpu_broker" not in obj[0] and all(0.2 <= r["cpu_broker"] <= 2.0 for r in obj[1:]), obj
+    assert 0.2 <= results["workloads"]["raw-large"]["cpu"]["cpu_broker"] <= 2.0  # the median, printed:
+    assert re.search(r"raw-large .* broker [\d.]+ s", "\n".join(lines)), lines
+
+
 def test_a_broker_named_to_confuse_the_stat_parser_is_still_measured(tmp_path: Path) -> None:
     """/proc/PID/stat puts the command name in parentheses; a name holding ") (" and spaces must
     not shift the fields settle() reads (the CPU ticks) or the state the launchers read."""

@@ -183,7 +183,7 @@ def fate_sender(cfg: dict[str, Any], q: Any) -> None:
         # host said hi once its context stood (the receiver's "ready"): now hello back
         ctx.hosts.put("hello", "guest")
         assert ctx.hosts[0].get("hi") == "host"
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         if what == "table":
             ctx.hosts.put("data", value)
         elif what == "object":
@@ -192,8 +192,9 @@ def fate_sender(cfg: dict[str, Any], q: Any) -> None:
         else:
             for _i, sub in ctx.on_iterations.ctxs_range(SMALL_COUNT):
                 sub.hosts.put("data", value)
-        q.put(("start", start))
         assert ctx.hosts[0].get("done") == "done"  # keep our side until the receiver holds it all
+        # Reported once the receiver holds it all: a put may push in the background, and its CPU counts.
+        q.put(("start", start, time.process_time() - cpu))
     finally:
         side.close()
 
@@ -207,9 +208,10 @@ def fate_receiver(cfg: dict[str, Any], q: Any) -> None:
         ctx.guest.put("hi", "host")
         q.put(("ready",))
         assert ctx.guest.get("hello") == "guest"
+        cpu = time.process_time()
         if what == "table":
             table = ctx.guest.get("data")
-            end = time.time()
+            end, cpu = time.time(), time.process_time() - cpu
             want = sum(table_records(cfg["table_mib"], PARTITIONS))
             got = table.count()
             if got != want or table.num_partitions != PARTITIONS:
@@ -220,14 +222,14 @@ def fate_receiver(cfg: dict[str, Any], q: Any) -> None:
             nbytes = 0
             for _i, sub in ctx.on_iterations.ctxs_range(OBJECT_COUNT):
                 nbytes += int(sub.guest.get("data").nbytes)
-            end = time.time()
+            end, cpu = time.time(), time.process_time() - cpu
         else:
             nbytes = 0
             for _i, sub in ctx.on_iterations.ctxs_range(SMALL_COUNT):
                 nbytes += len(sub.guest.get("data"))
-            end = time.time()
+            end, cpu = time.time(), time.process_time() - cpu
         ctx.guest.put("done", "done")
-        q.put(("end", end, nbytes))
+        q.put(("end", end, nbytes, cpu))
     finally:
         side.close()
 

@@ -23,8 +23,8 @@ from typing import Any
 from ..errors import ConfigError
 from .contexts import _CONTEXTS, PULSAR_BROKERS
 from .report import load_results, render_chart
-from .settle import BOUND, BUSY, settle
-from .stats import compare, summarize
+from .settle import BOUND, BUSY, cpu_seconds, settle
+from .stats import CPU_KEYS, compare, summarize
 from .workloads import _ARGUMENT_HOOKS, SMALL_COUNT, BenchContext, Go, Result, selected
 
 
@@ -110,8 +110,7 @@ def _line(backend: str, name: str, record: Mapping[str, Any]) -> str:
         extra = f"  {SMALL_COUNT / median['seconds']:6.0f} objects/s (worst {SMALL_COUNT / worst['seconds']:.0f})"
     if "cpu" in record:  # median CPU seconds: sender, receiver (the transfer), both processes (whole lives)
         cpu = record["cpu"]
-        extra += "  cpu " + " ".join(f"{k[4:]} {cpu[k]:.2f} s" for k in ("cpu_sender", "cpu_receiver",
-                                                                          "cpu_processes") if k in cpu)  # fmt: skip
+        extra += "  cpu " + " ".join(f"{k[4:]} {cpu[k]:.2f} s" for k in CPU_KEYS if k in cpu)
     if all("settle_seconds" in r for r in record["runs"]):  # how long each run waited for a quiet broker
         extra += "  settled " + " ".join(f"{r['settle_seconds']:.1f}" for r in record["runs"]) + " s"
     return (f"{backend:8s} {name:12s} median {median['MB_per_s']:8.1f} MB/s {median['seconds']:7.2f} s  "
@@ -119,12 +118,20 @@ def _line(backend: str, name: str, record: Mapping[str, Any]) -> str:
 
 
 def _settled(ctx: BenchContext, args: argparse.Namespace, go: Go, i: int) -> Result:
-    """Repetition ``i`` of ``go``, started once the brokers have gone quiet (:mod:`.settle`)."""
+    """Repetition ``i`` of ``go``, started once the brokers have gone quiet (:mod:`.settle`).
+
+    The result also holds ``cpu_broker``, the CPU seconds the brokers used over the whole
+    repetition (the parties' start-up and clean-up too), when they were running before it began."""
     bound = getattr(args, "settle", BOUND)
     quiet = settle(ctx.pids, bound=bound) if ctx.pids is not None and bound > 0 else None
+    before = ctx.pids() if ctx.pids is not None else []
+    broker_cpu = cpu_seconds(before)
     result = go(i)
     if quiet is not None:
         result["settle_seconds"], result["settle_broker_cpu"] = quiet["seconds"], quiet["broker_cpu"]
+    # A broker started inside the repetition would count its own start-up: left out then.
+    if before and ctx.pids is not None and ctx.pids() == before:
+        result["cpu_broker"] = round(cpu_seconds(before) - broker_cpu, 3)
     return result
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from .workloads import Result
 
-CPU_KEYS = ("cpu_sender", "cpu_receiver", "cpu_processes")
+CPU_KEYS = ("cpu_sender", "cpu_receiver", "cpu_processes", "cpu_broker")
 
 
 def _rate(run: Mapping[str, float]) -> float:
