@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pulsar
 import pytest
@@ -35,7 +36,12 @@ from fedtransport.brokers.standalone import (
     pulsar_cache_root,
     resolve_pulsar,
 )
-from fedtransport.brokers.standalone_config import DEFAULT_MAX_MESSAGE_SIZE, broker_config, journal_buffers
+from fedtransport.brokers.standalone_config import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    broker_config,
+    journal_buffers,
+    write_cache_mb,
+)
 from fedtransport.errors import BackendError, ConfigError
 
 try:
@@ -318,6 +324,30 @@ def test_tls_accepts_files_made_by_fedtransport_certs(tmp_path: Path) -> None:
         PulsarStandalone(tls={"cert": party.cert, "key": party.key})
     with pytest.raises(ConfigError, match="must be True, a mapping"):
         PulsarStandalone(tls=party)  # CertPaths carries no CA: pass a mapping with the star's CA
+
+
+# ---------------------------------------------------------------------------- the bookie's write cache
+def _conf(**kw: Any) -> dict[str, str]:
+    return broker_config(cluster="c", run_dir=Path("/nonexistent"), ports={"broker": 1, "web": 2},
+                         tls_paths=None, secret=None, superuser="su", **kw)  # fmt: skip
+
+
+def test_the_bookie_write_cache_is_a_quarter_of_direct_memory_and_holds_whole_entries() -> None:
+    """16 MiB (the launcher's size until 2026-12-07) made 7 of 100 tables of 256 MiB stall for
+    3-9 s: the cache is a quarter of the direct memory, as BookKeeper's own default, and never
+    less than two whole entries per half, since a larger entry is never written at all."""
+    assert _conf(extra={})["dbStorage_writeCacheMaxSizeMb"] == "128"  # the launcher's 512m
+    assert _conf(extra={}, direct_memory="2g")["dbStorage_writeCacheMaxSizeMb"] == "512"
+    assert write_cache_mb("524288k", DEFAULT_MAX_MESSAGE_SIZE) == 128
+    big = 30 * 2**20  # entries of 31 MiB: 4 of them (124 MiB) outgrow a quarter of 256m
+    assert _conf(extra={"maxMessageSize": big}, direct_memory="256m")["dbStorage_writeCacheMaxSizeMb"] == "124"
+    for size in (64 * 1024, DEFAULT_MAX_MESSAGE_SIZE, big):  # each half holds two entries or more
+        for direct in ("256m", "512m", "1g"):
+            assert write_cache_mb(direct, size) * 2**20 // 2 >= 2 * (size + 2**16)
+    with pytest.raises(ConfigError, match="direct_memory 32m is too small"):  # refused at construction
+        PulsarStandalone(direct_memory="32m")
+    PulsarStandalone(direct_memory="32m", config={"dbStorage_writeCacheMaxSizeMb": 8})  # the caller's own size
+    assert _conf(extra={"dbStorage_writeCacheMaxSizeMb": 8})["dbStorage_writeCacheMaxSizeMb"] == "8"
 
 
 # ---------------------------------------------------------------------------- crash safety

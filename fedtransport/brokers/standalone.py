@@ -373,6 +373,7 @@ class PulsarStandalone(ChildProcess):
             secret=self._secret,
             superuser=self._superuser,
             extra=self._extra_config,
+            direct_memory=self._direct_memory,
         )
         write_run_files(self._run_dir, config, self._log_level)
         command = jvm_command(
