@@ -174,6 +174,9 @@ def test_on_pulsar_only_guest_runs_fate_s_own_destroy(tmp_path: Any, job_id: str
     try:
         _bounded_destroy(host, cfg, "host")
         assert not host.federation.federation.closed
+        # its computing pool is shut down, or its workers would hold the party's exit
+        with pytest.raises(RuntimeError, match="shutdown"):
+            host.computing._session._pool._pool.submit(int)
         _bounded_destroy(guest, cfg, "guest")
         assert guest.federation.federation.closed
     finally:

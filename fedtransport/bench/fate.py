@@ -152,10 +152,14 @@ def _bounded_destroy(ctx: Any, cfg: dict[str, Any], who: str) -> None:
     parties share the job's namespace (client mode), so on Pulsar only guest runs FATE's destroy,
     after host said it holds the data; host's FATE federation only goes with its process.
     """
+    timeout = float(cfg.get("destroy_timeout", DESTROY_TIMEOUT))
     if cfg["engine"] == "native" and cfg["backend"] == "pulsar" and who == "host":
+        # Its computing session goes all the same: the pool's worker processes left running held
+        # the party's exit until the benchmark killed it, 120 s later, after every such repetition.
+        bounded_teardown(ctx.computing.destroy, f"{who}'s FATE computing of {cfg['job_id']}", timeout)
         return
     what = f"{who}'s FATE destroy of {cfg['job_id']} ({cfg['engine']})"
-    bounded_teardown(ctx.destroy, what, float(cfg.get("destroy_timeout", DESTROY_TIMEOUT)))
+    bounded_teardown(ctx.destroy, what, timeout)
 
 
 def _table(ctx: Any, mib: int) -> Any:
