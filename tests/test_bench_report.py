@@ -467,6 +467,25 @@ def test_each_run_records_the_cpu_its_broker_used_unless_the_broker_started_in_i
     assert re.search(r"raw-large .* broker [\d.]+ s", "\n".join(lines)), lines
 
 
+def test_a_party_s_cpu_counts_its_worker_processes() -> None:
+    """FATE's computing runs a party's work in pool processes: they count, live or reaped."""
+    from fedtransport.bench.settle import tree_cpu_seconds
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    before = tree_cpu_seconds(os.getpid())
+    subprocess.run([sys.executable, "-c", burn], check=True)  # a child that ended: reaped by us
+    child = (f"import subprocess, sys, time\nsubprocess.run([sys.executable, '-c', {burn!r}])\n"
+             "print('reaped', flush=True)\ntime.sleep(60)")  # fmt: skip
+    live = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout is not None and live.stdout.readline().strip() == "reaped"
+        assert tree_cpu_seconds(live.pid) >= 0.5  # a live child's tree: what it reaped (0.6 s, in ticks)
+        assert tree_cpu_seconds(os.getpid()) - before >= 1.0  # and ours: both burns
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_a_broker_named_to_confuse_the_stat_parser_is_still_measured(tmp_path: Path) -> None:
     """/proc/PID/stat puts the command name in parentheses; a name holding ") (" and spaces must
     not shift the fields settle() reads (the CPU ticks) or the state the launchers read."""

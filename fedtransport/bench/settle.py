@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 from ..brokers._guard import stat_fields
 
-__all__ = ["BUSY", "cpu_seconds", "settle"]
+__all__ = ["BUSY", "cpu_seconds", "settle", "tree_cpu_seconds"]
 
 BUSY = 0.15  # of one core: what an idle broker uses (timers, heartbeats, a JVM's housekeeping) stays below
 WINDOW = 0.5  # seconds over which the broker's CPU is measured
@@ -31,6 +31,30 @@ def cpu_seconds(pids: Iterable[int]) -> float:
         fields = stat_fields(pid)
         if fields is not None and len(fields) > 12:
             ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid``, the processes below it that still run, and those they reaped.
+
+    For a party whose work runs in a pool of worker processes (FATE's standalone computing):
+    its own process time leaves them out."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat_fields(int(entry))
+            if fields is not None and len(fields) > 1:
+                children.setdefault(int(fields[1]), []).append(int(entry))  # by parent pid
+    tree, todo = [pid], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        tree += below
+        todo += below
+    ticks = 0
+    for member in tree:
+        fields = stat_fields(member)
+        if fields is not None and len(fields) > 14:
+            ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime (reaped children)
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
