@@ -48,7 +48,8 @@ Options (constructor arguments) and defaults
 - ``version``: ``None`` -> :data:`PULSAR_VERSION`.
 - ``superuser``: ``"admin"`` -> ``superUserRoles`` and the subject of ``admin_token``.
 - ``heap``: ``"1g"`` (``-Xmx``); ``initial_heap``: ``"256m"`` (``-Xms``); ``direct_memory``:
-  ``"512m"`` (``-XX:MaxDirectMemorySize``; managed-ledger cache and bookie caches come out of it).
+  ``"512m"`` (``-XX:MaxDirectMemorySize``; managed-ledger cache and bookie caches come out of it,
+  the bookie's write cache a quarter of it: ``write_cache_mb`` in standalone_config.py).
 - ``config``: ``None`` -> extra ``standalone.conf`` keys (mapping key -> value) applied last,
   e.g. ``{"brokerDeleteInactiveTopicsEnabled": False}``.
 - ``log_level``: ``"warn"`` (``error``, ``warn``, ``info``, ``debug``, ``trace``).
