@@ -389,6 +389,36 @@ def test_broker_and_replication_flags() -> None:
     assert bench.WORKLOADS["object-repl"].baseline == bench.WORKLOADS["table-repl"].baseline == "raw-repl"
 
 
+def test_the_sender_starts_the_clock_only_once_the_receiver_holds_its_hello(
+    memory_pair: tuple[Any, Any],
+) -> None:
+    """A direction slow to start (RabbitMQ federation links start one by one) must be before the
+    clock: guest's handshake returns only after host's get of guest's hello returned."""
+    import threading
+
+    from fedtransport.bench.parties import _handshake
+
+    guest, host = memory_pair
+    real_get = host.get
+    host_got: list[float] = []
+
+    def slow_get(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)  # guest's hello arriving late
+        value = real_get(*args, **kwargs)
+        host_got.append(time.monotonic())
+        return value
+
+    host.get = slow_get
+    receiver = threading.Thread(target=_handshake, args=(host, "host"))
+    receiver.start()
+    try:
+        _handshake(guest, "guest")
+        clock_starts = time.monotonic()
+    finally:
+        receiver.join(30)
+    assert host_got and host_got[0] <= clock_starts
+
+
 # ---------------------------------------------------------------------------- settling between runs
 
 
