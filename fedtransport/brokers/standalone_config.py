@@ -255,7 +255,6 @@ def broker_config(
         "allowEphemeralPorts": True,  # else BKCluster ignores --bookkeeper-port and picks a port
         "httpServerEnabled": False,
         "ledgerStorageClass": "org.apache.bookkeeper.bookie.storage.ldb.DbLedgerStorage",
-        "dbStorage_writeCacheMaxSizeMb": write_cache_mb(direct_memory, max_message_size),
         "dbStorage_readAheadCacheMaxSizeMb": 16,
         "dbStorage_rocksDB_blockCacheSize": 16 * 1024 * 1024,
         "journalSyncData": False,  # a process crash keeps the page cache; fsync buys nothing here
@@ -265,6 +264,8 @@ def broker_config(
         "diskUsageThreshold": 0.999,  # CI disks run full; a read-only bookie refuses writes
         "diskUsageWarnThreshold": 0.99,
     }
+    if "dbStorage_writeCacheMaxSizeMb" not in extra:  # the caller's own size wins (below), unchecked
+        conf["dbStorage_writeCacheMaxSizeMb"] = write_cache_mb(direct_memory, max_message_size)
     if tls_paths is not None:
         cert, key, ca = tls_paths
         conf.update(
