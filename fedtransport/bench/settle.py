@@ -24,13 +24,16 @@ WINDOW = 0.5  # seconds over which the broker's CPU is measured
 BOUND = 60.0  # seconds: a broker that never settles does not stop the run
 
 
-def cpu_seconds(pids: Iterable[int]) -> float:
-    """User and system CPU seconds the processes ``pids`` have used (every thread); gone ones count 0."""
+def cpu_seconds(pids: Iterable[int], *, reaped: bool = False) -> float:
+    """User and system CPU seconds the processes ``pids`` have used (every thread); gone ones count 0.
+
+    ``reaped``: with what their children that ended and were waited for used."""
+    last = 15 if reaped else 13  # utime, stime[, cutime, cstime]: fields 14 to 17 of proc(5)
     ticks = 0
     for pid in pids:
         fields = stat_fields(pid)
-        if fields is not None and len(fields) > 12:
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+        if fields is not None and len(fields) >= last:
+            ticks += sum(int(f) for f in fields[11:last])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -50,12 +53,7 @@ def tree_cpu_seconds(pid: int) -> float:
         below = children.get(todo.pop(), [])
         tree += below
         todo += below
-    ticks = 0
-    for member in tree:
-        fields = stat_fields(member)
-        if fields is not None and len(fields) > 14:
-            ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime (reaped children)
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(tree, reaped=True)
 
 
 def settle(
