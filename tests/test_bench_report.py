@@ -537,3 +537,49 @@ def test_a_broker_named_to_confuse_the_stat_parser_is_still_measured(tmp_path: P
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_run_whose_party_died_reports_the_tail_of_the_broker_s_log(tmp_path: Path) -> None:
+    """CI once saw only the client's "Not enough non-faulty bookies" lines: the broker's own
+    words (a bookie turned read-only on a full disk) belong in the failure."""
+    log = tmp_path / "broker.log"
+    log.write_text("started\n" + "".join(f"line {n}\n" for n in range(100)) + "Bookie is in read-only mode\n")
+
+    def go(i: int) -> bench.Result:
+        raise RuntimeError("the receiver of the raw client died (exit code 1)")
+
+    def context(args: argparse.Namespace, stack: ExitStack) -> bench.BenchContext:
+        return bench.BenchContext(args, "fake", stack, lambda *a: go, lambda *a, **k: go, logs=lambda: [log])
+
+    args = bench.build_parser().parse_args(["--repeat", "1", "--warmup", "0", "--settle", "0", "--only", "raw-large"])
+    args.backend = "fake"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(bench._CONTEXTS, "fake", context)
+        with pytest.raises(RuntimeError, match="died") as failure:
+            bench.run(args, lambda line: None)
+    text = str(failure.value)
+    assert "Bookie is in read-only mode" in text and str(log) in text
+    assert "started" not in text  # the tail, not the whole log
+
+
+@pytest.mark.timeout(600)
+def test_the_raw_baseline_deletes_its_topic_on_the_real_broker(capsys: pytest.CaptureFixture[str]) -> None:
+    """As the fed workloads' cleanup does: a raw topic left behind keeps its bytes on the bookie's
+    disk (one documented run left 4.9 GB behind, and a fuller CI disk failed mid-run)."""
+    pytest.importorskip("numpy")
+    from fedtransport.brokers.standalone import PulsarStandalone
+
+    left: list[str] = []
+    real_stop = PulsarStandalone._stop
+
+    def stop_after_listing(self: PulsarStandalone) -> None:
+        if self.running:
+            left.extend(self.admin("GET", "/admin/v2/persistent/public/default"))
+        real_stop(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PulsarStandalone, "_stop", stop_after_listing)
+        code = main(["bench", "--backend", "pulsar", "--mib", "8", "--repeat", "2", "--warmup", "0", "--settle", "0",
+                     "--only", "raw-large"])  # fmt: skip
+    assert code == 0, capsys.readouterr().out
+    assert not [t for t in left if t.rsplit("/", 1)[-1].startswith("t")], left

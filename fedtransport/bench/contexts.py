@@ -13,6 +13,7 @@ import argparse
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from .parties import fed_receiver, fed_sender, run_pair
@@ -46,9 +47,13 @@ def _pulsar_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
         def go(i: int) -> Result:
             b = single()
             ns = "bench/raw" if kind == "embedded" else "public/default"  # a real broker has no tenant bench
-            cfg = {"service_url": b.service_url, "topic": f"persistent://{ns}/t{time.time_ns()}", "count": count,
+            name = f"t{time.time_ns()}"
+            cfg = {"service_url": b.service_url, "topic": f"persistent://{ns}/{name}", "count": count,
                    "size": size, "sync": sync}  # fmt: skip
-            return run_pair(raw_pulsar_sender, raw_pulsar_receiver, cfg, wait_ready=True)
+            result = run_pair(raw_pulsar_sender, raw_pulsar_receiver, cfg, wait_ready=True)
+            if kind != "embedded":  # as the fed workloads' cleanup: the bookie frees what no topic holds
+                b.admin("DELETE", f"/admin/v2/persistent/{ns}/{name}", timeout=60.0)
+            return result
 
         return go
 
@@ -107,10 +112,14 @@ def _pulsar_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
 
         return go
 
+    def brokers() -> list[Any]:
+        return ([started["single"]] if "single" in started else []) + list(started.get("repl", ()))
+
     def pids() -> list[int]:
-        brokers = [started["single"]] if "single" in started else []
-        brokers += list(started.get("repl", ()))
-        return [b.pid for b in brokers if b.pid is not None]
+        return [b.pid for b in brokers() if b.pid is not None]
+
+    def logs() -> list[Path]:
+        return [b.log_path for b in brokers() if b.log_path is not None]
 
     broker: dict[str, Any] = {"kind": kind, "replication": {"raw": raw_repl, "fed": fed_repl}}
     only = set(args.only or ())
@@ -119,7 +128,7 @@ def _pulsar_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
         broker["service_url"] = b.service_url
         if kind != "embedded":
             broker["admin_url"] = b.admin_url
-    return BenchContext(args, "pulsar", stack, raw, fed, broker, pids)
+    return BenchContext(args, "pulsar", stack, raw, fed, broker, pids, logs)
 
 
 def _rabbit_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
@@ -157,7 +166,9 @@ def _rabbit_context(args: argparse.Namespace, stack: ExitStack) -> BenchContext:
         return go
 
     broker = {"nodes": (a, b), "routes": routes, "options": options}
-    return BenchContext(args, "rabbitmq", stack, raw, fed, broker, lambda: sorted({*a.processes(), *b.processes()}))
+    nodes = (a,) if a is b else (a, b)
+    return BenchContext(args, "rabbitmq", stack, raw, fed, broker, lambda: sorted({*a.processes(), *b.processes()}),
+                        lambda: [n.log_file for n in nodes if n.log_file is not None])  # fmt: skip
 
 
 _CONTEXTS: dict[str, Callable[[argparse.Namespace, ExitStack], BenchContext]] = {

@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from ..brokers._process import log_tail
 from ..errors import ConfigError
 from .contexts import _CONTEXTS, PULSAR_BROKERS
 from .report import load_results, render_chart
@@ -126,7 +127,11 @@ def _settled(ctx: BenchContext, args: argparse.Namespace, go: Go, i: int) -> Res
     quiet = settle(ctx.pids, bound=bound) if ctx.pids is not None and bound > 0 else None
     before = ctx.pids() if ctx.pids is not None else []
     broker_cpu = cpu_seconds(before)
-    result = go(i)
+    try:
+        result = go(i)
+    except RuntimeError as exc:  # a party died: what the broker said then is often why
+        tails = "".join(log_tail(log, 30) for log in (ctx.logs() if ctx.logs is not None else []))
+        raise RuntimeError(f"{exc}{tails}") from exc
     if quiet is not None:
         result["settle_seconds"], result["settle_broker_cpu"] = quiet["seconds"], quiet["broker_cpu"]
     # A broker started inside the repetition would count its own start-up: left out then.

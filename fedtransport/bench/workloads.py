@@ -15,6 +15,7 @@ import argparse
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
@@ -45,6 +46,8 @@ class BenchContext:
     broker: dict[str, Any] = field(default_factory=dict)
     #: ``pids()`` -> the processes of the brokers started so far, waited on to go quiet (:mod:`.settle`)
     pids: Callable[[], list[int]] | None = None
+    #: ``logs()`` -> the log files of the brokers started so far, whose tails a failed run reports
+    logs: Callable[[], list[Path]] | None = None
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ module holds the text it writes and the words it passes:
 - :func:`broker_config`: the ``standalone.conf`` keys (BookKeeper reads the same file for the
   bookie): every listener on 127.0.0.1, one bookie, no load balancer, websocket service,
   functions worker or bookie HTTP server; a bookie journal that a crash never tears
-  (:func:`journal_buffers`) and a write cache sized to the direct memory
-  (:func:`write_cache_mb`); TLS and token authentication when asked for; the caller's extra
-  keys last. :func:`write_run_files` writes it with ``log4j2.xml``.
+  (:func:`journal_buffers`), caches that share the direct memory (:func:`direct_memory_budget`),
+  a disk footprint kept small (:data:`DISK_BOUNDS`); TLS and token authentication when asked
+  for; the caller's extra keys last. :func:`write_run_files` writes it with ``log4j2.xml``.
 - :func:`jvm_command`: the ``java`` command line of ``PulsarStandaloneStarter`` (heap, direct
   memory, the module openings Pulsar's own ``bin/pulsar`` passes, the RocksDB metadata store).
 - :func:`hs256_token`: the JWTs ``AuthenticationProviderToken`` verifies; :func:`secret_bytes`,
@@ -34,11 +34,14 @@ from ..errors import ConfigError
 from ._process import LOOPBACK
 
 __all__ = [
+    "BUDGET_KEYS",
+    "DISK_BOUNDS",
     "LOG_LEVELS",
     "MAIN_CLASS",
     "broker_config",
     "check_options",
     "config_value",
+    "direct_memory_budget",
     "hs256_token",
     "journal_buffers",
     "jvm_command",
@@ -47,7 +50,6 @@ __all__ = [
     "make_tls_files",
     "secret_bytes",
     "tls_files",
-    "write_cache_mb",
     "write_run_files",
 ]
 
@@ -206,8 +208,8 @@ def check_options(
         if not isinstance(key, str) or not _CONFIG_KEY_RE.fullmatch(key):
             raise ConfigError(f"PulsarStandalone config key {key!r} is not a standalone.conf key")
         config_value(setting)
-    if "dbStorage_writeCacheMaxSizeMb" not in extra:  # the caller's own size wins, unchecked
-        write_cache_mb(direct_memory, _max_message_size(extra))  # too little direct memory: refused now
+    if not BUDGET_KEYS & extra.keys():  # a caller who sizes any of them takes the budget over
+        direct_memory_budget(direct_memory, _max_message_size(extra))  # too little: refused now
     return extra
 
 
@@ -220,11 +222,12 @@ def broker_config(
     secret: bytes | None,
     superuser: str,
     extra: Mapping[str, object],
-    direct_memory: str = "512m",
+    direct_memory: str = "1g",
 ) -> dict[str, str]:
     """The ``standalone.conf`` keys and values of a broker on ``ports`` (by role, as the launcher
     names them); ``tls_paths`` (cert, key, ca) turns TLS on, ``secret`` token authentication;
-    ``direct_memory`` is the JVM's ``-XX:MaxDirectMemorySize`` (the bookie's caches come out of it)."""
+    ``direct_memory`` is the JVM's ``-XX:MaxDirectMemorySize`` (broker and bookie share it:
+    :func:`direct_memory_budget`)."""
     max_message_size = _max_message_size(extra)
     conf: dict[str, object] = {
         "clusterName": cluster,
@@ -263,9 +266,9 @@ def broker_config(
         **journal_buffers(max_message_size),
         "diskUsageThreshold": 0.999,  # CI disks run full; a read-only bookie refuses writes
         "diskUsageWarnThreshold": 0.99,
+        **DISK_BOUNDS,
+        **direct_memory_budget(direct_memory, max_message_size, checked=False),
     }
-    if "dbStorage_writeCacheMaxSizeMb" not in extra:  # the caller's own size wins (below), unchecked
-        conf["dbStorage_writeCacheMaxSizeMb"] = write_cache_mb(direct_memory, max_message_size)
     if tls_paths is not None:
         cert, key, ca = tls_paths
         conf.update(
@@ -319,24 +322,48 @@ def _mebibytes(memory: str) -> int:
     return int(memory.rstrip("kKmMgG")) * scale >> 20
 
 
-def write_cache_mb(direct_memory: str, max_message_size: int) -> int:
-    """The bookie's write cache (``dbStorage_writeCacheMaxSizeMb``): a quarter of the direct memory,
-    BookKeeper's own default, and room for at least two whole entries in each of its two halves.
+# The bookie keeps every byte twice (journal, entry log) and by default frees neither for long:
+# journal files of 2 GiB with 5 old ones kept, entry logs of 1 GiB, garbage collected every
+# 10 minutes. One documented benchmark run then left 4.9 GB behind, and on a CI disk with less
+# free the bookie turned read-only mid-run ("Not enough non-faulty bookies available", -6).
+DISK_BOUNDS: dict[str, object] = {
+    "journalMaxSizeMB": 256,
+    "journalMaxBackups": 0,  # old journals serve manual recovery only; replay needs none
+    "logSizeLimit": 256 * 1024 * 1024,  # an entry log goes once all its ledgers are deleted
+    "gcWaitTime": 5_000,  # ms: a deleted topic's bytes go within seconds, not 10 minutes
+    "minorCompactionInterval": 10,  # s (hourly by default): a log a small live ledger holds is rewritten
+    "isForceGCAllowWhenNoSpace": True,
+}
 
-    An entry larger than half the cache is never written (apache/pulsar#18062). A cache of a few
-    entries is full at every other one: each add then waits for a flush, and now and then the
-    flush it waits for is the bookie's periodic checkpoint. With 16 MiB, 7 of 100 FATE tables of
-    256 MiB stalled 3 to 9 s ("WriteEntryProcessor took too long" in the broker's log), none of
-    40 with 128 MiB (docs/benchmarks.md)."""
+BUDGET_KEYS = frozenset({"dbStorage_writeCacheMaxSizeMb", "managedLedgerCacheSizeMB",
+                         "maxMessagePublishBufferSizeInMB"})  # fmt: skip
+
+
+def direct_memory_budget(direct_memory: str, max_message_size: int, *, checked: bool = True) -> dict[str, int]:
+    """How the broker and the bookie, in one JVM, share ``direct_memory`` (MiB per key): the
+    bookie's write cache an eighth, the broker's managed-ledger cache an eighth and its buffer of
+    messages read but not yet written a quarter, so that half is left for messages in flight.
+
+    Each side's own default assumes it owns the JVM (a fifth, a half, BookKeeper's a quarter):
+    95% of it together; at 512m with a 128 MiB write cache a benchmark run peaked at 434 MiB of
+    direct memory, at 1g with this budget at 452. The write cache holds two whole entries per
+    half or more: a larger entry is never written (apache/pulsar#18062), and a cache of a few
+    entries is full at every other one, each add then waiting for a flush; with 16 MiB, 7 of 100
+    FATE tables of 256 MiB stalled 3 to 9 s ("WriteEntryProcessor took too long" in the broker's
+    log), none of 40 with 128 MiB (docs/benchmarks.md). A ``direct_memory`` too small for that is
+    refused (:class:`ConfigError`) unless ``checked`` is false: the caller sized a cache itself."""
     direct = _mebibytes(direct_memory)
     entry = -(-(max_message_size + _ENTRY_OVERHEAD) // (1 << 20))
-    cache = max(direct // 4, 4 * entry)
-    if cache > direct // 2:
+    if checked and 4 * entry > direct // 8:
         raise ConfigError(
             f"PulsarStandalone direct_memory {direct_memory} is too small for entries of {entry} MiB: "
-            f"the bookie's write cache needs {4 * entry} MiB, at most half of it"
+            f"the bookie's write cache, an eighth of it, must hold {4 * entry} MiB"
         )
-    return cache
+    return {
+        "dbStorage_writeCacheMaxSizeMb": direct // 8,
+        "managedLedgerCacheSizeMB": direct // 8,
+        "maxMessagePublishBufferSizeInMB": direct // 4,
+    }
 
 
 def journal_buffers(max_message_size: int) -> dict[str, int]:
