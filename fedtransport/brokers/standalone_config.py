@@ -208,8 +208,9 @@ def check_options(
         if not isinstance(key, str) or not _CONFIG_KEY_RE.fullmatch(key):
             raise ConfigError(f"PulsarStandalone config key {key!r} is not a standalone.conf key")
         config_value(setting)
+    max_message_size = _max_message_size(extra)  # not a positive int: refused now
     if not BUDGET_KEYS & extra.keys():  # a caller who sizes any of them takes the budget over
-        direct_memory_budget(direct_memory, _max_message_size(extra))  # too little: refused now
+        direct_memory_budget(direct_memory, max_message_size)  # too little: refused now
     return extra
 
 
@@ -309,9 +310,12 @@ _JOURNAL_FLUSH_THRESHOLD_KB = 512
 def _max_message_size(extra: Mapping[str, object]) -> int:
     value = extra.get("maxMessageSize", DEFAULT_MAX_MESSAGE_SIZE)
     try:
-        return max(int(str(value)), 0)
+        size = int(str(value))
     except ValueError:
-        raise ConfigError(f"PulsarStandalone config maxMessageSize must be an int, got {value!r}") from None
+        size = 0
+    if size <= 0:  # the broker would take it and refuse every message
+        raise ConfigError(f"PulsarStandalone config maxMessageSize must be a positive int, got {value!r}")
+    return size
 
 
 def _mebibytes(memory: str) -> int:
