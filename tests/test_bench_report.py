@@ -583,3 +583,27 @@ def test_the_raw_baseline_deletes_its_topic_on_the_real_broker(capsys: pytest.Ca
                      "--only", "raw-large"])  # fmt: skip
     assert code == 0, capsys.readouterr().out
     assert not [t for t in left if t.rsplit("/", 1)[-1].startswith("t")], left
+
+
+@pytest.mark.timeout(600)
+def test_the_raw_baseline_deletes_its_queue_on_the_real_node(capsys: pytest.CaptureFixture[str]) -> None:
+    """The raw pika baseline's queue goes after each run, as the fed workloads' cleanup does."""
+    pytest.importorskip("numpy")
+    from fedtransport.brokers import RabbitNode
+
+    if not RabbitNode.installed():
+        pytest.skip("rabbitmq-server is not installed")
+    left: list[str] = []
+    real_stop = RabbitNode.stop
+
+    def stop_after_listing(self: RabbitNode) -> None:
+        if self.running:
+            left.extend(self.ctl("list_queues", "--quiet", "--no-table-headers", "name").split())
+        real_stop(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RabbitNode, "stop", stop_after_listing)
+        code = main(["bench", "--backend", "rabbitmq", "--mib", "8", "--repeat", "2", "--warmup", "0", "--settle", "0",
+                     "--only", "raw-large"])  # fmt: skip
+    assert code == 0, capsys.readouterr().out
+    assert not [q for q in left if q.startswith("bench-raw-")], left

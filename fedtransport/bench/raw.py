@@ -107,6 +107,7 @@ def raw_rabbit_receiver(cfg: dict[str, Any], q: Any) -> None:
             break
     q.put(("end", time.time(), nbytes, time.process_time() - cpu))
     ch.cancel()
+    ch.queue_delete(cfg["queue"])  # after the clock, as the fed workloads' cleanup
     conn.close()
 
 
