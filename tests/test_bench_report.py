@@ -607,3 +607,21 @@ def test_the_raw_baseline_deletes_its_queue_on_the_real_node(capsys: pytest.Capt
                      "--only", "raw-large"])  # fmt: skip
     assert code == 0, capsys.readouterr().out
     assert not [q for q in left if q.startswith("bench-raw-")], left
+
+
+def test_the_raw_async_sender_fails_when_the_broker_refuses_a_send(pulsar_standalone: Any) -> None:
+    """A send the broker (or the client) refuses fails the raw sender at once. It counted as sent,
+    and the receiver then waited 600 s for messages never stored (a CI run on a full disk)."""
+    import queue as queue_
+
+    from fedtransport.bench.raw import raw_pulsar_sender
+
+    q: queue_.Queue[Any] = queue_.Queue()
+    cfg = {"service_url": pulsar_standalone.service_url, "topic": f"persistent://public/default/big{time.time_ns()}",
+           "count": 3, "size": 6 * 2**20, "sync": False}  # fmt: skip  # over the broker's 5 MiB maxMessageSize
+    with pytest.raises(RuntimeError, match=r"3 of 3 sends failed, the first with .*MessageTooBig"):
+        raw_pulsar_sender(cfg, q)
+    assert q.empty()  # no "start": the run fails, not the receiver's timeout
+    cfg["size"] = 1024
+    raw_pulsar_sender(cfg, q)
+    assert q.get_nowait()[0] == "start"

@@ -33,10 +33,19 @@ def raw_pulsar_sender(cfg: dict[str, Any], q: Any) -> None:
         for _ in range(count):
             producer.send(payload, **extra)
     else:
+        failed: list[Any] = []
+
+        def sent(res: Any, _id: Any) -> None:
+            if res != pulsar.Result.Ok:
+                failed.append(res)
+            done.release()
+
         for _ in range(count):
-            producer.send_async(payload, lambda res, _id: done.release(), **extra)
+            producer.send_async(payload, sent, **extra)
         for _ in range(count):
             done.acquire()
+        if failed:  # else the receiver would wait out its timeout for messages never stored
+            raise RuntimeError(f"{len(failed)} of {count} sends failed, the first with {failed[0]}")
     q.put(("start", start, time.process_time() - cpu))
     client.close()
 
