@@ -405,6 +405,9 @@ def test_journal_buffer_holds_a_whole_entry_of_the_largest_message() -> None:
     with pytest.raises(ConfigError, match="maxMessageSize"):
         broker_config(cluster="c", run_dir=Path("/nonexistent"), ports={"broker": 1, "web": 2},
                       tls_paths=None, secret=None, superuser="su", extra={"maxMessageSize": "big"})  # fmt: skip
+    for option in ("heap", "initial_heap", "direct_memory"):  # the JVM would refuse it only at start
+        with pytest.raises(ConfigError, match=f"{option} 9999999999999g is more than this machine's memory"):
+            PulsarStandalone(**{option: "9999999999999g"})
     for bad in (-5, 0, "1.5", True):  # refused when the launcher is made, not when the broker refuses sends
         with pytest.raises(ConfigError, match="maxMessageSize must be a positive int"):
             PulsarStandalone(config={"maxMessageSize": bad})

@@ -50,7 +50,8 @@ Options (constructor arguments) and defaults
 - ``heap``: ``"1g"`` (``-Xmx``); ``initial_heap``: ``"256m"`` (``-Xms``); ``direct_memory``:
   ``"1g"`` (``-XX:MaxDirectMemorySize``; broker and bookie share it, half for their caches and
   half for messages in flight: ``direct_memory_budget`` in standalone_config.py; a size too small
-  for two entries of ``maxMessageSize`` per half of the write cache is refused).
+  for two entries of ``maxMessageSize`` per half of the write cache is refused, as is any of the
+  three above the machine's physical memory).
 - Disk: the bookie's journal files rotate at 256 MiB and go once flushed, its entry logs rotate
   at 256 MiB, garbage collected every 5 s and compacted every 10 s (``DISK_BOUNDS``): a
   benchmark run that grew to 4.9 GB with BookKeeper's defaults peaks at 1.0 GB and ends at 22 MB.

@@ -197,6 +197,9 @@ def check_options(
     for name, value in (("heap", heap), ("initial_heap", initial_heap), ("direct_memory", direct_memory)):
         if not isinstance(value, str) or not _MEMORY_RE.fullmatch(value):
             raise ConfigError(f"PulsarStandalone {name} must look like '512m' or '1g', got {value!r}")
+        if _mebibytes(value) > _physical_mebibytes():  # else the JVM alone says so, at start
+            raise ConfigError(f"PulsarStandalone {name} {value} is more than this machine's memory "
+                              f"({_physical_mebibytes()} MiB)")  # fmt: skip
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"PulsarStandalone log_level must be one of {LOG_LEVELS}, got {log_level!r}")
     for name, seconds in (("startup_timeout", startup_timeout), ("stop_timeout", stop_timeout),
@@ -316,6 +319,10 @@ def _max_message_size(extra: Mapping[str, object]) -> int:
     if size <= 0:  # the broker would take it and refuse every message
         raise ConfigError(f"PulsarStandalone config maxMessageSize must be a positive int, got {value!r}")
     return size
+
+
+def _physical_mebibytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
 
 
 def _mebibytes(memory: str) -> int:
