@@ -257,3 +257,8 @@ def socket_addresses(pid: int) -> dict[str, list[tuple[str, int]]]:
             addr_hex, port_hex = local.split(":")
             found[kind].append((_address(addr_hex, v6), int(port_hex, 16)))
     return found
+
+
+def silent_party(cfg: dict[str, Any], q: Any) -> None:
+    """A benchmark party that reports nothing for ``cfg["silent"]`` seconds (then ends)."""
+    time.sleep(cfg["silent"])

@@ -625,3 +625,20 @@ def test_the_raw_async_sender_fails_when_the_broker_refuses_a_send(pulsar_standa
     cfg["size"] = 1024
     raw_pulsar_sender(cfg, q)
     assert q.get_nowait()[0] == "start"
+
+
+def test_a_repetition_whose_parties_go_silent_fails_by_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A party that neither reports nor dies fails the repetition at the deadline, naming what is
+    missing, as a RuntimeError (so a failed run reports the brokers' log tails)."""
+    from fedtransport.bench import parties
+
+    try:
+        from tests.party_proc import silent_party
+    except ModuleNotFoundError:
+        from party_proc import silent_party  # type: ignore[no-redef]
+
+    monkeypatch.setattr(parties, "REPORT_DEADLINE", 2.0)
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="no start and end reported in 2 s"):
+        parties.run_pair(silent_party, silent_party, {"silent": 4}, wait_ready=False)
+    assert time.monotonic() - began < 60  # both children joined, not left behind

@@ -23,6 +23,8 @@ from typing import Any
 from ..errors import ConfigError
 from .workloads import FED_KINDS, SMALL, SMALL_COUNT, TABLE_ROW, FedKind, MiB, Result, register_fed_kind, table_records
 
+REPORT_DEADLINE = 900.0  # seconds both sides of a repetition have to report, once the sender started
+
 
 def run_pair(sender: Callable[..., None], receiver: Callable[..., None], cfg: dict[str, Any],
              wait_ready: bool) -> Result:  # fmt: skip
@@ -44,7 +46,7 @@ def run_pair(sender: Callable[..., None], receiver: Callable[..., None], cfg: di
         send = ctx.Process(target=sender, args=(cfg, q))
         send.start()
         got: dict[str, Any] = {}
-        deadline = time.monotonic() + 900
+        deadline = time.monotonic() + REPORT_DEADLINE
         while len(got) < 2:
             try:
                 item = q.get(timeout=1.0)
@@ -56,7 +58,8 @@ def run_pair(sender: Callable[..., None], receiver: Callable[..., None], cfg: di
                         raise RuntimeError(f"the {who} of {what} died (exit code {proc.exitcode}); "
                                            "its traceback is above") from None  # fmt: skip
                 if time.monotonic() > deadline:
-                    raise
+                    missing = " and ".join(k for k in ("start", "end") if k not in got)
+                    raise RuntimeError(f"no {missing} reported in {REPORT_DEADLINE:.0f} s") from None
                 continue
             got[item[0]] = item[1:]
     finally:
