@@ -16,7 +16,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -562,50 +562,46 @@ def test_a_run_whose_party_died_reports_the_tail_of_the_broker_s_log(tmp_path: P
     assert "started" not in text  # the tail, not the whole log
 
 
+def _left_at_stop(backend: str, broker: Any, stop: str, names: Callable[[Any], list[str]]) -> list[str]:
+    """What ``names(broker)`` lists as the broker stops, after a raw-large bench of two repetitions."""
+    left: list[str] = []
+    real_stop = getattr(broker, stop)
+
+    def stop_after_listing(self: Any) -> None:
+        if self.running:
+            left.extend(names(self))
+        real_stop(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(broker, stop, stop_after_listing)
+        code = main(["bench", "--backend", backend, "--mib", "8", "--repeat", "2", "--warmup", "0", "--settle", "0",
+                     "--only", "raw-large"])  # fmt: skip
+    assert code == 0
+    return left
+
+
 @pytest.mark.timeout(600)
-def test_the_raw_baseline_deletes_its_topic_on_the_real_broker(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_raw_baseline_deletes_its_topic_on_the_real_broker() -> None:
     """As the fed workloads' cleanup does: a raw topic left behind keeps its bytes on the bookie's
     disk (one documented run left 4.9 GB behind, and a fuller CI disk failed mid-run)."""
     pytest.importorskip("numpy")
     from fedtransport.brokers.standalone import PulsarStandalone
 
-    left: list[str] = []
-    real_stop = PulsarStandalone._stop
-
-    def stop_after_listing(self: PulsarStandalone) -> None:
-        if self.running:
-            left.extend(self.admin("GET", "/admin/v2/persistent/public/default"))
-        real_stop(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(PulsarStandalone, "_stop", stop_after_listing)
-        code = main(["bench", "--backend", "pulsar", "--mib", "8", "--repeat", "2", "--warmup", "0", "--settle", "0",
-                     "--only", "raw-large"])  # fmt: skip
-    assert code == 0, capsys.readouterr().out
+    left = _left_at_stop("pulsar", PulsarStandalone, "_stop",
+                         lambda b: b.admin("GET", "/admin/v2/persistent/public/default"))  # fmt: skip
     assert not [t for t in left if t.rsplit("/", 1)[-1].startswith("t")], left
 
 
 @pytest.mark.timeout(600)
-def test_the_raw_baseline_deletes_its_queue_on_the_real_node(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_raw_baseline_deletes_its_queue_on_the_real_node() -> None:
     """The raw pika baseline's queue goes after each run, as the fed workloads' cleanup does."""
     pytest.importorskip("numpy")
     from fedtransport.brokers import RabbitNode
 
     if not RabbitNode.installed():
         pytest.skip("rabbitmq-server is not installed")
-    left: list[str] = []
-    real_stop = RabbitNode.stop
-
-    def stop_after_listing(self: RabbitNode) -> None:
-        if self.running:
-            left.extend(self.ctl("list_queues", "--quiet", "--no-table-headers", "name").split())
-        real_stop(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(RabbitNode, "stop", stop_after_listing)
-        code = main(["bench", "--backend", "rabbitmq", "--mib", "8", "--repeat", "2", "--warmup", "0", "--settle", "0",
-                     "--only", "raw-large"])  # fmt: skip
-    assert code == 0, capsys.readouterr().out
+    left = _left_at_stop("rabbitmq", RabbitNode, "stop",
+                         lambda n: n.ctl("list_queues", "--quiet", "--no-table-headers", "name").split())  # fmt: skip
     assert not [q for q in left if q.startswith("bench-raw-")], left
 
 
