@@ -307,6 +307,10 @@ def test_a_table_of_many_partitions_is_written_by_several_writers_at_once(
         assert dict(table.table.collect()) == {k: value + k for part in keys for k in part}
         for p, records in enumerate(raw_partitions(table)):  # each partition in its own LMDB store
             assert sorted(k for k, _ in records) == sorted(keys[p])
+            # a transaction per received unit (~19 a partition here), so that LMDB never holds a
+            # whole partition's dirty pages in memory
+            with table.table._get_env_for_partition(p) as env:
+                assert env.info()["last_txnid"] >= 10
     finally:
         host.destroy()
         guest.close()
@@ -322,10 +326,14 @@ def test_a_record_in_the_wrong_partition_is_an_integrity_error(tmp_path: Path, j
     keys = _keys_by_partition(2, 5)
     host, session = _host_federation(tmp_path, job_id)
     with ft.Federation.connect("memory", job_id=job_id, party=ft.Party(*GUEST), options={"hub": job_id}) as guest:
+        standalone = session.get_standalone_session()
+        tables = Path(standalone._data_dir) / standalone.session_id
         try:  # partition 0 holds a key of partition 1
             guest.remote(ft.Table([[(k, b"x") for k in keys[0] + keys[1][:1]], []]), "t", "0", [ft.Party(*HOST)])
+            before = set(tables.glob("*"))
             with pytest.raises(IntegrityError, match="belongs in partition 1 of 2"):
                 host.pull_table("t", "0", [GUEST], [TableMeta(2, 0, 0, 0)])
+            assert set(tables.glob("*")) <= before  # what was committed before the bad record is gone
         finally:
             host.destroy()
             session.destroy()
