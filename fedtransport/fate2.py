@@ -308,7 +308,7 @@ def _write_standalone(computing: Any, table: Table, n: int, types: tuple[int, in
     while it copies and syncs, so the writers overlap. A transaction per unit, not per partition:
     LMDB holds a transaction's dirty pages in memory until it commits, a whole partition's (twice
     its size: a 4 KiB value takes two pages) with one; with a unit's, the receiver's CPU for a
-    256 MiB table fell from 0.92 to 0.78 s at the median (docs/benchmarks.md). The table is
+    256 MiB table fell from 0.94 to 0.79 s at the median (docs/benchmarks.md). The table is
     destroyed if any partition fails, so what one commits early is never seen.
     """
     from fate.arch.computing.backends.standalone import Table as StandaloneTable

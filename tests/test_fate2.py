@@ -333,7 +333,7 @@ def test_a_record_in_the_wrong_partition_is_an_integrity_error(tmp_path: Path, j
             before = set(tables.glob("*"))
             with pytest.raises(IntegrityError, match="belongs in partition 1 of 2"):
                 host.pull_table("t", "0", [GUEST], [TableMeta(2, 0, 0, 0)])
-            assert set(tables.glob("*")) <= before  # what was committed before the bad record is gone
+            assert set(tables.glob("*")) <= before  # the table made for it is gone, with all it committed
         finally:
             host.destroy()
             session.destroy()
