@@ -262,3 +262,8 @@ def socket_addresses(pid: int) -> dict[str, list[tuple[str, int]]]:
 def silent_party(cfg: dict[str, Any], q: Any) -> None:
     """A benchmark party that reports nothing for ``cfg["silent"]`` seconds (then ends)."""
     time.sleep(cfg["silent"])
+
+
+def failing_party(cfg: dict[str, Any], q: Any) -> None:
+    """A benchmark party that fails at once, before reporting anything (exit code 1)."""
+    raise SystemExit(1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import re
 import subprocess
@@ -628,13 +629,69 @@ def test_a_repetition_whose_parties_go_silent_fails_by_its_deadline(monkeypatch:
     missing, as a RuntimeError (so a failed run reports the brokers' log tails)."""
     from fedtransport.bench import parties
 
-    try:
-        from tests.party_proc import silent_party
-    except ModuleNotFoundError:
-        from party_proc import silent_party  # type: ignore[no-redef]
-
+    silent_party = _bench_party("silent_party")
     monkeypatch.setattr(parties, "REPORT_DEADLINE", 2.0)
     began = time.monotonic()
     with pytest.raises(RuntimeError, match="no start and end reported in 2 s"):
         parties.run_pair(silent_party, silent_party, {"silent": 4}, wait_ready=False)
     assert time.monotonic() - began < 60  # both children joined, not left behind
+
+
+def _bench_party(name: str) -> Any:
+    try:
+        import tests.party_proc as procs
+    except ModuleNotFoundError:
+        import party_proc as procs  # type: ignore[no-redef]
+    return getattr(procs, name)
+
+
+@pytest.mark.parametrize("wait_ready", [False, True], ids=["fed", "raw"])
+def test_a_repetition_fails_as_soon_as_a_party_dies_and_stops_the_other(wait_ready: bool) -> None:
+    """A side that dies before reporting fails the repetition at once, and the side still waiting
+    for it is stopped: the survivor used to be waited out (120 s, a fed receiver's hello timeout),
+    and a raw receiver that died before it was ready left the run waiting 120 s on a bare assert."""
+    from fedtransport.bench import parties
+
+    failing, silent = _bench_party("failing_party"), _bench_party("silent_party")
+    sender, receiver = (failing, silent) if not wait_ready else (silent, failing)
+    began = time.monotonic()
+    who = "receiver" if wait_ready else "sender"
+    with pytest.raises(RuntimeError, match=f"the {who} of the raw client died \\(exit code 1\\)"):
+        parties.run_pair(sender, receiver, {"silent": 90}, wait_ready=wait_ready)
+    assert time.monotonic() - began < 45  # not the silent side's 90 s
+    assert not mp.active_children()  # both ended with the repetition
+
+
+def test_a_count_flag_below_its_least_says_its_least(capsys: pytest.CaptureFixture[str]) -> None:
+    for flag, least in (("--repeat", 1), ("--mib", 1), ("--partitions", 1), ("--warmup", 0)):
+        for bad in (least - 1, -5):  # -5 once said "must be 0 or more" for a flag that needs 1
+            with pytest.raises(SystemExit):
+                bench.build_parser().parse_args([flag, str(bad)])
+            assert f"argument {flag}: must be at least {least}, got {bad}" in capsys.readouterr().err
+
+
+def test_a_mib_the_machine_cannot_hold_twice_is_refused_before_any_broker_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The object and table workloads hold the value whole in both parties: a --mib beyond half
+    the machine's memory failed after the raw baseline had run, with a MemoryError in the sender
+    and the receiver waiting for it. The raw client alone streams, so it may move any size."""
+    from fedtransport.bench import runner
+    from fedtransport.errors import ConfigError
+
+    started: list[str] = []
+
+    def no_broker(args: argparse.Namespace, stack: ExitStack) -> bench.BenchContext:
+        started.append(args.backend)
+        raise RuntimeError("a broker would start here")
+
+    monkeypatch.setattr(runner, "physical_mebibytes", lambda: 100)
+    monkeypatch.setitem(runner._CONTEXTS, "rabbitmq", no_broker)
+    for argv in (["--mib", "51"], ["--mib", "51", "--only", "raw-large", "table"]):
+        with pytest.raises(ConfigError, match=r"--mib 51 needs at least 102 MiB .* this machine has 100 MiB"):
+            runner.execute(bench.build_parser().parse_args(["--backend", "rabbitmq", *argv]))
+    assert not started
+    for argv in (["--mib", "50"], ["--mib", "51", "--only", "raw-large", "raw-small", "small"]):
+        with pytest.raises(RuntimeError, match="a broker would start here"):
+            runner.execute(bench.build_parser().parse_args(["--backend", "rabbitmq", *argv]))
+    assert started == ["rabbitmq", "rabbitmq"]

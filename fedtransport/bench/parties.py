@@ -24,6 +24,8 @@ from ..errors import ConfigError
 from .workloads import FED_KINDS, SMALL, SMALL_COUNT, TABLE_ROW, FedKind, MiB, Result, register_fed_kind, table_records
 
 REPORT_DEADLINE = 900.0  # seconds both sides of a repetition have to report, once the sender started
+READY_DEADLINE = 120.0  # seconds a raw receiver has to say it is subscribed
+FAILED_GRACE = 2.0  # seconds a side has to end by itself once the repetition has failed
 
 
 def run_pair(sender: Callable[..., None], receiver: Callable[..., None], cfg: dict[str, Any],
@@ -40,32 +42,33 @@ def run_pair(sender: Callable[..., None], receiver: Callable[..., None], cfg: di
     recv = ctx.Process(target=receiver, args=(cfg, q))
     recv.start()
     send = None
+    ended = False
     try:
         if wait_ready:
-            assert q.get(timeout=120)[0] == "ready"
+            ready = _next_report(q, cfg, [("receiver", recv)], time.monotonic() + READY_DEADLINE,
+                                 lambda: f"the receiver was not ready in {READY_DEADLINE:.0f} s")  # fmt: skip
+            if ready[0] != "ready":
+                raise RuntimeError(f"the receiver reported {ready[0]!r} before it was ready")
         send = ctx.Process(target=sender, args=(cfg, q))
         send.start()
         got: dict[str, Any] = {}
+        sides = [("sender", send), ("receiver", recv)]
         deadline = time.monotonic() + REPORT_DEADLINE
+
+        def overdue() -> str:
+            missing = " and ".join(k for k in ("start", "end") if k not in got)
+            return f"no {missing} reported in {REPORT_DEADLINE:.0f} s"
+
         while len(got) < 2:
-            try:
-                item = q.get(timeout=1.0)
-            except queue.Empty:
-                # A side that died before reporting would leave the other waiting for it until the deadline.
-                for who, proc in (("sender", send), ("receiver", recv)):
-                    if proc.exitcode not in (None, 0):
-                        what = cfg.get("workload") or "the raw client"
-                        raise RuntimeError(f"the {who} of {what} died (exit code {proc.exitcode}); "
-                                           "its traceback is above") from None  # fmt: skip
-                if time.monotonic() > deadline:
-                    missing = " and ".join(k for k in ("start", "end") if k not in got)
-                    raise RuntimeError(f"no {missing} reported in {REPORT_DEADLINE:.0f} s") from None
-                continue
+            item = _next_report(q, cfg, sides, deadline, overdue)
             got[item[0]] = item[1:]
+        ended = True
     finally:
         for child in (send, recv):  # every child ends with the repetition, also on failure
             if child is not None:
-                child.join(120)
+                # After a failure the survivor waits for a peer that is gone (the receiver's
+                # hello alone for 120 s): it is stopped, not waited out.
+                child.join(120 if ended else FAILED_GRACE)
                 if child.is_alive():
                     child.kill()
                     child.join()
@@ -79,6 +82,23 @@ def run_pair(sender: Callable[..., None], receiver: Callable[..., None], cfg: di
     # Both children were joined above, so their CPU is in RUSAGE_CHILDREN (grandchildren they reaped too).
     result["cpu_processes"] = round(_children_cpu() - children_cpu, 3)
     return result
+
+
+def _next_report(q: Any, cfg: dict[str, Any], sides: list[tuple[str, Any]], deadline: float,
+                 overdue: Callable[[], str]) -> tuple[Any, ...]:  # fmt: skip
+    """The next report on ``q``; a RuntimeError as soon as one of ``sides`` died without it (the
+    other would wait for it to its own timeout), or saying ``overdue()`` past ``deadline``."""
+    while True:
+        try:
+            return tuple(q.get(timeout=1.0))
+        except queue.Empty:
+            for who, proc in sides:
+                if proc.exitcode not in (None, 0):
+                    what = cfg.get("workload") or "the raw client"
+                    raise RuntimeError(f"the {who} of {what} died (exit code {proc.exitcode}); "
+                                       "its traceback is above") from None  # fmt: skip
+            if time.monotonic() > deadline:
+                raise RuntimeError(overdue()) from None
 
 
 def _children_cpu() -> float:

@@ -48,6 +48,7 @@ __all__ = [
     "jvm_environment",
     "loopback_interface",
     "make_tls_files",
+    "physical_mebibytes",
     "secret_bytes",
     "tls_files",
     "write_run_files",
@@ -197,9 +198,9 @@ def check_options(
     for name, value in (("heap", heap), ("initial_heap", initial_heap), ("direct_memory", direct_memory)):
         if not isinstance(value, str) or not _MEMORY_RE.fullmatch(value):
             raise ConfigError(f"PulsarStandalone {name} must look like '512m' or '1g', got {value!r}")
-        if _mebibytes(value) > _physical_mebibytes():  # else the JVM alone says so, at start
+        if _mebibytes(value) > physical_mebibytes():  # else the JVM alone says so, at start
             raise ConfigError(f"PulsarStandalone {name} {value} is more than this machine's memory "
-                              f"({_physical_mebibytes()} MiB)")  # fmt: skip
+                              f"({physical_mebibytes()} MiB)")  # fmt: skip
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"PulsarStandalone log_level must be one of {LOG_LEVELS}, got {log_level!r}")
     for name, seconds in (("startup_timeout", startup_timeout), ("stop_timeout", stop_timeout),
@@ -321,7 +322,8 @@ def _max_message_size(extra: Mapping[str, object]) -> int:
     return size
 
 
-def _physical_mebibytes() -> int:
+def physical_mebibytes() -> int:
+    """This machine's memory in MiB."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
 
 
