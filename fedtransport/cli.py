@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=raw)  # fmt: skip
     public.add_argument("file", type=Path, help="a private key file written by 'keys new'")
     for p in (new, public):
-        p.add_argument("--party", default="PARTY_ID", metavar="ID", help="the party id to print the entry under")
+        p.add_argument("--party", default="PARTY_ID", type=_party_id, metavar="ID",
+                       help="the party id to print the entry under")  # fmt: skip
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
     cleanup = sub.add_parser(
@@ -435,6 +436,17 @@ def _certs(args: argparse.Namespace, out: _Out) -> int:
 
 
 # ---------------------------------------------------------------------------- keys
+
+
+def _party_id(text: str) -> str:
+    """A party id as :class:`~fedtransport.Party` takes it, checked before a key is written: the
+    printed route-table line must load, and an id like ``x: {y`` would make it other YAML."""
+    from .party import Party
+
+    try:
+        return Party("party", text).party_id
+    except ConfigError as exc:  # argparse shows an ArgumentTypeError's text, a ValueError's type only
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _keys(args: argparse.Namespace, out: _Out) -> int:

@@ -302,6 +302,15 @@ def test_keys_cli_writes_a_private_key_and_the_route_table_line(
         tables[pid] = {"host": "127.0.0.1", "public_key": text}
     assert cli_main(["keys", "new", "--out", str(tmp_path / "9999.pem")]) == 1  # never overwritten
     assert "refusing to overwrite" in capsys.readouterr().err
+    # A party id a Party refuses is refused before a key is written: the printed line must load
+    # as a route table entry, and "x: {y" would have made it other YAML.
+    for bad in ("", "x: {y", "a b"):
+        with pytest.raises(SystemExit) as refused:
+            cli_main(["keys", "new", "--out", str(tmp_path / "bad.pem"), "--party", bad])
+        assert refused.value.code == 2 and "argument --party" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            cli_main(["keys", "public", str(tmp_path / "9999.pem"), "--party", bad])
+    assert not (tmp_path / "bad.pem").exists()
 
     def connect(party: ft.Party) -> ft.Federation:
         options = {"identity": str(tmp_path / f"{party.party_id}.pem")}
