@@ -24,6 +24,7 @@ the naming PowerFL uses). A ``public_key`` key publishes the party's X25519 publ
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,9 @@ _DEFAULT_PORTS = {
 _ALIASES = {"sslPort": "ssl_port", "mngPort": "mng_port"}
 _PORT_KEYS = ("port", "ssl_port", "mng_port")
 _KNOWN = {"host", "proxy", "domain", "cluster", "public_key", *_PORT_KEYS}
+# A DNS name as resolvers take it (underscores too, as internal names have them), or an IP.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,13 @@ class Endpoint:
     @property
     def proxy_port(self) -> int | None:
         return int(self.proxy.rsplit(":", 1)[1]) if self.proxy else None
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` cannot name a machine (a space, a stray ':' or '/', an empty label), or None."""
+    if is_ip(host.removeprefix("[").removesuffix("]")) or (len(host) <= 253 and _HOST_RE.fullmatch(host)):
+        return None
+    return f"{host!r} is not a host name or an IP address"
 
 
 def is_ip(host: str) -> bool:
@@ -178,6 +189,8 @@ class RouteTable:
                     v = ""
                 elif not isinstance(v, str) or ":" not in v or not v.rsplit(":", 1)[1].isdigit():
                     raise fail(f"{where}.proxy", f"{v!r} must be 'host:port'")
+                elif problem := host_problem(v.rsplit(":", 1)[0]):
+                    raise fail(f"{where}.proxy", problem)
             elif k == "public_key":
                 if v in (None, ""):
                     continue
@@ -191,6 +204,8 @@ class RouteTable:
                 raise fail(f"{where}.{k}", f"{v!r} must be a string")
             else:
                 v = str(v)
+                if k in ("host", "domain") and v and (problem := host_problem(v)):
+                    raise fail(f"{where}.{k}", problem)
             out[k] = v
         return out
 

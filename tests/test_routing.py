@@ -72,6 +72,14 @@ def test_mapping_and_routetable_sources():
         ("9999: {host: h, proxy: nocolon}\n", "9999.proxy"),
         ("9999: [1, 2]\n", "9999"),
         ("default: 5\n", "default"),
+        # route check said OK to hosts no resolver takes: found only when a party connected
+        ('9999: {host: "evil\\nhost"}\n', "9999.host"),
+        ('9999: {host: "a b"}\n', "9999.host"),
+        ("9999: {host: user@h}\n", "9999.host"),
+        ("9999: {host: h/x}\n", "9999.host"),
+        ("9999: {host: a..b}\n", "9999.host"),
+        ('default: {domain: "fate .org"}\n', "default.domain"),
+        ('9999: {host: h, proxy: "a b:443"}\n', "9999.proxy"),
     ],
 )
 def test_malformed_tables_name_file_and_key(tmp_path, text, key):
@@ -80,6 +88,12 @@ def test_malformed_tables_name_file_and_key(tmp_path, text, key):
     with pytest.raises(ft.RouteError) as err:
         ft.RouteTable.load(path)
     assert str(path) in str(err.value) and repr(key) in str(err.value)
+
+
+def test_hosts_may_be_any_dns_name_or_ip_literal():
+    hosts = ["h", "localhost", "my_host.internal.", "party-a.fate.test", "10.0.0.1", "::1", "[fe80::1]"]
+    rt = ft.RouteTable.load({str(9000 + i): {"host": h, "proxy": f"{h}:443"} for i, h in enumerate(hosts)})
+    assert [rt.resolve(9000 + i).host for i in range(len(hosts))] == hosts
 
 
 def test_bad_yaml_and_missing_file(tmp_path):
