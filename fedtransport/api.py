@@ -267,7 +267,7 @@ class Federation:
         ``(name, tag)`` to the same party twice raises :class:`DuplicateTransfer`.
         ``progress(done, total)`` is called as messages go out (bytes over every party).
         """
-        name, tag, dsts = self._key(name, tag, parties)
+        name, tag, dsts = self._key(name, tag, parties, progress)
         # A failure releases the claims: nothing was handed over for sure, a retry must be allowed.
         with self._sent.claimed(name, tag, dsts):
             self._send(obj, name, tag, dsts, progress)
@@ -475,7 +475,7 @@ class Federation:
         every party; total None for tables).
         """
         started = time.perf_counter()
-        name, tag, srcs = self._key(name, tag, parties)
+        name, tag, srcs = self._key(name, tag, parties, progress)
         timeout = check_timeout(timeout)  # every argument checked before the session is touched
         # Until the handover, a failure releases the claims: the get may be tried again, and
         # what already arrived stays in the inbox for it.
@@ -509,7 +509,7 @@ class Federation:
     ) -> list[Any]:
         """``get`` for asyncio: waits on the event loop, decodes on a worker thread."""
         started = time.perf_counter()
-        name, tag, srcs = self._key(name, tag, parties)
+        name, tag, srcs = self._key(name, tag, parties, progress)
         timeout = check_timeout(timeout)
         with self._got.claimed(name, tag, srcs):  # released on failure, as in get
             claims = self._incoming(name, tag, srcs, progress)
@@ -527,8 +527,14 @@ class Federation:
                         self._check_peers(name, tag, claims, timeout)
         return await asyncio.to_thread(self._finish, name, tag, claims, started, timeout)
 
-    def _key(self, name: str, tag: str, parties: Party | Sequence[Party]) -> tuple[str, str, list[Party]]:
+    def _key(
+        self, name: str, tag: str, parties: Party | Sequence[Party], progress: object = None
+    ) -> tuple[str, str, list[Party]]:
+        """The checked arguments of a transfer; ``progress`` is checked too, since a callback that
+        cannot be called would otherwise fail only inside the transfer, where it is logged."""
         self._check_open()
+        if progress is not None and not callable(progress):
+            raise ConfigError(f"progress must be a function (done, total) or None, got {type(progress).__name__}")
         return key_part("name", name), key_part("tag", tag), as_parties(parties)
 
     def _incoming(self, name: str, tag: str, srcs: list[Party], progress: ProgressFn | None) -> list[Incoming]:
@@ -704,8 +710,9 @@ class _Rising:
     one call at a time, and never a smaller figure after a larger one, which two threads'
     counts taken at once could otherwise be reported as."""
 
-    def __init__(self, progress: ProgressFn) -> None:
+    def __init__(self, progress: ProgressFn, what: str) -> None:
         self._progress = progress
+        self._what = what  # "remote" or "get", for the log
         self._lock = threading.Lock()
         self._reported = -1
 
@@ -713,11 +720,14 @@ class _Rising:
         with self._lock:
             if done > self._reported:
                 self._reported = done
-                self._progress(done, total)
+                try:
+                    self._progress(done, total)
+                except Exception:  # a caller's callback must fail neither the transfer nor a lane
+                    log.exception("the progress callback of a %s failed", self._what)
 
 
 def _progress_of(claims: list[Incoming], progress: ProgressFn) -> Callable[[], None]:
-    rising = _Rising(progress)
+    rising = _Rising(progress, "get")
 
     def report() -> None:
         sizes = [inc.assembly.value_size for inc in claims]
@@ -732,7 +742,7 @@ class _Counting:
 
     def __init__(self, total: int | None, progress: ProgressFn | None) -> None:
         self.total = total
-        self.progress = None if progress is None else _Rising(progress)
+        self.progress = None if progress is None else _Rising(progress, "remote")
         self.bytes = 0  # as on the wire
         self.messages = 0
         self.done = 0  # uncompressed payload
@@ -764,7 +774,4 @@ class _Counting:
                 done = self.done
             yield msg
             if self.progress is not None:  # the transport took it and asks for the next
-                try:
-                    self.progress(done, self.total)
-                except Exception:  # as for a get: a caller's callback must not fail the transfer
-                    log.exception("the progress callback of a remote failed")
+                self.progress(done, self.total)

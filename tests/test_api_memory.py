@@ -630,7 +630,7 @@ def test_progress_figures_reported_by_several_threads_only_rise():
     from fedtransport.api import _Rising
 
     seen: list[int] = []
-    rising = _Rising(lambda done, total: seen.append(done))
+    rising = _Rising(lambda done, total: seen.append(done), "get")
     figures = list(range(1, 4001))
     random.Random(7).shuffle(figures)
     threads = [threading.Thread(target=lambda part=figures[i::8]: [rising(f, None) for f in part]) for i in range(8)]
@@ -658,3 +658,35 @@ def test_progress_callbacks_report_bytes_done_and_total(job_id):
         table = ft.Table.from_partitions([[(i, i)] for i in range(3)])
         g.remote(table, "t", "0", [HOST], progress=lambda done, total: sent.append((done, total)))
         assert sent[-1][1] is None and sent[-1][0] > 0  # a table's size is not known up front
+
+
+def test_a_progress_that_cannot_be_called_is_refused_before_anything_moves(job_id):
+    """A non-callable progress used to be taken, and every call of it logged as a failed callback
+    while the transfer went on: it is a ConfigError up front, for remote, get and their async forms."""
+    with connect(job_id, GUEST) as g, connect(job_id, HOST) as h:
+        for bad in (5, "print"):
+            with pytest.raises(ft.ConfigError, match="progress must be a function"):
+                g.remote(1, "p", "0", [HOST], progress=bad)
+            with pytest.raises(ft.ConfigError, match="progress must be a function"):
+                asyncio.run(g.remote_async(1, "p", "0", [HOST], progress=bad))
+            with pytest.raises(ft.ConfigError, match="progress must be a function"):
+                h.get("p", "0", [GUEST], timeout=0, progress=bad)
+            with pytest.raises(ft.ConfigError, match="progress must be a function"):
+                asyncio.run(h.get_async("p", "0", [GUEST], timeout=0, progress=bad))
+        g.remote(1, "p", "0", [HOST])  # nothing was claimed or sent by the refused calls
+        assert h.get("p", "0", [GUEST], timeout=30) == [1]
+        assert g.stats["messages_sent"] == h.stats["messages_received"] == 1
+
+
+def test_a_progress_callback_that_raises_fails_neither_remote_nor_get(job_id, caplog):
+    """docs/operations.md: an exception from a progress callback is logged and ignored on both sides."""
+
+    def broken(done: int, total: int | None) -> None:
+        raise ZeroDivisionError("a progress bar's bug")
+
+    with connect(job_id, GUEST) as g, connect(job_id, HOST) as h:
+        g.remote(np.arange(10), "p", "0", [HOST], progress=broken)
+        [got] = h.get("p", "0", [GUEST], timeout=30, progress=broken)
+        assert np.array_equal(got, np.arange(10))
+    failures = [r for r in caplog.records if r.exc_info and r.exc_info[0] is ZeroDivisionError]
+    assert {"remote", "get"} <= {w for r in failures for w in ("remote", "get") if w in r.getMessage()}
