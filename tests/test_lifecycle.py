@@ -399,3 +399,45 @@ def test_the_demo_ends_at_once_when_a_party_process_dies() -> None:
     out, _ = demo.communicate(timeout=120)  # a liveness bound; the demo itself notices within a second
     assert demo.returncode == 1, out
     assert "died with exit code -9" in out and "FAILED" in out
+
+
+@pytest.mark.parametrize("where", ["guard", "book"])
+def test_sigterm_while_the_owner_updates_its_books_still_ends_it(where: str) -> None:
+    """SIGTERM's handler runs in the main thread, between two bytecodes of whatever it was doing:
+    once that was telling the guard about a new child (the JVM just spawned) or adding to the book
+    of what to stop, and the handler's stop waited for the lock the interrupted code held, forever
+    (CI: an owner SIGTERMed while its Pulsar broker started took over 90 s, ended by a second
+    signal). Both locks are taken again by the handler now; the owner ends as SIGTERM ends it."""
+    owner = subprocess.Popen(
+        _script(f"""
+            import os, signal, time
+            from pathlib import Path
+            from fedtransport.brokers import _guard
+            from fedtransport.brokers._process import owned
+            guard = _guard.Guard("FT_TEST_SIGTERM_MARKER=1")
+            owned.add(guard, guard.release)  # as a launcher does: stopped on SIGTERM
+            real_write = os.write
+            def write_then_sigterm(fd, data):  # the signal lands while the guard's lock is held
+                os.write = real_write
+                n = real_write(fd, data)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return n
+            if {where!r} == "guard":
+                os.write = write_then_sigterm
+                guard.remove_on_death(Path("/nonexistent-ft-test"))
+            else:
+                with owned._lock:  # the book's lock, as owned.add holds it
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.5)
+            time.sleep(5)
+            print("survived", flush=True)
+        """),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.wait(30) == -signal.SIGTERM  # a liveness bound: it ends at once
+    finally:
+        _end(owner)
+        assert owner.stdout is not None
+        owner.stdout.close()

@@ -66,7 +66,9 @@ class Guard:
 
     def __init__(self, marker: str) -> None:
         self.marker = marker
-        self._lock = threading.Lock()
+        # Reentrant: SIGTERM's handler (_process.owned) runs release() in the main thread, maybe
+        # between two bytecodes of a _send that holds this lock; a plain lock waited forever.
+        self._lock = threading.RLock()
         self._fd: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         read_end, write_end = os.pipe()  # both close on exec: no other child inherits them
@@ -130,7 +132,7 @@ class Guard:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
         self._fd, self._proc = None, None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
 
 _open_guards: weakref.WeakSet[Guard] = weakref.WeakSet()

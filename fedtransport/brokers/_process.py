@@ -194,7 +194,8 @@ class _Owned:
 
     def __init__(self) -> None:
         self._stops: dict[int, tuple[int, Callable[[], None]]] = {}  # id -> (owner pid, stop)
-        self._lock = threading.Lock()
+        # Reentrant: the SIGTERM handler takes it in the main thread, maybe while add() holds it.
+        self._lock = threading.RLock()
         atexit.register(self.stop_all)
         os.register_at_fork(after_in_child=self._forget_all)
 
@@ -217,7 +218,7 @@ class _Owned:
                 stop()
 
     def _forget_all(self) -> None:
-        self._lock = threading.Lock()  # another thread of the parent may have held it at fork
+        self._lock = threading.RLock()  # another thread of the parent may have held it at fork
         self._stops.clear()
 
     def _handle_sigterm(self) -> None:
