@@ -62,9 +62,10 @@ def route_command(args: argparse.Namespace, out: Output) -> int:
 
 
 def _endpoint_info(rt: Any, pid: str) -> dict[str, Any]:
-    from .routing import is_ip
+    from .routing import is_ip, url_host
 
     ep = rt.resolve(pid)
+    at = url_host(ep.host)
     sni = None if is_ip(ep.sni) else ep.sni  # an IP address cannot be sent as a TLS server name
     info: dict[str, Any] = {
         "listed": ep.listed,
@@ -77,20 +78,20 @@ def _endpoint_info(rt: Any, pid: str) -> dict[str, Any]:
     }
     if rt.kind == "pulsar":
         info["cluster"] = ep.cluster
-        info["urls"] = {"broker": f"pulsar://{ep.host}:{ep.port}"}
+        info["urls"] = {"broker": f"pulsar://{at}:{ep.port}"}
         if ep.ssl_port:
-            info["urls"]["broker+tls"] = f"pulsar+ssl://{ep.host}:{ep.ssl_port}"
+            info["urls"]["broker+tls"] = f"pulsar+ssl://{at}:{ep.ssl_port}"
         if ep.proxy:
             info["urls"]["via proxy"] = f"pulsar+ssl://{ep.proxy} (SNI {sni})"
         info["pulsar_cluster"] = rt.pulsar_cluster(pid)
     else:
-        info["urls"] = {"amqp": f"amqp://{ep.host}:{ep.port}"}
+        info["urls"] = {"amqp": f"amqp://{at}:{ep.port}"}
         if ep.ssl_port:
-            info["urls"]["amqps"] = f"amqps://{ep.host}:{ep.ssl_port}" + (f" (SNI {sni})" if sni else "")
+            info["urls"]["amqps"] = f"amqps://{at}:{ep.ssl_port}" + (f" (SNI {sni})" if sni else "")
         if ep.proxy:
             info["urls"]["via proxy"] = f"amqps://{ep.proxy} (SNI {sni})"
         if ep.mng_port:
-            info["urls"]["management"] = f"http://{ep.host}:{ep.mng_port}"
+            info["urls"]["management"] = f"http://{at}:{ep.mng_port}"
     return info
 
 
@@ -117,13 +118,27 @@ def _route_check(args: argparse.Namespace, out: Output) -> int:
     except RouteError as exc:
         out.err(f"fedtransport route check: {exc}")
         return 1
-    for warning in _unknown_keys(Path(args.file)):
+    for warning in _unknown_keys(Path(args.file)) + _pulsar_ipv6_hosts(rt):
         out.err(f"warning: {warning}")
     listed = ", ".join(rt.parties()) or "none"
     star = f"; other parties as {{id}}.{rt.default['domain']}" if rt.default.get("domain") else ""
     via = f" via {rt.default['proxy']}" if rt.default.get("proxy") else ""
     out(f"{rt.source}: OK ({rt.kind}; parties {listed}{star}{via})")
     return 0
+
+
+def _pulsar_ipv6_hosts(rt: Any) -> list[str]:
+    """Pulsar entries listed by IPv6 address, which pulsar-client cannot connect to (docs/route-tables.md)."""
+    from .transport.pulsar.options import IPV6_UNSUPPORTED, is_ipv6_literal
+
+    if rt.kind != "pulsar":
+        return []
+    return [
+        f"{rt.source}: key '{pid}.host': {rt.entries[pid]['host']}: {IPV6_UNSUPPORTED} "
+        "(direct mode and a party's own service_url; replication mode registers it on the brokers, which take it)"
+        for pid in rt.parties()
+        if is_ipv6_literal(rt.entries[pid].get("host", ""))
+    ]
 
 
 def _unknown_keys(path: Path) -> list[str]:

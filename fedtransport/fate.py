@@ -65,7 +65,7 @@ from typing import Any, Protocol, runtime_checkable
 from .api import Federation
 from .errors import ConfigError
 from .party import Party, as_party, check_timeout
-from .routing import RouteTable
+from .routing import RouteTable, url_host
 from .table import Table
 
 __all__ = ["FateFederation", "GarbageCollection", "GarbageCollector", "fate_options", "to_party"]
@@ -367,11 +367,11 @@ def fate_options(
     if backend == "pulsar":
         port, mng_port = _int(conf, "port"), _int(conf, "mng_port")
         if host:
-            opts["service_url"] = f"pulsar://{host}:{port or 6650}"
+            opts["service_url"] = f"pulsar://{url_host(str(host))}:{port or 6650}"
         if mng_port is None and opts.get("mode") == "replication":
             mng_port = _FATE_ADMIN_PORT
         if host and mng_port is not None:
-            opts["admin_url"] = f"http://{host}:{mng_port}"
+            opts["admin_url"] = f"http://{url_host(str(host))}:{mng_port}"
         ttl = _int(run, "topic_ttl") or _int(conf, "topic_ttl")
         if ttl:  # FATE's topic_ttl is in minutes
             opts["ttl_seconds"] = ttl * 60

@@ -280,8 +280,8 @@ class Inbox:
         if inc.on_progress is not None:
             try:
                 inc.on_progress()
-            except Exception:  # a caller's callback must not stop the lane
-                log.exception("the progress callback of a get failed")
+            except Exception:  # the caller's callback is guarded in api._Rising: this is a bug of
+                log.exception("reporting the progress of a get failed")  # ours, and must not stop the lane
         if grew:
             with self._flow:
                 key = (d.src, charged)

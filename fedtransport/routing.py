@@ -55,10 +55,10 @@ class Endpoint:
     """A party's broker as resolved from the route table."""
 
     party_id: str
-    host: str
+    host: str  # as sockets take it: an IPv6 literal without brackets (``url_host`` adds them)
     port: int
     ssl_port: int | None
-    proxy: str | None  # "host:port" of the SNI proxy in front of it, or None
+    proxy: str | None  # "host:port" of the SNI proxy in front of it (IPv6 in brackets), or None
     sni: str  # the TLS server name to present: the party's own host name
     mng_port: int | None
     cluster: str
@@ -66,7 +66,7 @@ class Endpoint:
 
     @property
     def proxy_host(self) -> str | None:
-        return self.proxy.rsplit(":", 1)[0] if self.proxy else None
+        return bare_host(self.proxy.rsplit(":", 1)[0]) if self.proxy else None
 
     @property
     def proxy_port(self) -> int | None:
@@ -75,9 +75,21 @@ class Endpoint:
 
 def host_problem(host: str) -> str | None:
     """Why ``host`` cannot name a machine (a space, a stray ':' or '/', an empty label), or None."""
-    if is_ip(host.removeprefix("[").removesuffix("]")) or (len(host) <= 253 and _HOST_RE.fullmatch(host)):
+    if is_ip(bare_host(host)) or (len(host) <= 253 and _HOST_RE.fullmatch(host)):
         return None
     return f"{host!r} is not a host name or an IP address"
+
+
+def bare_host(host: str) -> str:
+    """``host`` as sockets, pika and TLS take it: an IPv6 literal without its URL brackets."""
+    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return inner if inner != host and is_ip(inner) else host
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL's authority takes it: an IPv6 literal in brackets (``[::1]``)."""
+    host = bare_host(host)
+    return f"[{host}]" if ":" in host else host
 
 
 def is_ip(host: str) -> bool:
@@ -191,6 +203,9 @@ class RouteTable:
                     raise fail(f"{where}.proxy", f"{v!r} must be 'host:port'")
                 elif problem := host_problem(v.rsplit(":", 1)[0]):
                     raise fail(f"{where}.proxy", problem)
+                else:  # one spelling for URLs: an IPv6 proxy in brackets
+                    phost, pport = v.rsplit(":", 1)
+                    v = f"{url_host(phost)}:{pport}"
             elif k == "public_key":
                 if v in (None, ""):
                     continue
@@ -206,6 +221,8 @@ class RouteTable:
                 v = str(v)
                 if k in ("host", "domain") and v and (problem := host_problem(v)):
                     raise fail(f"{where}.{k}", problem)
+                if k == "host":  # "[::1]" and "::1" are one host: each backend adds brackets where it needs them
+                    v = bare_host(v)
             out[k] = v
         return out
 
@@ -263,10 +280,10 @@ class RouteTable:
         """The body of Pulsar's cluster registration (``PUT /admin/v2/clusters/{name}``)."""
         ep = self.resolve(party)
         return {
-            "serviceUrl": f"http://{ep.host}:{ep.mng_port}" if ep.mng_port else "",
+            "serviceUrl": f"http://{url_host(ep.host)}:{ep.mng_port}" if ep.mng_port else "",
             "serviceUrlTls": "",
-            "brokerServiceUrl": f"pulsar://{ep.host}:{ep.port}",
-            "brokerServiceUrlTls": f"pulsar+ssl://{ep.host}:{ep.ssl_port}" if ep.ssl_port else "",
+            "brokerServiceUrl": f"pulsar://{url_host(ep.host)}:{ep.port}",
+            "brokerServiceUrlTls": f"pulsar+ssl://{url_host(ep.host)}:{ep.ssl_port}" if ep.ssl_port else "",
             "proxyServiceUrl": f"pulsar+ssl://{ep.proxy}" if ep.proxy else "",
             "proxyProtocol": "SNI" if ep.proxy else None,
             "peerClusterNames": [],

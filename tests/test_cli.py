@@ -197,6 +197,23 @@ def test_route_check_warns_about_keys_it_ignores(capsys: pytest.CaptureFixture[s
     assert "'9999.hots' is not used" in err
 
 
+def test_route_check_warns_about_pulsar_parties_listed_by_ipv6_address(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    table = tmp_path / "v6.yaml"
+    table.write_text('9999: {host: "[fd00::4]", port: 6650}\n10000: {host: 10.0.0.5, port: 6650}\n')
+    code, out, err = run(capsys, "route check", str(table))
+    assert code == 0 and "OK" in out
+    assert "'9999.host': fd00::4: pulsar-client cannot connect" in err and "10000" not in err
+    code, out, err = run(capsys, "route show --party 9999", str(table))
+    assert code == 0 and "pulsar://[fd00::4]:6650" in out
+    rabbit = tmp_path / "v6-rabbit.yaml"
+    rabbit.write_text("9999: {host: 'fd00::4', port: 5672, mng_port: 15672}\n")
+    code, out, err = run(capsys, "route show --party 9999", str(rabbit))
+    assert code == 0 and "amqp://[fd00::4]:5672" in out and "http://[fd00::4]:15672" in out
+    assert run(capsys, "route check", str(rabbit))[2] == ""
+
+
 # ---------------------------------------------------------------------------- certs
 
 

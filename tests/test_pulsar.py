@@ -38,9 +38,11 @@ def broker(pulsar_standalone: PulsarStandalone, job_id: str) -> Iterator[PulsarS
     PulsarAdmin(pulsar_standalone.admin_url).delete_namespace("fl-tenant", job_id)
 
 
-def connect(job_id: str, party: ft.Party, broker: PulsarStandalone, **options: Any) -> ft.Federation:
+def connect(
+    job_id: str, party: ft.Party, broker: PulsarStandalone, route_table: Any = None, **options: Any
+) -> ft.Federation:
     opts = {"service_url": broker.service_url, "admin_url": broker.admin_url, **options}
-    return ft.Federation.connect("pulsar", job_id=job_id, party=party, options=opts)
+    return ft.Federation.connect("pulsar", job_id=job_id, party=party, route_table=route_table, options=opts)
 
 
 def lanes(src: ft.Party, dst: ft.Party, job_id: str, n: int = 4) -> set[str]:
@@ -197,6 +199,26 @@ def test_cleanup_without_the_admin_api_drops_the_subscriptions(broker, job_id):
     h.cleanup()  # after close: it attaches once more to each lane to unsubscribe
     g.cleanup()
     assert subscriptions() == {t: [] for t in lanes(GUEST, HOST, job_id)}
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_address_is_refused_up_front_with_what_to_give_instead(broker, job_id, host):
+    """pulsar-client parses no IPv6 literal (apache/pulsar-client-cpp#48; a DNS name that resolves to
+    one works). Left alone it fails inside the client with "invalid hostname"; refused here, before."""
+    with pytest.raises(ft.ConfigError, match=r"service_url.*pulsar-client-cpp#48.*DNS name"):
+        connect(job_id, GUEST, broker, service_url=f"pulsar://{ft.routing.url_host(host)}:{broker.port}")
+    here = {"host": "127.0.0.1", "port": broker.port, "cluster": broker.cluster}
+    routes = {"9999": here, "10000": {**here, "host": host}, ARBITER.party_id: here}
+    with (
+        connect(job_id, GUEST, broker, mode="direct", route_table=routes) as g,
+        connect(job_id, ARBITER, broker, mode="direct", route_table=routes) as a,
+    ):
+        with pytest.raises(ft.RouteError, match=r"party 10000's host ::1: .*pulsar-client-cpp#48"):
+            g.remote(np.arange(3), "x", "0", [HOST])
+        g.remote(np.arange(3), "x", "0", [ARBITER])  # the session goes on
+        assert np.array_equal(a.get("x", "0", [GUEST], timeout=60)[0], np.arange(3))
+    g.cleanup()
+    a.cleanup()
 
 
 def test_options_are_checked():

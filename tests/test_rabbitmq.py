@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pika.exceptions
 import pytest
 from conftest import ARBITER, GUEST, HOST
 from party_proc import big_array, digest, gate, receiver, wait_for
+from relay import Relay, ipv6_loopback
 
 import fedtransport as ft
 from fedtransport.brokers import HAProxy, RabbitNode
@@ -293,6 +295,40 @@ def test_federated_object_and_table_roundtrip(pool_nodes, job_id):
         assert {link["queue"] for link in links} == {f"{job_id}:guest:9999:host:10000:{lane}" for lane in range(4)}
     g.cleanup()
     h.cleanup()
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine cannot listen on ::1")
+def test_federation_between_parties_listed_by_ipv6_address(pool_nodes, job_id):
+    """Route hosts "::1" and "[::1]": pika takes the bare address, the management API and the
+    federation upstream's URI the bracketed one. The nodes listen on 127.0.0.1; relays on ::1
+    are the only way in by the addresses the table lists."""
+    a, b = pool_nodes[0], pool_nodes[1]
+    with ExitStack() as stack:
+        relay = {(n, k): stack.enter_context(Relay("::1", getattr(n, k))) for n in (a, b) for k in ("port", "mng_port")}
+        table = {
+            p.party_id: {"host": host, "port": relay[n, "port"].port, "mng_port": relay[n, "mng_port"].port}
+            for p, n, host in ((GUEST, a, "::1"), (HOST, b, "[::1]"))
+        }
+
+        def party(p: ft.Party, node: RabbitNode) -> ft.Federation:
+            # its own broker by the address the table lists for it, spelled as the table spells it
+            mine = {"host": table[p.party_id]["host"], "port": relay[node, "port"].port,
+                    "mng_port": relay[node, "mng_port"].port}  # fmt: skip
+            opts = {**mine, "user": node.user, "password": node.password, "mode": "federated", "secret": SECRET}
+            return ft.Federation.connect("rabbitmq", job_id=job_id, party=p, route_table=table, options=opts)
+
+        with party(GUEST, a) as g, party(HOST, b) as h:
+            assert (transport(g).host, transport(h).host) == ("::1", "::1")
+            g.remote(np.arange(1000), "x", "0", [HOST])
+            h.remote({"y": 2}, "y", "0", [GUEST])
+            assert np.array_equal(h.get("x", "0", [GUEST], timeout=60)[0], np.arange(1000))
+            assert g.get("y", "0", [HOST], timeout=60) == [{"y": 2}]
+            [up] = admin_of(b).list_federation_upstreams(transport(g).vhost)
+            assert f"@[::1]:{relay[a, 'port'].port}/" in up["value"]["uri"]
+        g.cleanup()
+        h.cleanup()
+        # every way in went through the relays: AMQP and HTTP of both parties, and the upstream's link
+        assert all(r.accepted for r in relay.values())
 
 
 def test_federated_three_parties_with_admin_credentials(pool_nodes, job_id):

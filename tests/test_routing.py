@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import fedtransport as ft
+from fedtransport.routing import bare_host, host_problem, url_host
 
 TABLES = Path(__file__).resolve().parent.parent / "route_tables"
 
@@ -93,7 +94,30 @@ def test_malformed_tables_name_file_and_key(tmp_path, text, key):
 def test_hosts_may_be_any_dns_name_or_ip_literal():
     hosts = ["h", "localhost", "my_host.internal.", "party-a.fate.test", "10.0.0.1", "::1", "[fe80::1]"]
     rt = ft.RouteTable.load({str(9000 + i): {"host": h, "proxy": f"{h}:443"} for i, h in enumerate(hosts)})
-    assert [rt.resolve(9000 + i).host for i in range(len(hosts))] == hosts
+    bare = [*hosts[:-1], "fe80::1"]  # one spelling of an IPv6 host: without the brackets a URL needs
+    assert [rt.resolve(9000 + i).host for i in range(len(hosts))] == bare
+    assert [rt.resolve(9000 + i).proxy_host for i in range(len(hosts))] == bare
+    proxies = [rt.resolve(9000 + i).proxy for i in range(len(hosts))]
+    assert proxies[-3:] == ["10.0.0.1:443", "[::1]:443", "[fe80::1]:443"]
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_host_is_bracketed_in_every_url_and_bare_elsewhere(host):
+    from fedtransport.transport.pulsar.doctor import PulsarOperatorHooks
+    from fedtransport.transport.rabbitmq.doctor import RabbitOperatorHooks
+
+    rt = ft.RouteTable.load({"9999": {"host": host, "port": 6650, "mngPort": 8080, "proxy": f"{host}:443"}})
+    ep = rt.resolve(9999)
+    assert (ep.host, ep.sni, ep.proxy, ep.proxy_host, ep.proxy_port) == ("::1", "::1", "[::1]:443", "::1", 443)
+    assert rt.pulsar_cluster(9999)["brokerServiceUrl"] == "pulsar://[::1]:6650"
+    assert rt.pulsar_cluster(9999)["serviceUrl"] == "http://[::1]:8080"
+    assert rt.pulsar_cluster(9999)["proxyServiceUrl"] == "pulsar+ssl://[::1]:443"
+    pulsar = PulsarOperatorHooks.options_from_route({}, ep)
+    assert (pulsar["service_url"], pulsar["admin_url"]) == ("pulsar://[::1]:6650", "http://[::1]:8080")
+    assert RabbitOperatorHooks.options_from_route({}, ep)["host"] == "::1"  # pika takes the bare address
+    assert url_host("::1") == url_host("[::1]") == "[::1]" and url_host("10.0.0.1") == "10.0.0.1"
+    assert bare_host("[::1]") == bare_host("::1") == "::1" and bare_host("[h]") == "[h]"
+    assert host_problem("[::1") is not None and host_problem("[h]") is not None
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -93,6 +93,7 @@ from typing import Any, ClassVar
 from ...errors import BackendError, ConfigError, RouteError
 from ...options import OptionSpec
 from ...party import Party
+from ...routing import url_host
 from ..allocator import keep_message_buffers
 from ..base import DeliverFn, JobContext
 from .admin import PulsarAdmin
@@ -101,7 +102,7 @@ from .consumer import BROADCAST_TO, Consumers
 from .doctor import PulsarOperatorHooks
 from .management import PulsarManagement
 from .naming import PulsarNames
-from .options import PULSAR_OPTIONS
+from .options import IPV6_UNSUPPORTED, PULSAR_OPTIONS, is_ipv6_literal
 from .presence import Presence
 from .publisher import Publisher
 
@@ -215,11 +216,14 @@ class PulsarTransport(PulsarOperatorHooks):
             return url
         assert self.ctx.route_table is not None
         ep = self.ctx.route_table.resolve(dst)
+        if is_ipv6_literal(ep.host):
+            raise RouteError(f"route table {self.ctx.route_table.source}: party {dst.party_id}'s host {ep.host}: "
+                             f"{IPV6_UNSUPPORTED}")  # fmt: skip
         if url.startswith("pulsar+ssl://"):
             if ep.ssl_port is None:
                 raise RouteError(f"route table {self.ctx.route_table.source}: party {dst.party_id} has no sslPort")
-            return f"pulsar+ssl://{ep.host}:{ep.ssl_port}"
-        return f"pulsar://{ep.host}:{ep.port}"
+            return f"pulsar+ssl://{url_host(ep.host)}:{ep.ssl_port}"
+        return f"pulsar://{url_host(ep.host)}:{ep.port}"
 
     def send(self, dst: Party, lane: int, messages: Iterable[bytes]) -> int:
         if self._closed.is_set():

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from ...errors import BackendError, ConfigError, FederationError
 from ...party import Party
-from ...routing import Endpoint, RouteTable
+from ...routing import Endpoint, RouteTable, url_host
 from ..base import Transport
 from ..checks import Check, connect, socket_problem, tls_context
 from .admin import PulsarAdmin
@@ -62,9 +62,9 @@ class PulsarOperatorHooks(Transport):
         if "service_url" not in opts:
             tls = bool(opts.get("tls_trust_certs_file_path")) and endpoint.ssl_port is not None
             scheme, port = ("pulsar+ssl", endpoint.ssl_port) if tls else ("pulsar", endpoint.port)
-            opts["service_url"] = f"{scheme}://{endpoint.host}:{port}"
+            opts["service_url"] = f"{scheme}://{url_host(endpoint.host)}:{port}"
         if "admin_url" not in opts and endpoint.mng_port:
-            opts["admin_url"] = f"http://{endpoint.host}:{endpoint.mng_port}"
+            opts["admin_url"] = f"http://{url_host(endpoint.host)}:{endpoint.mng_port}"
         return opts
 
     @classmethod

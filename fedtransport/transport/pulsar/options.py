@@ -14,11 +14,34 @@ from collections.abc import Mapping
 from typing import Any
 
 from ...options import MiB, Option, OptionSpec
+from ...routing import bare_host, is_ip
 
 __all__ = ["PULSAR_OPTIONS"]
 
 # Pulsar's own rule for tenant and cluster names (NamedEntity): no '/', which would change the path.
 _NAME = r"[-=:.\w]+"
+
+
+# pulsar-client (the C++ library under it) parses no IPv6 literal, bracketed or not:
+# apache/pulsar-client-cpp#48. A name that resolves to an IPv6 address works.
+IPV6_UNSUPPORTED = (
+    "pulsar-client cannot connect to an IPv6 address written out (apache/pulsar-client-cpp#48): "
+    "give a DNS name that resolves to it"
+)
+
+
+def is_ipv6_literal(host: str) -> bool:
+    return ":" in bare_host(host) and is_ip(bare_host(host))
+
+
+def _service_url(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("not a non-empty string")
+    for where in value.split("://", 1)[-1].split("/", 1)[0].split(","):  # host:port, comma-separated
+        host = where.rsplit("]", 1)[0] + "]" if where.startswith("[") else where
+        if is_ipv6_literal(host) or is_ipv6_literal(where):
+            raise ValueError(IPV6_UNSUPPORTED)
+    return value
 
 
 def _publish_rate(value: Any) -> dict[str, int]:
@@ -50,10 +73,11 @@ def _passed_through(name: str, doc: str) -> Option:
 
 
 PULSAR_OPTIONS = OptionSpec(
-    Option("service_url", str, None,
+    Option("service_url", object, None,
            "this party's broker, `pulsar://host:6650` or `pulsar+ssl://host:6651`. `None` starts an embedded "
-           "pulsar-lite broker for the process (needs the `embedded` extra); allowed in `shared` mode only.",
-           nullable=True),
+           "pulsar-lite broker for the process (needs the `embedded` extra); allowed in `shared` mode only. "
+           "An IPv6 broker by a DNS name: pulsar-client takes no IPv6 address written out.",
+           nullable=True, parse=_service_url, accepted="a Pulsar service URL"),
     Option("admin_url", str, None,
            "the broker's admin REST base, for example `http://host:8080`. `None`: no control-plane calls, and "
            "`cleanup()` can only drop this party's subscriptions. Required in `replication` mode.",

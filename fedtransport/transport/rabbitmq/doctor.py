@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from ...errors import BackendError, ConfigError
 from ...party import Party
-from ...routing import Endpoint, RouteTable
+from ...routing import Endpoint, RouteTable, url_host
 from ..base import Transport
 from ..checks import Check, connect, read_exactly, socket_problem, tls_context
 from .admin import RabbitAdmin
@@ -100,8 +100,7 @@ def rabbit_checks(o: Mapping[str, Any], timeout: float, *, shared_only: bool) ->
     """Doctor's checks of the node that the options ``o`` (defaults applied) point at."""
     host, port, mng_port, user = str(o["host"]), int(o["port"]), int(o["mng_port"]), str(o["user"])
     checks = [_amqp_check(host, port, o.get("ssl"), timeout)]
-    hostpart = f"[{host}]" if ":" in host else host
-    admin = RabbitAdmin(f"http://{hostpart}:{mng_port}", user, str(o["password"]), timeout=timeout)
+    admin = RabbitAdmin(f"http://{url_host(host)}:{mng_port}", user, str(o["password"]), timeout=timeout)
     try:
         overview = admin.overview()
     except BackendError as exc:

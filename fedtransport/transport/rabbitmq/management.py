@@ -22,7 +22,7 @@ from urllib.parse import quote, urlencode
 from ...errors import BackendError, RouteError
 from ...identity import PairKeys
 from ...party import Party
-from ...routing import RouteTable, is_ip
+from ...routing import RouteTable, is_ip, url_host
 from .admin import RabbitAdmin
 from .naming import RabbitNames
 
@@ -85,9 +85,8 @@ class RabbitManagement:
         with self._admin_lock:
             if self._admin is None:
                 o = self._options
-                host = str(o["host"])
-                hostpart = f"[{host}]" if ":" in host else host
-                self._admin = RabbitAdmin(f"http://{hostpart}:{o['mng_port']}", o["user"], o["password"])
+                base = f"http://{url_host(str(o['host']))}:{o['mng_port']}"
+                self._admin = RabbitAdmin(base, o["user"], o["password"])
             return self._admin
 
     # the job's vhost and users -------------------------------------------------------------
@@ -220,10 +219,9 @@ class RabbitManagement:
             query["verify"] = "verify_peer"
             if not is_ip(ep.sni):
                 query["server_name_indication"] = ep.sni
-        hostpart = f"[{host}]" if ":" in host else host
         uri = (
             f"{'amqps' if tls is not None else 'amqp'}://{quote(user, safe='')}:{quote(password, safe='')}"
-            f"@{hostpart}:{port}/{quote(self.vhost, safe='')}"
+            f"@{url_host(host)}:{port}/{quote(self.vhost, safe='')}"
         )
         return f"{uri}?{urlencode(query)}" if query else uri
 

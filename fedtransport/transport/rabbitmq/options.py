@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ...options import IDENTITY, PEER_KEYS, SECRET, MiB, Option, OptionSpec
+from ...routing import bare_host, host_problem
 
 __all__ = ["FED_SSL_KEYS", "RABBITMQ_OPTIONS", "SSL_KEYS"]
 
@@ -31,6 +32,15 @@ def _tls_settings(value: Any, allowed: tuple[str, ...]) -> dict[str, str]:
     if "key_file" in out and "cert_file" not in out:
         raise ValueError("'key_file' needs 'cert_file'")
     return out
+
+
+def _host(value: Any) -> str:
+    """A host name or IP address as pika takes it: an IPv6 literal without its URL brackets."""
+    if not isinstance(value, str):
+        raise ValueError("not a string")
+    if host_problem(value):
+        raise ValueError("a DNS name is labels of letters, digits, '-' and '_' joined by dots")
+    return bare_host(value)
 
 
 def _ssl(value: Any) -> dict[str, str]:
@@ -61,7 +71,8 @@ def _seconds(name: str, default: float, doc: str) -> Option:
 
 
 RABBITMQ_OPTIONS = OptionSpec(
-    Option("host", str, "127.0.0.1", "this party's broker"),
+    Option("host", object, "127.0.0.1", "this party's broker; an IPv6 address with or without brackets",
+           parse=_host, accepted="a host name or an IP address"),
     Option("port", int, 5672, "AMQP port; the AMQPS port when `ssl` is set", range=(1, 65535)),
     Option("mng_port", int, 15672, "management API, reached as `http://{host}:{mng_port}`", range=(1, 65535)),
     Option("user", str, "guest",
