@@ -675,7 +675,7 @@ class Federation:
         assert asm.nstreams is not None
 
         def read(stream: int) -> tuple[list[memoryview], bool]:
-            return self._inbox.read_units(inc, stream, timeout, lambda i: self._watch([i]))
+            return self._inbox.read_units(inc, stream, timeout, lambda i: self._watch_partition(name, tag, i, stream))
 
         def finished() -> None:
             if self._handed_over(inc):
@@ -685,6 +685,27 @@ class Federation:
             return inc.assembly.stream_aux(stream)
 
         return streamed_table(asm.nstreams, read, count_of, self._policy, str(inc.src), finished)
+
+    def _watch_partition(self, name: str, tag: str, inc: Incoming, stream: int) -> None:
+        """A partition read that waits: redelivery as for a ``get``, and ``PeerGone`` once its
+        sender was seen gone for ``peer_gone_after`` seconds (the get returned at the head, so
+        its own check of the peers is over)."""
+        self._watch([inc])
+        after = self._opts.peer_gone_after
+        if after is None:
+            return
+        self._presence.poll([inc.src])
+        gone = self._presence.gone_for(inc.src)
+        if gone is not None and gone >= after:
+            what = inc.assembly.describe()
+            raise PeerGone(
+                f"reading partition {stream - 1} of get(name={name!r}, tag={tag!r}) in job {self.job_id} stopped "
+                f"waiting: {inc.src} was gone from the broker for {after} s (peer_gone_after); not complete: {what} "
+                f"({self._presence.note(inc.src)})",
+                {str(inc.src): what},
+                {str(inc.src): self._presence.state(inc.src)},
+                inc.src,
+            )
 
     def _handed_over(self, inc: Incoming) -> bool:
         if not self._inbox.hand_over(inc):

@@ -64,6 +64,27 @@ def guest(backend: str, job_id: str, options: dict[str, Any], send: bool, out: A
         threading.Event().wait(600)
 
 
+def table_guest(backend: str, job_id: str, options: dict[str, Any], out: Any) -> None:
+    """Connect as the guest and send the host a table of two partitions of which each lane carries
+    only its first two messages (lane 0: the head and the start of partition 0); report, then
+    wait to be killed."""
+    with ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options) as fed:
+        real_send = fed.transport.send
+
+        def first_two(dst: ft.Party, lane: int, messages: Any) -> int:
+            it = iter(messages)
+            real_send(dst, lane, [next(it), next(it)])  # confirmed by the broker
+            threading.Event().wait(600)  # this process is killed here
+            return 2
+
+        fed.transport.send = first_two  # type: ignore[method-assign]
+        rows = [[(i, os.urandom(16384)) for i in range(64)] for _ in range(2)]  # 1 MiB a partition, incompressible
+        table = ft.Table.from_partitions(rows)
+        threading.Thread(target=fed.remote, args=(table, "t", "0", [HOST]), daemon=True).start()
+        out.put("ready")
+        threading.Event().wait(600)
+
+
 def wait_until(probe: Callable[[], bool], what: str, bound: float) -> float:
     """Seconds until ``probe()`` holds; fails after ``bound``."""
     start = time.monotonic()
@@ -180,6 +201,54 @@ def test_a_get_without_timeout_stops_waiting_for_a_killed_peer(request, backend,
             print(f"{backend}: PeerGone {took:.2f} s after the kill (peer_gone_after 3 s)")
             err2 = timeout_of(h, 0.5)  # not failed for good: a later get waits (and times out) again
             assert type(err2) is ft.PeerGone or err2.presence == {"guest:9999": "gone"}
+        finally:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(30)
+        h.cleanup()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reading_a_table_without_timeout_stops_for_a_killed_peer(request, backend, job_id):
+    """The table's head arrived, so ``get`` returned it; its partition streams in as it is read.
+    The guest is SIGKILLed part-way: reading the partition (the get's ``timeout=None``) raises
+    ``PeerGone`` about ``peer_gone_after`` seconds later, as a waiting ``get`` does, not never."""
+    options = options_for(request, backend)
+    options.update(max_message_size=65536, peer_gone_after=3.0)
+    q = SPAWN.Queue()
+    proc = SPAWN.Process(target=table_guest, args=(backend, job_id, options, q))
+    outcome: list[BaseException] = []
+    read: list[Any] = []
+    with ft.Federation.connect(backend, job_id=job_id, party=HOST, options=options) as h:
+        try:
+            proc.start()
+            assert q.get(timeout=300) == "ready"
+            [table] = h.get("t", "0", [GUEST], timeout=None)
+            wait_until(lambda: h.transport.peer_present(GUEST) is True, "the guest shows as connected", 60)
+
+            def read_partition() -> None:
+                try:
+                    for record in table.iter_partition(0):
+                        read.append(record[0])
+                except BaseException as exc:  # the outcome under test
+                    outcome.append(exc)
+
+            reader = threading.Thread(target=read_partition, daemon=True)
+            reader.start()
+            wait_until(lambda: bool(read), "the first records of partition 0", 60)
+            # the waiting read has seen the guest connected (test probe), so its going counts
+            wait_until(lambda: h._presence.state(GUEST) == "connected", "the read sees the guest", 60)
+            killed = time.monotonic()
+            proc.kill()
+            reader.join(3.0 + 60)  # the grace, plus generous slack for polling on a loaded machine
+            took = time.monotonic() - killed
+            assert outcome, f"reading the partition was still waiting {took:.0f} s after the kill"
+            [err] = outcome
+            assert isinstance(err, ft.PeerGone) and err.party == GUEST, repr(err)
+            assert "guest:9999 was gone from the broker for 3.0 s (peer_gone_after)" in str(err), str(err)
+            assert "partition 0" in str(err) and "'t'" in str(err), str(err)
+            assert 0 < len(read) < 64 and took >= 3.0
+            print(f"{backend}: PeerGone in a partition {took:.2f} s after the kill (peer_gone_after 3 s)")
         finally:
             if proc.is_alive():
                 proc.kill()
