@@ -157,8 +157,11 @@ def table_sender(backend: str, job_id: str, party: tuple[str, str], peer: tuple[
 
 
 def table_receiver(backend: str, job_id: str, party: tuple[str, str], peer: tuple[str, str],
-                   options: dict[str, Any], name: str, tag: str, out: Any) -> None:  # fmt: skip
-    """Get a table and read it partition by partition; report digests, counts and peak RSS growth."""
+                   options: dict[str, Any], name: str, tag: str, out: Any, stop_after: int = 0) -> None:  # fmt: skip
+    """Get a table and read it partition by partition; report digests, counts and peak RSS growth.
+
+    With ``stop_after``, report ``("reading", n)`` once that many records of partition 0 were read
+    and wait there, to be killed mid-partition."""
     src = ft.Party(*peer)
     with ft.Federation.connect(backend, job_id=job_id, party=ft.Party(*party), options=options) as fed:
         with PeakRSS() as mem:
@@ -169,6 +172,9 @@ def table_receiver(backend: str, job_id: str, party: tuple[str, str], peer: tupl
                 for key, value in table.iter_partition(p):
                     _fold(h, key, value)
                     n += 1
+                    if n == stop_after:
+                        out.put(("reading", n))
+                        threading.Event().wait(600)  # this process is killed here
                 digests.append(h.hexdigest())
                 counts.append(n)
         out.put(("got", mem.growth, digests, counts, fed.stats["bytes_received"]))

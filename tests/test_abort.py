@@ -9,6 +9,7 @@ stops waiting long before its own timeout, not how fast.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -113,6 +114,56 @@ def test_abort_wakes_a_pending_get_of_the_peer(connect: Connect) -> None:
     assert guest.closed
     with pytest.raises(ft.FederationError):
         guest.remote(1, "late", "0", [HOST])
+
+
+def test_abort_reaches_a_reader_of_a_table_still_streaming_in(connect: Connect) -> None:
+    """``get`` returned the table at its head; the caller reads partition 0 while it streams in.
+    The guest gives up mid-table (its partition is a generator that stops yielding): the reader
+    raises ``PeerAborted``, where it waited out its timeout before."""
+    guest, host = connect(GUEST), connect(HOST)
+    _exchange(guest, host)
+    stuck, release = threading.Event(), threading.Event()
+
+    def rows() -> Iterator[tuple[int, bytes]]:
+        for i in range(4000):
+            if i == 3500:  # 14 MB in: the head and the first 4 MiB unit are out (the sender looks one ahead)
+                stuck.set()
+                release.wait(120)
+                raise RuntimeError("the guest's data source failed")
+            yield i, bytes(4096)
+
+    sender = threading.Thread(target=lambda: _quietly(guest.remote, ft.Table([rows()]), "t", "0", [HOST]))
+    sender.start()
+    assert stuck.wait(60)
+    [table] = host.get("t", "0", [GUEST], timeout=120)
+    read: list[Any] = []
+
+    def read_partition() -> None:
+        try:
+            for key, _ in table.iter_partition(0):
+                read.append(key)
+        except BaseException as exc:  # the outcome under test
+            read.append(exc)
+
+    reader = threading.Thread(target=read_partition, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while len(read) < 500 and time.monotonic() < deadline:  # what was sent is read before the abort
+        time.sleep(0.05)
+    started = time.monotonic()
+    guest.abort("the data source failed")
+    release.set()
+    reader.join(NOTICE_BOUND)
+    assert not reader.is_alive(), "the reader was still waiting"
+    err = read[-1]
+    assert isinstance(err, ft.PeerAborted) and err.party == GUEST, err
+    assert 500 <= len(read) - 1 < 3500 and time.monotonic() - started < NOTICE_BOUND
+    sender.join(60)
+
+
+def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+    with contextlib.suppress(Exception):  # the sender's own failure is not what these tests look at
+        fn(*args)
 
 
 def test_an_exception_in_the_with_block_aborts_with_its_text(connect: Connect) -> None:

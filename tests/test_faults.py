@@ -13,6 +13,8 @@ Here:
 - a RabbitMQ federation peer (the sending party's broker) stopped and started again mid-transfer;
 - a sender SIGKILLed mid-``remote`` (Pulsar and RabbitMQ): the receiver's ``get`` times out naming
   the partial transfer, and the same ``remote`` from a restarted sender completes it;
+- tables (Pulsar and RabbitMQ): a receiver SIGKILLed while it reads a partition, a sender
+  SIGKILLed mid-table and its ``remote`` retried;
 - a stalled path (broker frozen with SIGSTOP while nobody consumes): the sender blocks on its
   window, measured as messages in flight and RSS, never as time.
 
@@ -37,7 +39,18 @@ import numpy as np
 import pulsar
 import pytest
 from conftest import GUEST, HOST
-from party_proc import PeakRSS, big_array, digest, gate, receiver, rss, wait_for
+from party_proc import (
+    PeakRSS,
+    big_array,
+    digest,
+    expected_table_digests,
+    gate,
+    receiver,
+    rss,
+    table_partition,
+    table_receiver,
+    wait_for,
+)
 
 import fedtransport as ft
 from fedtransport.brokers._process import port_open
@@ -184,6 +197,82 @@ def test_sender_killed_mid_remote_then_the_same_remote_completes(request, backen
                 g.remote(big_array(mib), "w", "0", [HOST])
             [value] = h.get("w", "0", [GUEST], timeout=120)
             assert digest(value) == digest(big_array(mib))
+        finally:
+            if sender.is_alive():
+                sender.kill()
+                sender.join(30)
+    ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options).cleanup()
+
+
+# ==================================================================================================
+# tables: a receiver killed while it reads a partition; a sender killed mid-table
+# ==================================================================================================
+
+TABLE_PARTS, TABLE_RECORDS = 2, 64  # 2 partitions x 64 records x 64 KiB = 8 MiB, 128 messages of 64 KiB
+
+
+def backend_options(request: pytest.FixtureRequest, backend: str) -> dict[str, Any]:
+    if backend == "pulsar":
+        return pulsar_opts(request.getfixturevalue("pulsar_broker"))
+    return rabbit_opts(request.getfixturevalue("rabbit_node"))
+
+
+@pytest.mark.parametrize("backend", ["pulsar", pytest.param("rabbitmq", marks=[pytest.mark.rabbitmq, needs_rabbitmq])])
+def test_receiver_killed_while_reading_a_partition_gets_the_whole_table_again(request, backend, job_id):
+    """``get`` returned the table and the receiver has read part of partition 0 when it is
+    SIGKILLed. Nothing of a table is acknowledged before its last partition is read, so a new
+    session of the receiver gets the whole table, every record once."""
+    options = {**backend_options(request, backend), "max_message_size": 65536, "redelivery_after": 3.0}
+    guest, host = (GUEST.role, GUEST.party_id), (HOST.role, HOST.party_id)
+    q1, q2 = SPAWN.Queue(), SPAWN.Queue()  # a queue each: a killed writer may keep a queue's lock
+    args = (backend, job_id, host, guest, options, "t", "0")
+    first = SPAWN.Process(target=table_receiver, args=(*args, q1), kwargs={"stop_after": 10})
+    second = SPAWN.Process(target=table_receiver, args=(*args, q2))
+    with ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options) as g:
+        try:
+            first.start()
+            table = ft.Table.from_partitions([table_partition(p, TABLE_RECORDS) for p in range(TABLE_PARTS)])
+            g.remote(table, "t", "0", [HOST])  # the broker holds it all
+            assert q1.get(timeout=300) == ("reading", 10)
+            first.kill()
+            first.join(30)
+            assert first.exitcode == -signal.SIGKILL
+            second.start()
+            kind, _, digests, counts, _ = q2.get(timeout=300)
+            second.join(60)
+            assert kind == "got" and counts == [TABLE_RECORDS] * TABLE_PARTS
+            assert digests == expected_table_digests(TABLE_PARTS, TABLE_RECORDS)
+        finally:
+            for proc in (first, second):
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(30)
+    g.cleanup()
+
+
+@pytest.mark.parametrize("backend", ["pulsar", pytest.param("rabbitmq", marks=[pytest.mark.rabbitmq, needs_rabbitmq])])
+def test_sender_killed_mid_table_then_the_same_remote_completes(request, backend, job_id):
+    """The sender is SIGKILLed with the head and the start of each partition on the broker; the
+    receiver's ``get`` has returned the table but nothing of it was read. A restarted sender's
+    same ``remote`` is a new send that replaces the stalled one, and the table arrives whole."""
+    options = {**backend_options(request, backend), "max_message_size": 65536, "redelivery_after": 2.0}
+    q = SPAWN.Queue()
+    make = functools.partial(ft.Table.from_partitions, [[(p, i) for i in range(100_000)] for p in range(4)])
+    sender = SPAWN.Process(target=gated_sender, args=(backend, job_id, options, make, 2, q))
+    with ft.Federation.connect(backend, job_id=job_id, party=HOST, options=options) as h:
+        try:
+            sender.start()
+            kind, published = q.get(timeout=300)
+            assert kind == "gated"
+            [table] = h.get("w", "0", [GUEST], timeout=120)  # the head came: the table is ours to read
+            inc = h._inbox.entry(GUEST, transfer_id(job_id, "w", "0", str(GUEST), str(HOST)))  # test probe
+            wait_for(lambda: inc.assembly.messages >= published, "what the sender published")
+            assert not inc.assembly.complete  # the rest of each partition never comes
+            sender.kill()
+            sender.join(30)
+            with ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options) as g:
+                g.remote(make(), "w", "0", [HOST])
+            assert table == make()  # read only now: every partition of the new send, once
         finally:
             if sender.is_alive():
                 sender.kill()
