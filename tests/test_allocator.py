@@ -85,15 +85,16 @@ def test_an_operator_who_tuned_malloc_keeps_their_settings(env: dict[str, str]) 
     assert r["mmapped"] >= 6 * MiB  # glibc's own behaviour, untouched
 
 
-# A Pulsar session opened in a fresh process; argv[1]: its service URL, argv[2]: its options (JSON).
+# A Pulsar session opened (and its job cleaned up) in a fresh process; argv[1]: its options (JSON).
 _SESSION = r"""
 import json, sys
 import fedtransport as ft
 from fedtransport.transport import allocator
 
-options = {"service_url": sys.argv[1], **json.loads(sys.argv[2])}
-with ft.Federation.connect("pulsar", job_id="alloc-job", party=ft.Party("guest", "9999"), options=options):
+options = json.loads(sys.argv[1])
+with ft.Federation.connect("pulsar", job_id="alloc-job", party=ft.Party("guest", "9999"), options=options) as fed:
     print(json.dumps(allocator.applied_threshold()))
+fed.cleanup()
 """
 
 
@@ -102,13 +103,13 @@ with ft.Federation.connect("pulsar", job_id="alloc-job", party=ft.Party("guest",
     [({}, 8 * MiB), ({"keep_message_buffers": True, "max_message_size": 12 * MiB}, 24 * MiB),
      ({"keep_message_buffers": False}, None)],
 )  # fmt: skip
-def test_a_pulsar_session_honours_keep_message_buffers(options: dict[str, Any], applied: int | None) -> None:
-    from fedtransport.brokers import EmbeddedPulsar
-
+def test_a_pulsar_session_honours_keep_message_buffers(
+    options: dict[str, Any], applied: int | None, pulsar_standalone: Any
+) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    with EmbeddedPulsar() as broker:
-        out = subprocess.run([sys.executable, "-c", _SESSION, broker.service_url, json.dumps(options)], env=clean,
-                             capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    broker = {"service_url": pulsar_standalone.service_url, "admin_url": pulsar_standalone.admin_url}
+    out = subprocess.run([sys.executable, "-c", _SESSION, json.dumps({**broker, **options})], env=clean,
+                         capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
     assert json.loads(out.stdout.splitlines()[-1]) == applied
 
 

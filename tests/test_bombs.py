@@ -38,9 +38,10 @@ import pytest
 from conftest import GUEST, HOST
 
 import fedtransport as ft
-from fedtransport.brokers import EmbeddedPulsar
+from fedtransport.brokers.standalone import PulsarStandalone
 from fedtransport.codec import Compressor, PayloadCodec, UnpicklePolicy, decode_object
 from fedtransport.framing import HEADER_SIZE, FrameWriter, TransferAssembly, job_fingerprint, parse_frame, transfer_id
+from fedtransport.transport.pulsar.admin import PulsarAdmin
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIN = PayloadCodec(Compressor(False))
@@ -145,10 +146,11 @@ def test_units_received_in_any_order_and_chunk_size_arrive_whole(size):
     assert got == unit
 
 
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedPulsar]:
-    with EmbeddedPulsar() as b:
-        yield b
+@pytest.fixture
+def broker(pulsar_standalone: PulsarStandalone, job_id: str) -> Iterator[PulsarStandalone]:
+    """The session's real Apache Pulsar broker; the test's namespace is gone afterwards."""
+    yield pulsar_standalone
+    PulsarAdmin(pulsar_standalone.admin_url).delete_namespace("fl-tenant", job_id)
 
 
 def publish(url: str, job_id: str, frames: list[bytes], lanes: int = 4) -> None:
@@ -166,8 +168,9 @@ def publish(url: str, job_id: str, frames: list[bytes], lanes: int = 4) -> None:
         client.close()
 
 
-def connect(url: str, job_id: str, party: ft.Party, **options: Any) -> ft.Federation:
-    opts = {"service_url": url, "compression": "none", **options}
+def connect(broker: PulsarStandalone, job_id: str, party: ft.Party, **options: Any) -> ft.Federation:
+    """A session that makes the job's namespace (``admin_url``), as a real deployment's does."""
+    opts = {"service_url": broker.service_url, "admin_url": broker.admin_url, "compression": "none", **options}
     return ft.Federation.connect("pulsar", job_id=job_id, party=party, options=opts)
 
 
@@ -195,7 +198,7 @@ def test_claimed_lengths_through_a_real_broker_cost_the_receiver_what_was_sent(b
     really sent afterwards."""
     url = broker.service_url
     attack = readdressed(claimed_length_attacks()["64-units-of-8MiB"], job_id, "0")
-    with connect(url, job_id, HOST) as h:
+    with connect(broker, job_id, HOST) as h:
         with pytest.raises(ft.TransferTimeout):  # listens; nothing there yet
             h.get("w", "warm-up", [GUEST], timeout=0.5)
         before = rss()
@@ -211,7 +214,7 @@ def test_claimed_lengths_through_a_real_broker_cost_the_receiver_what_was_sent(b
         assert err.value.missing == {str(GUEST): "64 messages so far"}
         grew = rss() - before
         assert grew < 32 * MiB, f"the receiver's RSS grew by {grew >> 20} MiB for {sum(map(len, attack))} bytes"
-        with connect(url, job_id, GUEST) as g:  # the honest control on the same session
+        with connect(broker, job_id, GUEST) as g:  # the honest control on the same session
             g.remote({"w": list(range(100))}, "w", "honest", [HOST])
         assert h.get("w", "honest", [GUEST], timeout=60) == [{"w": list(range(100))}]
 
@@ -239,8 +242,8 @@ def test_a_head_declaring_more_streams_than_max_streams_is_refused():
 def test_a_forged_table_head_through_a_real_broker_is_refused_and_its_control_builds_partitions(broker, job_id):
     url = broker.service_url
     tid = transfer_id(job_id, "t", "0", str(GUEST), str(HOST))
-    publish(url, job_id, [table_head(3_000_000, tid, job_fingerprint(job_id))], lanes=1)
-    with connect(url, job_id, HOST) as h:
+    with connect(broker, job_id, HOST) as h:  # its lanes exist before the attacker publishes
+        publish(url, job_id, [table_head(3_000_000, tid, job_fingerprint(job_id))], lanes=1)
         t0 = time.monotonic()
         with pytest.raises(ft.IntegrityError, match="max_streams"):
             h.get("t", "0", [GUEST], timeout=60)
@@ -248,19 +251,18 @@ def test_a_forged_table_head_through_a_real_broker_is_refused_and_its_control_bu
     # The control: a receiver that admits that many streams builds a partition per stream.
     tid = transfer_id(job_id, "t", "1", str(GUEST), str(HOST))
     publish(url, job_id, [table_head(70_001, tid, job_fingerprint(job_id))], lanes=1)
-    with connect(url, job_id, HOST, max_streams=70_001) as h:
+    with connect(broker, job_id, HOST, max_streams=70_001) as h:
         [table] = h.get("t", "1", [GUEST], timeout=60)
         assert table.num_partitions == 70_000
-    with connect(url, job_id, HOST) as h, pytest.raises(ft.IntegrityError, match="70001 streams"):
+    with connect(broker, job_id, HOST) as h, pytest.raises(ft.IntegrityError, match="70001 streams"):
         h.get("t", "1", [GUEST], timeout=60)  # the default refuses it
 
 
 def test_an_honest_table_of_many_partitions_still_arrives(broker, job_id):
-    url = broker.service_url
     table = ft.Table.from_partitions([[(p, p * p)] for p in range(300)])
-    with connect(url, job_id, GUEST, max_message_size=65536) as g:
+    with connect(broker, job_id, GUEST, max_message_size=65536) as g:
         g.remote(table, "t", "0", [HOST])
-    with connect(url, job_id, HOST, max_streams=301) as h:
+    with connect(broker, job_id, HOST, max_streams=301) as h:
         [back] = h.get("t", "0", [GUEST], timeout=60)
         assert back.partitions == table.partitions
 

@@ -1,8 +1,8 @@
 """The ``fedtransport`` command: route, certs, cleanup, doctor, bench (in-process via ``main``, once as a script).
 
-Broker-facing commands run against real brokers: RabbitMQ nodes from tests/rabbit_fixtures.py,
-pulsar-lite for the Pulsar data plane and the recording fake of the Pulsar admin REST API
-(tests/pulsar_admin_fake.py) for the control plane, whose requests are checked exactly.
+Broker-facing commands run against real brokers: RabbitMQ nodes from tests/rabbit_fixtures.py
+and the session's Apache Pulsar standalone, whose admin REST API is read back to see what the
+commands did. A broker with token authentication (HTTP 401) is tried in tests/test_pulsar_tls.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import shlex
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,15 @@ import pytest
 import yaml
 from conftest import GUEST, HOST
 from cryptography import x509
-from pulsar_admin_fake import FakePulsarAdmin
+from standalone_fixtures import admin_read
 
 import fedtransport as ft
 from fedtransport import bench
-from fedtransport.brokers import EmbeddedPulsar, RabbitNode
+from fedtransport.brokers import RabbitNode
+from fedtransport.brokers.standalone import PulsarStandalone
 from fedtransport.certs import san_names
 from fedtransport.cli import load_options, main, parse_option
+from fedtransport.transport.pulsar.admin import PulsarAdmin
 
 try:
     from tests.rabbit_fixtures import (  # fixtures are used by parameter name
@@ -303,23 +304,19 @@ def test_certs_bad_input_is_a_clear_error(capsys: pytest.CaptureFixture[str], tm
 # ---------------------------------------------------------------------------- Pulsar: cleanup and doctor
 
 
-@pytest.fixture(scope="module")
-def pulsar_broker() -> Iterator[EmbeddedPulsar]:
-    with EmbeddedPulsar() as b:
-        yield b
+# On the session's real Apache Pulsar broker; the answers of a broker with token authentication
+# (HTTP 401) are tried in tests/test_pulsar_tls.py, which runs one.
 
 
-@pytest.fixture
-def fake_admin(pulsar_broker: EmbeddedPulsar) -> Iterator[FakePulsarAdmin]:
-    with FakePulsarAdmin() as fake:
-        fake.state.clusters["standalone"] = {"brokerServiceUrl": pulsar_broker.service_url}  # the broker's own
-        yield fake
+def pulsar_urls(broker: PulsarStandalone) -> str:
+    return f"--option service_url={broker.service_url} --option admin_url={broker.admin_url}"
 
 
 def test_pulsar_cleanup_of_a_crashed_job(
-    capsys: pytest.CaptureFixture[str], pulsar_broker: EmbeddedPulsar, fake_admin: FakePulsarAdmin, job_id: str
+    capsys: pytest.CaptureFixture[str], pulsar_standalone: PulsarStandalone, job_id: str
 ) -> None:
-    opts = {"service_url": pulsar_broker.service_url, "admin_url": fake_admin.url}
+    broker = pulsar_standalone
+    opts = {"service_url": broker.service_url, "admin_url": broker.admin_url}
     g = ft.Federation.connect("pulsar", job_id=job_id, party=GUEST, options=opts)
     h = ft.Federation.connect("pulsar", job_id=job_id, party=HOST, options=opts)
     g.remote(np.arange(10), "x", "0", [HOST])
@@ -327,81 +324,54 @@ def test_pulsar_cleanup_of_a_crashed_job(
     g.close()  # the scheduler crashed: sessions end, cleanup() is never called
     h.close()
     ns = f"fl-tenant/{job_id}"
-    assert ns in fake_admin.state.namespaces
-    # pulsar-lite cannot tell the fake which topics the data plane created: the transport's names can
-    topics = [g.transport.topic(GUEST, HOST, lane) for lane in range(2)]  # type: ignore[attr-defined]
-    for topic in topics:
-        fake_admin.add_topic(topic)
+    topics = admin_read(broker, f"/admin/v2/persistent/{ns}")
+    assert admin_read(broker, f"/admin/v2/namespaces/{ns}") is not None
+    assert set(topics) >= {g.transport.topic(GUEST, HOST, lane) for lane in range(4)}  # type: ignore[attr-defined]
 
-    code, out, _ = run(
-        capsys, "cleanup --backend pulsar --job", job_id, "--dry-run", "--option", f"admin_url={fake_admin.url}"
-    )
+    code, out, _ = run(capsys, "cleanup --backend pulsar --job", job_id, "--dry-run", "--option",
+                       f"admin_url={broker.admin_url}")  # fmt: skip
     assert code == 0 and f"found  namespace {ns}" in out and "nothing deleted" in out
-    assert ns in fake_admin.state.namespaces
+    assert admin_read(broker, f"/admin/v2/persistent/{ns}") == topics  # a dry run deletes nothing
 
-    fake_admin.clear()
-    code, out, err = run(capsys, "cleanup --backend pulsar --job", job_id, "--option", f"admin_url={fake_admin.url}")
+    code, out, err = run(capsys, "cleanup --backend pulsar --job", job_id, "--option", f"admin_url={broker.admin_url}")
     assert code == 0 and not err, err
     assert f"deleted  namespace {ns}" in out and all(f"deleted  topic {topic}" in out for topic in topics)
     assert "nothing of the job is left" in out
-    ns_path = f"/admin/v2/namespaces/fl-tenant/{job_id}"
-    deletes = [r for r in fake_admin.requests if r.method == "DELETE"]
-    # the documented calls: each topic with force, then the namespace with force
-    assert [(r.path, r.query) for r in deletes] == [
-        *(
-            (f"/admin/v2/persistent/fl-tenant/{job_id}/{topic.rsplit('/', 1)[1]}", {"force": "true"})
-            for topic in topics
-        ),
-        (ns_path, {"force": "true"}),
-    ]
-    assert ("GET", f"{ns_path}/topics") in fake_admin.calls()
-    assert not fake_admin.state.namespaces and not fake_admin.state.topics
-    # cleanup creates nothing; it only stops connected clients from re-creating deleted topics
-    assert [(r.method, r.path) for r in fake_admin.requests if r.method in ("PUT", "POST")] == [
-        ("POST", f"{ns_path}/autoTopicCreation")
-    ]
+    assert admin_read(broker, f"/admin/v2/namespaces/{ns}") is None
+    assert ns not in admin_read(broker, "/admin/v2/namespaces/fl-tenant")
 
-    code, out, _ = run(capsys, "cleanup --backend pulsar --job", job_id, "--option", f"admin_url={fake_admin.url}")
+    code, out, _ = run(capsys, "cleanup --backend pulsar --job", job_id, "--option", f"admin_url={broker.admin_url}")
     assert code == 0 and "already clean" in out  # idempotent
 
 
-def test_pulsar_cleanup_needs_the_admin_api_and_a_valid_token(capsys: pytest.CaptureFixture[str]) -> None:
+def test_pulsar_cleanup_needs_the_admin_api(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "cleanup --backend pulsar --job job-1")
     assert code == 1 and "admin_url" in err
-    with FakePulsarAdmin(token="right") as fake:
-        code, _, err = run(
-            capsys, f"cleanup --backend pulsar --job job-1 --option admin_url={fake.url} --option token=wrong"
-        )
-        assert code == 1 and "HTTP 401" in err
-        fake.state.tenants["fl-tenant"] = {"adminRoles": [], "allowedClusters": []}
-        fake.state.namespaces["fl-tenant/job-1"] = {}
-        code, _, _ = run(capsys, f"cleanup --backend pulsar --job job-1 --option admin_url={fake.url} -o token=right")
-        assert code == 0 and not fake.state.namespaces
-        assert all(r.headers.get("authorization") == "Bearer right" for r in fake.requests[-3:])
 
 
 def test_pulsar_cleanup_fills_the_admin_url_from_the_route_table(
-    capsys: pytest.CaptureFixture[str], fake_admin: FakePulsarAdmin, tmp_path: Path
+    capsys: pytest.CaptureFixture[str], pulsar_standalone: PulsarStandalone, tmp_path: Path, job_id: str
 ) -> None:
-    port = int(fake_admin.url.rsplit(":", 1)[1])
+    broker = pulsar_standalone
     table = tmp_path / "routes.yaml"
-    table.write_text(yaml.safe_dump({9999: {"host": "127.0.0.1", "port": 6650, "mngPort": port}}))
-    fake_admin.state.tenants["fl-tenant"] = {"adminRoles": [], "allowedClusters": []}
-    fake_admin.state.namespaces["fl-tenant/job-2"] = {}
+    table.write_text(yaml.safe_dump({9999: {"host": "127.0.0.1", "port": broker.port, "mngPort": broker.web_port}}))
+    admin = PulsarAdmin(broker.admin_url)
+    admin.ensure_tenant("fl-tenant", [broker.cluster])
+    admin.create_namespace("fl-tenant", job_id)
     code, out, err = run(
-        capsys, "cleanup --backend pulsar --job job-2 --route-table", str(table), "--party", "guest:9999"
+        capsys, "cleanup --backend pulsar --job", job_id, "--route-table", str(table), "--party", "guest:9999"
     )
     assert code == 0, err
-    assert "deleted  namespace fl-tenant/job-2" in out and not fake_admin.state.namespaces
-    code, _, err = run(capsys, "cleanup --backend pulsar --job job-2 --route-table", str(table))
+    assert f"deleted  namespace fl-tenant/{job_id}" in out
+    assert admin_read(broker, f"/admin/v2/namespaces/fl-tenant/{job_id}") is None
+    code, _, err = run(capsys, "cleanup --backend pulsar --job", job_id, "--route-table", str(table))
     assert code == 1 and "--party" in err
 
 
 def test_pulsar_doctor_passes_on_a_good_broker(
-    capsys: pytest.CaptureFixture[str], pulsar_broker: EmbeddedPulsar, fake_admin: FakePulsarAdmin
+    capsys: pytest.CaptureFixture[str], pulsar_standalone: PulsarStandalone
 ) -> None:
-    urls = f"--option service_url={pulsar_broker.service_url} --option admin_url={fake_admin.url}"
-    code, out, _ = run(capsys, f"doctor --backend pulsar {urls} --json")
+    code, out, _ = run(capsys, f"doctor --backend pulsar {pulsar_urls(pulsar_standalone)} --json")
     doc = json.loads(out)
     assert code == 0 and doc["ok"], out
     status = {c["name"]: c["status"] for c in doc["checks"]}
@@ -414,29 +384,18 @@ def test_pulsar_doctor_passes_on_a_good_broker(
         "tenant": "ok",
         "round trip": "ok",
     }
-    assert ("GET", "/admin/v2/clusters") in fake_admin.calls()
     # the probe job cleaned up after itself
-    assert not fake_admin.state.namespaces
+    assert admin_read(pulsar_standalone, "/admin/v2/namespaces/fl-tenant/fedtransport-doctor") is None
 
 
 def test_pulsar_doctor_names_the_problem_and_the_fix(
-    capsys: pytest.CaptureFixture[str], pulsar_broker: EmbeddedPulsar
+    capsys: pytest.CaptureFixture[str], pulsar_standalone: PulsarStandalone
 ) -> None:
-    url = pulsar_broker.service_url
-    with FakePulsarAdmin(token="the-token") as fake:
-        fake.state.clusters["standalone"] = {}
-        urls = f"--option service_url={url} --option admin_url={fake.url}"
-        code, out, _ = run(capsys, f"doctor --backend pulsar {urls} --option token=not-the-token")
-        assert code == 1
-        assert "FAIL  admin API" in out and "rejected the token (HTTP 401)" in out and "fix: --option token=" in out
-        assert "skip  round trip" in out and "result: 1 problem(s): admin API" in out
-
-        code, out, _ = run(
-            capsys, f"doctor --backend pulsar {urls} -o token=the-token -o cluster=fl-pulsar-9999 --no-roundtrip"
-        )
-        assert code == 1
-        assert "'fl-pulsar-9999' is not registered" in out and "it knows standalone" in out
-        assert "fix: --option cluster=NAME" in out
+    urls = pulsar_urls(pulsar_standalone)
+    code, out, _ = run(capsys, f"doctor --backend pulsar {urls} -o cluster=fl-pulsar-9999 --no-roundtrip")
+    assert code == 1
+    assert "'fl-pulsar-9999' is not registered" in out and f"it knows {pulsar_standalone.cluster}" in out
+    assert "fix: --option cluster=NAME" in out
 
     from fedtransport.brokers._process import free_port
 

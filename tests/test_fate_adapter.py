@@ -1,23 +1,24 @@
 """fedtransport.fate: FATE 1.x's federation interface (remote/get/destroy, gc, from_conf) over fedtransport.
 
-Against the memory backend, and one round trip through a real broker (pulsar-lite, with the
-recording fake of the Pulsar admin API standing in for the control plane FATE's conf points at).
+Against the memory backend, and one round trip through the real Apache Pulsar broker (the
+session's standalone), its admin API where FATE's conf points (``mng_port``).
 """
 
 from __future__ import annotations
 
 import pickle
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from pulsar_admin_fake import FakePulsarAdmin
+from standalone_fixtures import admin_read
 
 import fedtransport as ft
-from fedtransport.brokers import EmbeddedPulsar
+from fedtransport.brokers.standalone import PulsarStandalone
 from fedtransport.fate import FateFederation, GarbageCollector, fate_options, to_party
+from fedtransport.transport.pulsar.admin import PulsarAdmin
 
 
 class FateParty:
@@ -238,8 +239,10 @@ def fate_flow_task(
     conf: dict[str, Any],
     peer: FateParty,
     results: dict[str, Any],
+    received: Callable[[], None] = lambda: None,
 ) -> None:
-    """What a FATE-Flow-style task does with whatever federation class it is configured with."""
+    """What a FATE-Flow-style task does with whatever federation class it is configured with;
+    the host calls ``received`` once it holds everything, before it answers."""
     runtime_conf = {"job_parameters": {"pulsar_run": {"max_message_size": 1 << 20}}}
     fed = federation_cls.from_conf(
         federation_session_id=session_id, party=party, runtime_conf=runtime_conf, pulsar_config=conf
@@ -260,6 +263,7 @@ def fate_flow_task(
             [w] = fed.get("w", "iter-0", [peer], gc)
             [t] = fed.get("t", "iter-0", [peer], gc)
             results["host"] = (float(w.sum()), sorted(t.collect()))
+            received()
             fed.remote("ok", "done", "iter-0", [peer], gc)
     finally:
         if party.role == "guest":
@@ -268,18 +272,21 @@ def fate_flow_task(
             fed.close()
 
 
-def test_round_trip_through_a_real_broker(job_id: str) -> None:
-    with EmbeddedPulsar() as broker, FakePulsarAdmin() as admin:
-        admin.state.clusters["standalone"] = {"brokerServiceUrl": broker.service_url}
-        host_port = int(broker.service_url.rsplit(":", 1)[1])
-        # FATE-Flow's service_conf.yaml "pulsar" section; mng_port is where the admin API answers
-        conf = {"host": "127.0.0.1", "port": host_port, "mng_port": int(admin.url.rsplit(":", 1)[1])}
-        results: dict[str, Any] = {}
-        errors: list[BaseException] = []
+def test_round_trip_through_a_real_broker(job_id: str, pulsar_standalone: PulsarStandalone) -> None:
+    broker = pulsar_standalone
+    # FATE-Flow's service_conf.yaml "pulsar" section; mng_port is where the admin API answers
+    conf = {"host": "127.0.0.1", "port": broker.port, "mng_port": broker.web_port, "topic_ttl": 30}
+    ns = f"/admin/v2/namespaces/fl-tenant/{job_id}"
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+    try:
+
+        def received() -> None:  # the job's namespace, read through the broker's own admin REST
+            results["ttl"] = admin_read(broker, f"{ns}/messageTTL")
 
         def party(me: FateParty, peer: FateParty) -> None:
             try:
-                fate_flow_task(FateFederation, job_id, me, conf, peer, results)
+                fate_flow_task(FateFederation, job_id, me, conf, peer, results, received)
             except BaseException as exc:  # reported by the test thread
                 errors.append(exc)
 
@@ -294,7 +301,7 @@ def test_round_trip_through_a_real_broker(job_id: str) -> None:
         assert not errors, errors
         assert results["guest"] == ["ok"]
         assert results["host"] == (2_100_000.0, sorted((i, str(i)) for i in range(500)))
-        ns = f"/admin/v2/namespaces/fl-tenant/{job_id}"
-        calls = admin.calls()
-        assert ("PUT", ns) in calls and ("POST", f"{ns}/messageTTL") in calls
-        assert ("DELETE", ns) in calls and not admin.state.namespaces  # destroy() removed the session's namespace
+        assert results["ttl"] == 30 * 60  # FATE's topic_ttl is in minutes
+        assert admin_read(broker, ns) is None  # destroy() removed the session's namespace
+    finally:
+        PulsarAdmin(broker.admin_url).delete_namespace("fl-tenant", job_id)

@@ -164,6 +164,28 @@ def test_admin_plane_wrong_or_missing_token_says_authentication_failed(secure, j
 
 
 # ---------------------------------------------------------------------------- certificates and names
+def test_cli_cleanup_and_doctor_say_the_token_was_rejected(secure, job_id, capsys):
+    """``fedtransport cleanup`` and ``doctor`` against a broker with token authentication: a wrong
+    token is named as such (HTTP 401) with the fix, a right one cleans the job up."""
+    admin = PulsarAdmin(secure.admin_url, token=secure.admin_token)
+    admin.ensure_tenant("fl-tenant", [secure.cluster])
+    admin.create_namespace("fl-tenant", job_id)
+    cleanup = ["cleanup", "--backend", "pulsar", "--job", job_id, "--option", f"admin_url={secure.admin_url}"]
+    assert fedtransport_cli([*cleanup, "--option", f"token={wrong_token(secure)}"]) == 1
+    assert "HTTP 401" in capsys.readouterr().err
+    assert f"{job_id}" in str(admin.request("GET", "/admin/v2/namespaces/fl-tenant"))  # nothing deleted
+    assert fedtransport_cli([*cleanup, "--option", f"token={secure.admin_token}"]) == 0
+    assert f"deleted  namespace fl-tenant/{job_id}" in capsys.readouterr().out
+    assert f"fl-tenant/{job_id}" not in admin.request("GET", "/admin/v2/namespaces/fl-tenant")
+
+    doctor = ["doctor", "--backend", "pulsar", "--option", f"service_url={secure.service_url}",
+              "--option", f"admin_url={secure.admin_url}", "--option", f"token={wrong_token(secure)}"]  # fmt: skip
+    assert fedtransport_cli(doctor) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  admin API" in out and "rejected the token (HTTP 401)" in out and "fix: --option token=" in out
+    assert "skip  round trip" in out, out
+
+
 def test_a_certificate_from_another_ca_is_refused(secure, job_id, other_ca):
     with pytest.raises(ft.BackendError, match=r"TLS handshake .* failed: (unable to get local issuer|certificate)"):
         connect(job_id, GUEST, {**tls_options(secure, tls_trust_certs_file_path=other_ca), "admin_url": None})

@@ -46,9 +46,11 @@ import pytest
 from conftest import GUEST, HOST
 
 import fedtransport as ft
-from fedtransport.brokers import EmbeddedPulsar, RabbitNode
+from fedtransport.brokers import RabbitNode
+from fedtransport.brokers.standalone import PulsarStandalone
 from fedtransport.codec import SAFE_GLOBALS, UnpicklePolicy, decode_object, decode_records
 from fedtransport.framing import HEADER_SIZE, job_fingerprint, transfer_id
+from fedtransport.transport.pulsar.admin import PulsarAdmin
 
 try:
     from tests.rabbit_fixtures import admin_of, rabbit_node, rabbit_opts, rabbit_pool, requires_rabbitmq
@@ -77,14 +79,22 @@ def marked_payload(n: int = 40) -> bytes:
 # ==================================================================================================
 
 
+_JOBS: set[str] = set()  # the jobs this module's sessions made namespaces for
+
+
 @pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedPulsar]:
-    with EmbeddedPulsar() as b:
-        yield b
+def broker(pulsar_standalone: PulsarStandalone) -> Iterator[PulsarStandalone]:
+    """The session's real Apache Pulsar broker; the module's jobs are gone from it afterwards."""
+    yield pulsar_standalone
+    admin = PulsarAdmin(pulsar_standalone.admin_url)
+    for job in sorted(_JOBS):
+        admin.delete_namespace("fl-tenant", job)
 
 
-def pulsar_fed(url: str, job_id: str, party: ft.Party, **options: Any) -> ft.Federation:
-    opts = {"service_url": url, "compression": "none", "max_message_size": 65536, **options}
+def pulsar_fed(broker: PulsarStandalone, job_id: str, party: ft.Party, **options: Any) -> ft.Federation:
+    _JOBS.add(job_id)
+    opts = {"service_url": broker.service_url, "admin_url": broker.admin_url, "compression": "none",
+            "max_message_size": 65536, **options}  # fmt: skip
     return ft.Federation.connect("pulsar", job_id=job_id, party=party, options=opts)
 
 
@@ -139,12 +149,12 @@ def publish_raw(url: str, job_id: str, frames: list[bytes]) -> None:
 @pytest.mark.parametrize("secret", [SECRET, None], ids=["sealed", "plaintext-control"])
 def test_pulsar_broker_never_holds_plaintext(broker, job_id, secret):
     data = marked_payload()
-    with pulsar_fed(broker.service_url, job_id, GUEST, secret=secret) as g:
+    with pulsar_fed(broker, job_id, GUEST, secret=secret) as g:
         g.remote(data, "w", "0", [HOST])
         raw = read_raw(broker.service_url, [topic(job_id, lane) for lane in range(4)], g.stats["messages_sent"])
     assert (MARKER in b"".join(raw)) is (secret is None)
     assert sum(MARKER in m for m in raw) == (0 if secret else len(raw)), "every message carries the marker in clear"
-    with pulsar_fed(broker.service_url, job_id, HOST, secret=secret) as h:
+    with pulsar_fed(broker, job_id, HOST, secret=secret) as h:
         assert h.get("w", "0", [GUEST], timeout=60) == [data]
 
 
@@ -216,17 +226,17 @@ def captured(broker) -> dict[str, Any]:
     job, other = f"tamper-{os.getpid()}", f"tamper-other-{os.getpid()}"
     value = {"weights": np.arange(3000.0), "note": "the transfer an attacker would like to alter"}
     frames: dict[str, list[bytes]] = {}
-    with pulsar_fed(url, job, GUEST, secret=SECRET, lane_offset=DIVERTED, lanes=1) as g:
+    with pulsar_fed(broker, job, GUEST, secret=SECRET, lane_offset=DIVERTED, lanes=1) as g:
         for case in CASES:
             before = g.stats["messages_sent"]
             tag = "genuine" if "another" in case else case
             if tag not in frames:
                 g.remote(value, "w", tag, [HOST])
                 frames[tag] = read_raw(url, [topic(job, DIVERTED)], g.stats["messages_sent"] - before)
-    with pulsar_fed(url, other, GUEST, secret=SECRET, lane_offset=DIVERTED, lanes=1) as g:
+    with pulsar_fed(broker, other, GUEST, secret=SECRET, lane_offset=DIVERTED, lanes=1) as g:
         g.remote(value, "w", "0", [HOST])
         foreign = read_raw(url, [topic(other, DIVERTED)], g.stats["messages_sent"])
-    return {"url": url, "job": job, "value": value, "frames": frames, "foreign": foreign}
+    return {"broker": broker, "url": url, "job": job, "value": value, "frames": frames, "foreign": foreign}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -234,7 +244,7 @@ def test_tampering_on_the_broker_is_detected(captured, case):
     url, job = captured["url"], captured["job"]
     frames = captured["frames"].get(case, captured["frames"].get("genuine"))
     publish_raw(url, job, tampered(case, frames, job, captured["foreign"]))
-    with pulsar_fed(url, job, HOST, secret=SECRET) as h:
+    with pulsar_fed(captured["broker"], job, HOST, secret=SECRET) as h:
         if case == "untouched":  # the control: forwarding as such is not what is refused
             [back] = h.get("w", case, [GUEST], timeout=60)
             assert np.array_equal(back["weights"], captured["value"]["weights"])
@@ -259,8 +269,10 @@ def test_tampering_on_the_broker_is_detected(captured, case):
     ids=["receiver-without-secret", "sender-without-secret", "different-secrets"],
 )
 def test_a_party_without_the_secret_gets_an_integrity_error(broker, job_id, sender, receiver, match):
-    url = broker.service_url
-    with pulsar_fed(url, job_id, GUEST, secret=sender) as g, pulsar_fed(url, job_id, HOST, secret=receiver) as h:
+    with (
+        pulsar_fed(broker, job_id, GUEST, secret=sender) as g,
+        pulsar_fed(broker, job_id, HOST, secret=receiver) as h,
+    ):
         g.remote({"w": np.ones(10)}, "w", "0", [HOST])
         with pytest.raises(ft.IntegrityError, match=match):
             h.get("w", "0", [GUEST], timeout=60)

@@ -1,4 +1,4 @@
-"""fedtransport.spark: pyspark local[2] against real brokers (embedded Pulsar, a RabbitMQ node).
+"""fedtransport.spark: pyspark local[2] against real brokers (Apache Pulsar standalone, a RabbitMQ node).
 
 Both parties' drivers share one SparkSession (one per module, stopped at its end, JVM included):
 remote and get are separate Spark jobs, and the broker holds the data between them.
@@ -25,7 +25,7 @@ from party_proc import PeakRSS
 
 import fedtransport as ft
 from fedtransport import spark as fts
-from fedtransport.brokers import EmbeddedPulsar
+from fedtransport.brokers.standalone import PulsarStandalone
 
 try:
     from tests.rabbit_fixtures import rabbit_certs, rabbit_installed, rabbit_node, rabbit_opts, rabbit_pool
@@ -109,24 +109,25 @@ def sc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         spark_cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture(scope="module")
-def pulsar_broker() -> Iterator[EmbeddedPulsar]:
-    with EmbeddedPulsar() as b:
-        yield b
+@pytest.fixture
+def pulsar_broker(pulsar_standalone: PulsarStandalone) -> dict[str, Any]:
+    """The options of the session's real Apache Pulsar broker; a job with ``admin_url`` makes its
+    own namespace, which ``fts.cleanup`` deletes."""
+    return {"service_url": pulsar_standalone.service_url, "admin_url": pulsar_standalone.admin_url}
 
 
 PulsarJob = Callable[..., tuple[fts.SparkFederationConfig, fts.SparkFederationConfig]]
 
 
 @pytest.fixture
-def pulsar_job(pulsar_broker: EmbeddedPulsar) -> Iterator[PulsarJob]:
-    """``pulsar_job(**options)``: guest's and host's configs of a fresh job on the embedded broker;
-    their driver sessions are closed at the end of the test."""
+def pulsar_job(pulsar_broker: dict[str, Any]) -> Iterator[PulsarJob]:
+    """``pulsar_job(**options)``: guest's and host's configs of a fresh job on the real broker;
+    their driver sessions are closed and each job cleaned up at the end of the test."""
     made: list[fts.SparkFederationConfig] = []
 
     def confs(**options: Any) -> tuple[fts.SparkFederationConfig, fts.SparkFederationConfig]:
         job_id = f"spark-{uuid.uuid4().hex[:12]}"
-        opts = {"service_url": pulsar_broker.service_url, **options}
+        opts = {**pulsar_broker, **options}
         guest, host = (fts.SparkFederationConfig("pulsar", job_id, p, options=opts) for p in (GUEST, HOST))
         made.extend((guest, host))
         return guest, host
@@ -134,6 +135,8 @@ def pulsar_job(pulsar_broker: EmbeddedPulsar) -> Iterator[PulsarJob]:
     yield confs
     for conf in made:
         fts.close(conf)
+    for guest in made[::2]:
+        fts.cleanup(guest)
 
 
 @pytest.fixture(params=["pulsar", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
@@ -141,8 +144,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Callable[..., fts.SparkF
     """A factory of configs for one job on a real broker: ``make(party, **options)``."""
     job_id = f"spark-{uuid.uuid4().hex[:12]}"
     if request.param == "pulsar":
-        url = request.getfixturevalue("pulsar_broker").service_url
-        base: dict[str, Any] = {"service_url": url}
+        base: dict[str, Any] = request.getfixturevalue("pulsar_broker")
     else:
         if not rabbit_installed():
             pytest.skip("rabbitmq-server not installed (apt-get install -y rabbitmq-server)")
@@ -213,10 +215,10 @@ def same_records(a: list[list[tuple[Any, Any]]], b: list[list[tuple[Any, Any]]])
 # --- tests ---------------------------------------------------------------------------------------
 
 
-def test_config_is_checked_and_travels_as_plain_data(pulsar_broker: EmbeddedPulsar) -> None:
+def test_config_is_checked_and_travels_as_plain_data() -> None:
     import pickle
 
-    url = pulsar_broker.service_url
+    url = "pulsar://127.0.0.1:6650"  # only checked and carried here: nothing connects
     conf = fts.SparkFederationConfig("pulsar", "job-1", ("guest", 9999), options={"service_url": url})
     assert conf.party == GUEST and pickle.loads(pickle.dumps(conf)) == conf
     assert conf.task_session_options(1030) == {"service_url": url, "lanes": 1, "lane_offset": 1030}
