@@ -74,6 +74,14 @@ SECRET = "a job secret shared by every party"
 needs_rabbitmq = pytest.mark.skipif(not rabbit_installed(), reason="rabbitmq-server not installed")
 
 
+def stop(*procs: Any) -> None:
+    """Kill whatever of ``procs`` (multiprocessing processes) is still alive, and reap it."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(30)
+
+
 def received(fed: ft.Federation, name: str, tag: str, src: ft.Party) -> int:
     """Messages of one transfer the receiving session holds (test probe into the inbox)."""
     inc = fed._inbox.entry(src, transfer_id(fed.job_id, name, tag, str(src), str(fed.party)))
@@ -198,9 +206,7 @@ def test_sender_killed_mid_remote_then_the_same_remote_completes(request, backen
             [value] = h.get("w", "0", [GUEST], timeout=120)
             assert digest(value) == digest(big_array(mib))
         finally:
-            if sender.is_alive():
-                sender.kill()
-                sender.join(30)
+            stop(sender)
     ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options).cleanup()
 
 
@@ -243,10 +249,7 @@ def test_receiver_killed_while_reading_a_partition_gets_the_whole_table_again(re
             assert kind == "got" and counts == [TABLE_RECORDS] * TABLE_PARTS
             assert digests == expected_table_digests(TABLE_PARTS, TABLE_RECORDS)
         finally:
-            for proc in (first, second):
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join(30)
+            stop(first, second)
     g.cleanup()
 
 
@@ -274,9 +277,7 @@ def test_sender_killed_mid_table_then_the_same_remote_completes(request, backend
                 g.remote(make(), "w", "0", [HOST])
             assert table == make()  # read only now: every partition of the new send, once
         finally:
-            if sender.is_alive():
-                sender.kill()
-                sender.join(30)
+            stop(sender)
     ft.Federation.connect(backend, job_id=job_id, party=GUEST, options=options).cleanup()
 
 
@@ -573,10 +574,7 @@ def test_pulsar_receiver_sigkilled_mid_transfer_then_restarted(pulsar_broker, jo
             second.join(30)
             assert (kind, got) == ("done", digest(a))
         finally:
-            for p in (first, second):
-                if p.is_alive():
-                    p.kill()
-                    p.join(30)
+            stop(first, second)
     g.cleanup()
 
 
