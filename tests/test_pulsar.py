@@ -205,8 +205,10 @@ def test_cleanup_without_the_admin_api_drops_the_subscriptions(broker, job_id):
 def test_an_ipv6_address_is_refused_up_front_with_what_to_give_instead(broker, job_id, host):
     """pulsar-client parses no IPv6 literal (apache/pulsar-client-cpp#48; a DNS name that resolves to
     one works). Left alone it fails inside the client with "invalid hostname"; refused here, before."""
-    with pytest.raises(ft.ConfigError, match=r"service_url.*pulsar-client-cpp#48.*DNS name"):
-        connect(job_id, GUEST, broker, service_url=f"pulsar://{ft.routing.url_host(host)}:{broker.port}")
+    for url in (f"pulsar://{ft.routing.url_host(host)}:{broker.port}", f"pulsar://h:1,{host}",
+                f"pulsar+ssl://user@[{host.strip('[]')}]:6651/"):  # fmt: skip
+        with pytest.raises(ft.ConfigError, match=r"service_url.*pulsar-client-cpp#48.*DNS name"):
+            connect(job_id, GUEST, broker, service_url=url)
     here = {"host": "127.0.0.1", "port": broker.port, "cluster": broker.cluster}
     routes = {"9999": here, "10000": {**here, "host": host}, ARBITER.party_id: here}
     with (

@@ -31,15 +31,16 @@ IPV6_UNSUPPORTED = (
 
 
 def is_ipv6_literal(host: str) -> bool:
-    return ":" in bare_host(host) and is_ip(bare_host(host))
+    bare = bare_host(host)
+    return ":" in bare and is_ip(bare)
 
 
 def _service_url(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("not a non-empty string")
-    for where in value.split("://", 1)[-1].split("/", 1)[0].split(","):  # host:port, comma-separated
-        host = where.rsplit("]", 1)[0] + "]" if where.startswith("[") else where
-        if is_ipv6_literal(host) or is_ipv6_literal(where):
+    authority = value.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    for where in authority.split(","):  # host:port, comma-separated; an IPv6 host with or without its port
+        if is_ipv6_literal(where) or is_ipv6_literal(where.rsplit(":", 1)[0]):
             raise ValueError(IPV6_UNSUPPORTED)
     return value
 
