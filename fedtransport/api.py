@@ -614,13 +614,7 @@ class Federation:
         notes = {str(inc.src): self._presence.note(inc.src) for inc in late}
         parts = "; ".join(f"from {p}: {what}" + (f" ({notes[p]})" if notes[p] else "") for p, what in missing.items())
         if gone is not None:
-            return PeerGone(
-                f"get(name={name!r}, tag={tag!r}) in job {self.job_id} stopped waiting: {gone} was gone from the "
-                f"broker for {self._opts.peer_gone_after} s (peer_gone_after); not complete: {parts}",
-                missing,
-                presence,
-                gone,
-            )
+            return self._peer_gone(f"get(name={name!r}, tag={tag!r})", gone, parts, missing, presence)
         return TransferTimeout(
             f"get(name={name!r}, tag={tag!r}) in job {self.job_id} timed out after {timeout} s; not complete: {parts}",
             missing,
@@ -697,15 +691,21 @@ class Federation:
         self._presence.poll([inc.src])
         gone = self._presence.gone_for(inc.src)
         if gone is not None and gone >= after:
-            what = inc.assembly.describe()
-            raise PeerGone(
-                f"reading partition {stream - 1} of get(name={name!r}, tag={tag!r}) in job {self.job_id} stopped "
-                f"waiting: {inc.src} was gone from the broker for {after} s (peer_gone_after); not complete: {what} "
-                f"({self._presence.note(inc.src)})",
-                {str(inc.src): what},
-                {str(inc.src): self._presence.state(inc.src)},
-                inc.src,
-            )
+            src, what = str(inc.src), inc.assembly.describe()
+            parts = f"from {src}: {what} ({self._presence.note(inc.src)})"
+            waiting = f"reading partition {stream - 1} of get(name={name!r}, tag={tag!r})"
+            raise self._peer_gone(waiting, inc.src, parts, {src: what}, {src: self._presence.state(inc.src)})
+
+    def _peer_gone(
+        self, waiting: str, gone: Party, parts: str, missing: dict[str, str], presence: dict[str, str]
+    ) -> PeerGone:
+        return PeerGone(
+            f"{waiting} in job {self.job_id} stopped waiting: {gone} was gone from the broker for "
+            f"{self._opts.peer_gone_after} s (peer_gone_after); not complete: {parts}",
+            missing,
+            presence,
+            gone,
+        )
 
     def _handed_over(self, inc: Incoming) -> bool:
         if not self._inbox.hand_over(inc):
